@@ -1,0 +1,157 @@
+"""``lineinspect``: one console script, one subcommand per process or tool.
+
+The parser is built here without importing any subcommand's module; each subcommand lazily imports its
+module and calls ``main(settings, args) -> int``. So ``lineinspect ingest`` never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+import yaml
+
+from config.settings import Settings, SettingsError, to_dict
+
+# subcommand -> module whose main(settings, args) runs it
+COMMANDS: dict[str, str] = {
+    "ingest": "stream.ingest",
+    "worker": "workers.worker",
+    "results": "stream.results",
+    "demo": "stream.demo",
+    "predict": "workers.predict",
+    "eval": "workers.evaluate",
+    "memory": "workers.memory",
+    "train-adapter": "workers.clip.train",
+    "train-prompts": "workers.clip.vip2_train",
+    "alerts": "stream.alerts",
+    "preview": "stream.preview",
+    "bench": "stream.bench",
+}
+
+
+def _parse_set(value: str) -> tuple[str, object]:
+    if "=" not in value:
+        raise argparse.ArgumentTypeError(f"--set expects dotted.key=value, got {value!r}")
+    key, raw = value.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw else ""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lineinspect", description="Zero-shot defect inspection for production lines.")
+    p.add_argument("--config", "-c", action="append", default=[], metavar="FILE",
+                   help="settings YAML, deep-merged over config/default.yaml (repeatable)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], type=_parse_set, metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set queue.maxlen=500 (repeatable)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("ingest", help="run one camera's ingest process (camera -> Redis stream)")
+    s.add_argument("--camera", required=True, help="camera id from settings.cameras")
+
+    s = sub.add_parser("worker", help="run a detection worker process for a line")
+    s.add_argument("--line", required=True)
+    s.add_argument("--id", dest="worker_id", default=None, help="consumer name (default: host-pid)")
+    s.add_argument("--detector", default="pipeline",
+                   help="pipeline (the real detector) | noop | slow:SECONDS (tests, benchmarks)")
+
+    s = sub.add_parser("results", help="print a line's results (and optionally write overlays)")
+    s.add_argument("--line", required=True)
+    s.add_argument("--follow", "-f", action="store_true", help="keep printing new results")
+    s.add_argument("--overlays", metavar="DIR", default=None, help="write overlay images here")
+    s.add_argument("--count", type=int, default=0, help="stop after N results (0 = no limit)")
+    s.add_argument("--from-start", action="store_true", help="begin with the oldest stored result")
+
+    s = sub.add_parser("demo", help="run the whole pipeline locally on the bundled demo images")
+    s.add_argument("--out", default="runs/demo", help="overlay images and summary go here")
+    s.add_argument("--frames", type=int, default=0, help="stop after N test frames (0 = all bundled)")
+    s.add_argument("--fps", type=float, default=0.0, help="conveyor frame rate (0 = as fast as inspected)")
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--detector", default="pipeline")
+
+    s = sub.add_parser("predict", help="offline: masks and score maps for a folder of images")
+    s.add_argument("input", metavar="IN_DIR")
+    s.add_argument("--out", required=True, metavar="OUT_DIR")
+    s.add_argument("--normal", default=None, metavar="NORMAL_DIR", help="known-good images for the memory")
+    s.add_argument("--cps-stages", type=int, default=None, choices=(0, 1, 2, 3))
+    s.add_argument("--line", default="offline")
+
+    s = sub.add_parser("eval", help="offline: metrics on MVTec-layout data")
+    s.add_argument("root", metavar="DATASET_ROOT")
+    s.add_argument("--categories", default="", help="comma-separated subset")
+    mode = s.add_mutually_exclusive_group()
+    mode.add_argument("--normal-from-train", action="store_true", help="memory from each category's train/good")
+    mode.add_argument("--mutual", action="store_true", help="label-free: score test images against each other")
+    s.add_argument("--cps-stages", default="0,1,2,3", help="comma-separated CPS stages to evaluate")
+    s.add_argument("--kernel", default="", help="PPG ring kernel, e.g. ellipse:25 or rect:15")
+    s.add_argument("--max-images", type=int, default=0, help="at most N test images per category (0 = all)")
+    s.add_argument("--out", default="runs/eval")
+    s.add_argument("--prompts", choices=("ensemble", "vip2"), default=None)
+
+    s = sub.add_parser("memory", help="a line's normal memory: add known-good images, show, clear")
+    s.add_argument("action", choices=("add", "show", "clear"))
+    s.add_argument("line")
+    s.add_argument("dir", nargs="?", default=None, help="folder of known-good images (add)")
+
+    s = sub.add_parser("train-adapter", help="train per-layer linear CLIP adapters on an auxiliary set")
+    s.add_argument("dataset", metavar="DATASET")
+    s.add_argument("--out", required=True)
+    s.add_argument("--epochs", type=int, default=5)
+    s.add_argument("--batch", type=int, default=8)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max-images", type=int, default=0)
+
+    s = sub.add_parser("train-prompts", help="train ViP2-CLIP prompts (ICA + FGP) on an auxiliary set")
+    s.add_argument("dataset", metavar="DATASET")
+    s.add_argument("--out", required=True)
+    s.add_argument("--epochs", type=int, default=10)
+    s.add_argument("--batch", type=int, default=8)
+    s.add_argument("--lr-ica", type=float, default=1e-3)
+    s.add_argument("--lr-fgp", type=float, default=1e-5)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--max-images", type=int, default=0)
+
+    s = sub.add_parser("alerts", help="turn defect results into alerts (webhook, Redis stream, MQTT)")
+    s.add_argument("--line", action="append", required=True, help="line to watch (repeatable)")
+
+    sub.add_parser("preview", help="WebRTC overlay preview (needs lineinspect[preview])")
+
+    s = sub.add_parser("bench", help="print throughput figures against their limits")
+    s.add_argument("--detector", default="noop", help="noop (pipeline overhead) | pipeline (real detector)")
+    s.add_argument("--frames", type=int, default=200)
+    s.add_argument("--width", type=int, default=1920)
+    s.add_argument("--height", type=int, default=1080)
+    s.add_argument("--prompt-modes", action="store_true", help="also time ensemble vs vip2 CLIP maps")
+
+    sub.add_parser("config", help="print the effective settings (after files and environment) and exit")
+    return p
+
+
+def load_settings(args: argparse.Namespace) -> Settings:
+    return Settings.load(*args.config, overrides=dict(args.overrides))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args)
+    except SettingsError as exc:
+        print(f"lineinspect: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level,
+                        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
+    if args.command == "config":
+        yaml.safe_dump(to_dict(settings), sys.stdout, sort_keys=False)
+        return 0
+    module = importlib.import_module(COMMANDS[args.command])
+    try:
+        return int(module.main(settings, args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
