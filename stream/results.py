@@ -133,7 +133,10 @@ def main(settings: Settings, args) -> int:
     follower = ResultFollower(client, keys, from_start=args.from_start or not args.follow, want_frames=out is not None)
     seen = 0
     defects = 0
-    done = (lambda: args.count and seen >= args.count)
+
+    def done() -> bool:
+        return bool(args.count) and seen >= args.count
+
     try:
         while not done():
             batch = follower.poll()
