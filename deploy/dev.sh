@@ -71,6 +71,30 @@ setup_redis() {
   fi
 }
 
+setup_mqtt() {
+  # The MQTT alert sink's test talks to the Mosquitto broker on 127.0.0.1:1883; start one if none answers.
+  if ! (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null && command -v mosquitto >/dev/null; then
+    log "no MQTT broker on 127.0.0.1:1883: starting mosquitto"
+    mosquitto -d -p 1883 2>/dev/null || mosquitto -d -c /etc/mosquitto/mosquitto.conf || true
+  fi
+}
+
+setup_system_test_tools() {
+  # promtool (Debian package prometheus) checks the alert rules; Chromium drives the preview test.
+  local want=()
+  command -v promtool >/dev/null || want+=(prometheus)
+  command -v chromium >/dev/null || want+=(chromium)
+  if [ ${#want[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      log "installing ${want[*]} from Debian's packages (test tools)"
+      apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null \
+        || log "could not install ${want[*]}: the tests that need them will say so"
+    else
+      log "missing ${want[*]} (apt-get install ${want[*]}): the tests that need them will say so"
+    fi
+  fi
+}
+
 setup() { setup_python; setup_models; }
 
 cmd=${1:-demo}; shift || true
@@ -78,7 +102,7 @@ case "$cmd" in
   setup) setup ;;
   demo) setup; exec "$VENV/bin/lineinspect" demo "$@" ;;
   test)
-    setup; setup_redis
+    setup; setup_redis; setup_mqtt; setup_system_test_tools
     export LINEINSPECT_TEST_DATA="${LINEINSPECT_TEST_DATA:-$ROOT/../shared/data}"
     "$VENV/bin/ruff" check stream workers config tests
     exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" ;;
