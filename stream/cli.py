@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fps", type=float, default=0.0, help="conveyor frame rate (0 = as fast as inspected)")
     s.add_argument("--workers", type=int, default=1)
     s.add_argument("--detector", default="pipeline")
+    s.add_argument("--memory-images", type=int, default=0,
+                   help="learn the line from the first N bundled good images (0 = all)")
 
     s = sub.add_parser("predict", help="offline: masks and score maps for a folder of images")
     s.add_argument("input", metavar="IN_DIR")

@@ -151,8 +151,15 @@ def main(settings: Settings, args) -> int:
         print(f"conveyor: {len(items)} parts ({sum(i.defective for i in items)} defective) from {DEMO_DATA}")
         if settings.detector.map_source in ("memory", "fusion") and args.detector == "pipeline":
             print("learning the line: normal memory from the bundled train/good images ...", flush=True)
+            good_dir = DEMO_DATA / "train" / "good"
+            if args.memory_images:
+                good_dir = tmp / "good"
+                good_dir.mkdir()
+                for src in sorted(p for p in (DEMO_DATA / "train" / "good").iterdir()
+                                  if p.suffix.lower() in IMAGE_EXTS)[:args.memory_images]:
+                    (good_dir / src.name).symlink_to(src.resolve())
             rc = subprocess.call([sys.executable, "-m", "stream.cli", "--config", str(cfg), "memory", "add", LINE,
-                                  str(DEMO_DATA / "train" / "good")])
+                                  str(good_dir)])
             if rc != 0:
                 print("lineinspect demo: filling the memory failed", file=sys.stderr)
                 return rc
