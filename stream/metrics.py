@@ -97,3 +97,8 @@ class AlertMetrics:
             ["sink", "outcome"], registry=registry)
         self.sink_retries = Counter(
             "lineinspect_alert_retries_total", "Retried alert deliveries", ["sink"], registry=registry)
+        self.results_read = Counter(
+            "lineinspect_alert_results_read_total", "Results read by the alert service", ["line"],
+            registry=registry)
+        self.sink_queue_length = Gauge(
+            "lineinspect_alert_queue_length", "Alerts waiting in a sink's queue", ["sink"], registry=registry)
