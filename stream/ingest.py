@@ -1,0 +1,256 @@
+"""Camera ingest: one process per camera, frames into the line's Redis stream.
+
+Per frame: read from the (reconnecting) source, pace to ``camera.fps``, encode (JPEG or raw), wrap in a
+:class:`~stream.contracts.Frame` and in ONE round trip (MULTI/EXEC pipeline) ``XADD`` it to the line's frames
+stream and ``XTRIM MAXLEN [~] queue.maxlen``. The stream is bounded: when workers fall behind the oldest
+frames are dropped (policy DROP_OLDEST); XTRIM returns exactly how many, counted as
+``frames_dropped{reason="trimmed_oldest"}``.
+
+Other losses are counted too: ``unreadable`` (a file of a folder source that does not decode),
+``encode_error`` and ``redis_error`` (Redis unreachable: frames read meanwhile are dropped while the
+connection is retried with backoff).
+
+``lineinspect ingest --camera ID`` calls :func:`main`; tests and the benchmark call :func:`run_ingest`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+from config.settings import CameraSettings, Settings
+from stream.contracts import Encoding, PayloadError, SourceConnectionError, SourceExhausted
+from stream.keys import line_keys, lines_index
+from stream.queue import PAYLOAD_FIELD
+
+log = logging.getLogger(__name__)
+
+DROP_POLICY = "DROP_OLDEST"
+REDIS_RETRY_INITIAL_S = 0.2
+REDIS_RETRY_MAX_S = 5.0
+
+
+@dataclass(frozen=True)
+class IngestStats:
+    camera_id: str
+    line_id: str
+    stream: str
+    session: str
+    frames_captured: int  # frames read from the source
+    frames_enqueued: int  # frames added to the stream
+    dropped_trimmed: int  # oldest frames trimmed from the stream (exact, from XTRIM)
+    dropped_redis: int  # frames lost while Redis was unreachable
+    dropped_unreadable: int  # source files that did not decode
+    dropped_encode: int  # frames that did not encode
+    reconnects: int  # camera reopen attempts
+    stopped_by: str  # "stop" | "exhausted" | "camera_failed" | "max_frames"
+    seconds: float
+
+    @property
+    def frames_dropped(self) -> int:
+        return self.dropped_trimmed + self.dropped_redis + self.dropped_unreadable + self.dropped_encode
+
+
+class _Counts:
+    """Mutable counters of one run (local to run_ingest, frozen into IngestStats at the end)."""
+
+    def __init__(self) -> None:
+        self.captured = self.enqueued = self.trimmed = self.redis = self.unreadable = self.encode = 0
+
+
+class _Health:
+    def __init__(self, camera: CameraSettings):
+        self.camera = camera
+        self.redis_ok = False
+        self.redis_error = "not connected yet"
+        self.source = None
+
+    def __call__(self) -> tuple[bool, str]:
+        if not self.redis_ok:
+            return False, f"redis unreachable: {self.redis_error}"
+        if self.source is None:
+            return True, "ok (camera opening)"
+        down = self.source.down_for()
+        if down > self.camera.down_grace_s:
+            return False, f"camera {self.camera.id} down for {down:.1f}s: {self.source.last_error}"
+        return True, "ok"
+
+
+def _redis_client(settings: Settings):
+    import redis
+
+    timeout = settings.redis.socket_timeout_s
+    return redis.Redis.from_url(settings.redis.url, socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
+def run_ingest(settings: Settings, camera_id: str, stop: threading.Event | None = None, registry=None,
+               *, max_frames: int | None = None, client=None) -> IngestStats:
+    """Run one camera until ``stop`` is set, a finite source ends, the camera gives up or ``max_frames``."""
+    import redis
+    from prometheus_client import CollectorRegistry
+
+    from stream import wire
+    from stream.metrics import IngestMetrics
+    from stream.sources import ReconnectingSource, make_source
+
+    camera = settings.camera(camera_id)
+    stop = stop or threading.Event()
+    registry = registry if registry is not None else CollectorRegistry()
+    metrics = IngestMetrics(registry)
+    lbl = {"line": camera.line, "camera": camera.id}
+    keys = line_keys(settings.redis.key_prefix, camera.line)
+    q = settings.queue
+    approximate = q.trim == "approximate"
+    encoding = Encoding(camera.encoding)
+    session = str(int(time.time() * 1000))
+    counts = _Counts()
+    health = _Health(camera)
+    client = client if client is not None else _redis_client(settings)
+
+    log.info("ingest start: camera=%s source=%s path=%s line=%s stream=%s maxlen=%d trim=%s policy=%s "
+             "fps=%s encoding=%s session=%s", camera.id, camera.source,
+             camera.path if camera.source != "usb" else camera.device_index, camera.line, keys.frames,
+             q.maxlen, q.trim, DROP_POLICY, camera.fps or "max", camera.encoding, session)
+
+    server = None
+    if settings.metrics.enabled:
+        from stream.health import start_metrics_server
+
+        server = start_metrics_server(registry, settings.metrics.host, settings.metrics.port, health)
+
+    def _on_reconnect() -> None:
+        metrics.camera_up.labels(**lbl).set(0)
+        metrics.camera_reconnects.labels(**lbl).inc()
+
+    source = ReconnectingSource(
+        make_source(camera), initial_s=camera.reconnect_initial_s, max_s=camera.reconnect_max_s,
+        max_reconnects=camera.max_reconnects, sleep=stop.wait, on_reconnect=_on_reconnect)
+    health.source = source
+
+    registered = False
+    redis_retry_at = 0.0
+    redis_delay = REDIS_RETRY_INITIAL_S
+    period = 1.0 / camera.fps if camera.fps > 0 else 0.0
+    next_due = time.monotonic()
+    t_start = time.monotonic()
+    stopped_by = "stop"
+    seq = 0
+    unreadable_seen = 0
+    try:
+        while not stop.is_set():
+            if max_frames is not None and counts.captured >= max_frames:
+                stopped_by = "max_frames"
+                break
+            if period:
+                wait = next_due - time.monotonic()
+                if wait > 0 and stop.wait(wait):
+                    break
+                # never burst to catch up: a late frame resets the schedule
+                next_due = max(next_due + period, time.monotonic())
+            try:
+                image = source.read()
+            except SourceExhausted as exc:
+                log.info("camera %s: %s", camera.id, exc)
+                stopped_by = "exhausted"
+                break
+            except SourceConnectionError as exc:
+                metrics.camera_up.labels(**lbl).set(0)
+                if stop.is_set():
+                    break
+                log.error("camera %s failed for good: %s", camera.id, exc)
+                stopped_by = "camera_failed"
+                break
+            finally:
+                if source.unreadable > unreadable_seen:
+                    n = source.unreadable - unreadable_seen
+                    unreadable_seen = source.unreadable
+                    counts.unreadable += n
+                    metrics.frames_dropped.labels(reason="unreadable", **lbl).inc(n)
+            capture_ts = time.time()
+            counts.captured += 1
+            metrics.frames_captured.labels(**lbl).inc()
+            metrics.camera_up.labels(**lbl).set(1)
+
+            t0 = time.perf_counter()
+            try:
+                frame = wire.image_to_frame(image, line_id=camera.line, camera_id=camera.id, seq=seq,
+                                            session=session, capture_ts=capture_ts, encoding=encoding,
+                                            jpeg_quality=camera.jpeg_quality)
+                payload = wire.encode_frame(frame)
+            except PayloadError as exc:
+                counts.encode += 1
+                metrics.frames_dropped.labels(reason="encode_error", **lbl).inc()
+                log.warning("camera %s: frame %d does not encode: %s", camera.id, seq, exc)
+                seq += 1
+                continue
+            metrics.encode_seconds.labels(**lbl).observe(time.perf_counter() - t0)
+            seq += 1
+
+            now = time.monotonic()
+            if now < redis_retry_at:  # Redis known down: do not stall the camera, count the loss
+                counts.redis += 1
+                metrics.frames_dropped.labels(reason="redis_error", **lbl).inc()
+                continue
+            try:
+                pipe = client.pipeline(transaction=True)
+                pipe.xadd(keys.frames, {PAYLOAD_FIELD: payload})
+                pipe.xtrim(keys.frames, maxlen=q.maxlen, approximate=approximate)
+                if not registered:
+                    pipe.sadd(lines_index(settings.redis.key_prefix), camera.line)
+                replies = pipe.execute()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                counts.redis += 1
+                metrics.frames_dropped.labels(reason="redis_error", **lbl).inc()
+                if health.redis_ok or health.redis_error == "not connected yet":
+                    log.error("redis unreachable (%s): dropping frames, retrying every <= %.1fs", exc,
+                              REDIS_RETRY_MAX_S)
+                health.redis_ok, health.redis_error = False, str(exc)
+                registered = False
+                redis_retry_at = time.monotonic() + redis_delay
+                redis_delay = min(redis_delay * 2, REDIS_RETRY_MAX_S)
+                continue
+            if not health.redis_ok and health.redis_error != "not connected yet":
+                log.info("redis reachable again")
+            health.redis_ok, health.redis_error = True, ""
+            redis_delay = REDIS_RETRY_INITIAL_S
+            registered = True
+            counts.enqueued += 1
+            metrics.frames_enqueued.labels(**lbl).inc()
+            trimmed = int(replies[1])
+            if trimmed:
+                counts.trimmed += trimmed
+                metrics.frames_dropped.labels(reason="trimmed_oldest", **lbl).inc(trimmed)
+    finally:
+        source.close()
+        metrics.camera_up.labels(**lbl).set(0)
+        if server is not None:
+            server.stop()
+    stats = IngestStats(
+        camera_id=camera.id, line_id=camera.line, stream=keys.frames, session=session,
+        frames_captured=counts.captured, frames_enqueued=counts.enqueued, dropped_trimmed=counts.trimmed,
+        dropped_redis=counts.redis, dropped_unreadable=counts.unreadable, dropped_encode=counts.encode,
+        reconnects=source.reconnects, stopped_by=stopped_by, seconds=time.monotonic() - t_start)
+    log.info("ingest end: %s", stats)
+    return stats
+
+
+def main(settings: Settings, args: argparse.Namespace) -> int:
+    """``lineinspect ingest --camera ID``: 0 when stopped or the source ended, 1 when the camera failed."""
+    stop = threading.Event()
+
+    def _on_signal(signum, _frame) -> None:
+        log.info("signal %d: stopping ingest", signum)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _on_signal)
+    stats = run_ingest(settings, args.camera, stop=stop, max_frames=getattr(args, "max_frames", None))
+    print(f"ingest {stats.camera_id}: captured={stats.frames_captured} enqueued={stats.frames_enqueued} "
+          f"dropped_trimmed={stats.dropped_trimmed} dropped_redis={stats.dropped_redis} "
+          f"dropped_unreadable={stats.dropped_unreadable} reconnects={stats.reconnects} "
+          f"stopped_by={stats.stopped_by}", flush=True)
+    return 1 if stats.stopped_by == "camera_failed" else 0

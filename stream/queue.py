@@ -1,0 +1,223 @@
+"""The worker side of a line's frame queue (a Redis stream with a consumer group). No torch here.
+
+Entry layout: every entry of the frames, results and dead-letter streams carries the encoded payload in
+the field ``p`` (:data:`PAYLOAD_FIELD`); dead-letter entries add ``reason``, ``entry_id``, ``deliveries``,
+``worker`` and ``ts``.
+
+Delivery guarantees:
+- at-least-once processing: an entry is acknowledged only after its result was published; entries of a
+  dead consumer are reclaimed (``XAUTOCLAIM``) by a living one once idle for ``queue.claim_idle_ms``;
+- exactly one result per frame id: :meth:`FrameQueue.complete` publishes through one Lua script that sets
+  an idempotency key ``done:<frame id>`` (``SET NX EX``) and only publishes when it was not set before;
+- poison entries (undecodable, or delivered more than ``queue.max_deliveries`` times) go to the dead-letter
+  stream, atomically with their acknowledgement (:meth:`FrameQueue.dead_letter`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from config.settings import QueueSettings
+from stream.keys import LineKeys
+
+PAYLOAD_FIELD = b"p"
+
+# KEYS: done key, results stream, frames stream
+# ARGV: ttl, results maxlen, payload, channel, group, entry id, done value
+_COMPLETE_LUA = """
+local published = 0
+if redis.call('SET', KEYS[1], ARGV[7], 'NX', 'EX', tonumber(ARGV[1])) then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', tonumber(ARGV[2]), '*', 'p', ARGV[3])
+  redis.call('PUBLISH', ARGV[4], ARGV[3])
+  published = 1
+end
+redis.call('XACK', KEYS[3], ARGV[5], ARGV[6])
+redis.call('XDEL', KEYS[3], ARGV[6])
+return published
+"""
+
+# KEYS: dead-letter stream, frames stream
+# ARGV: maxlen, payload, reason, entry id, deliveries, worker, ts, group
+_DEAD_LETTER_LUA = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', tonumber(ARGV[1]), '*',
+  'payload', ARGV[2], 'reason', ARGV[3], 'entry_id', ARGV[4], 'deliveries', ARGV[5],
+  'worker', ARGV[6], 'ts', ARGV[7])
+redis.call('XACK', KEYS[2], ARGV[8], ARGV[4])
+redis.call('XDEL', KEYS[2], ARGV[4])
+return id
+"""
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    """One entry of the frames stream as delivered to this consumer."""
+
+    entry_id: str
+    payload: bytes | None  # None when the entry has no ``p`` field
+    deliveries: int = 1  # how often Redis has delivered it (1 for a fresh entry)
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    entries: tuple[QueueEntry, ...]  # taken over from idle consumers, with their delivery counts
+    deleted_ids: tuple[str, ...]  # were pending but trimmed from the stream before anyone finished them
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    length: int  # entries in the stream
+    lag: int  # entries not yet delivered to the group (-1 when Redis cannot say)
+    pending: int  # delivered, not acknowledged
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class FrameQueue:
+    """Consumer ``consumer`` of the line's worker group. Construct, then call :meth:`ensure_group`."""
+
+    def __init__(self, client, keys: LineKeys, queue: QueueSettings, consumer: str):
+        self.client = client
+        self.keys = keys
+        self.settings = queue
+        self.group = queue.group
+        self.consumer = consumer
+        self._claim_cursor = "0-0"
+        self._complete = None
+        self._dead_letter = None
+
+    def _scripts(self) -> None:
+        if self._complete is None:
+            self._complete = self.client.register_script(_COMPLETE_LUA)
+            self._dead_letter = self.client.register_script(_DEAD_LETTER_LUA)
+
+    # ------------------------------------------------------------------------------------ group
+    def ensure_group(self) -> None:
+        """Create the consumer group (and the stream) if missing; a group that exists is kept as it is.
+
+        The group starts at ``0``: frames queued before the first worker came are processed too.
+        """
+        import redis
+
+        try:
+            self.client.xgroup_create(self.keys.frames, self.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    # ------------------------------------------------------------------------------------ reading
+    def read(self, count: int | None = None, block_ms: int | None = None) -> list[QueueEntry]:
+        """New entries for this consumer (``XREADGROUP >``), waiting up to ``block_ms`` (0 = do not wait)."""
+        import redis
+
+        count = count or self.settings.batch
+        block = self.settings.block_ms if block_ms is None else block_ms
+        try:
+            reply = self.client.xreadgroup(self.group, self.consumer, {self.keys.frames: ">"}, count=count,
+                                           block=block if block > 0 else None)
+        except redis.ResponseError as exc:
+            if "NOGROUP" in str(exc):  # stream deleted under us: recreate and go on
+                self.ensure_group()
+                return []
+            raise
+        out: list[QueueEntry] = []
+        for _stream, entries in reply or ():
+            for entry_id, fields in entries:
+                payload = (fields or {}).get(PAYLOAD_FIELD)
+                out.append(QueueEntry(entry_id=_s(entry_id), payload=payload, deliveries=1))
+        return out
+
+    def reclaim(self, count: int | None = None) -> ClaimResult:
+        """Take over entries idle longer than ``queue.claim_idle_ms`` (``XAUTOCLAIM``), ``count`` at most.
+
+        Scans on from where the last call stopped. Ids that Redis reports as deleted (trimmed while pending)
+        are acknowledged here and returned in ``deleted_ids`` so the caller can count them.
+        """
+        count = count or self.settings.batch
+        reply = self.client.xautoclaim(self.keys.frames, self.group, self.consumer,
+                                       min_idle_time=self.settings.claim_idle_ms,
+                                       start_id=self._claim_cursor, count=count)
+        cursor, claimed = reply[0], reply[1]
+        deleted = [_s(i) for i in (reply[2] if len(reply) > 2 else ())]
+        self._claim_cursor = _s(cursor)
+        if deleted:
+            self.client.xack(self.keys.frames, self.group, *deleted)
+        entries = []
+        for entry_id, fields in claimed:
+            eid = _s(entry_id)
+            payload = (fields or {}).get(PAYLOAD_FIELD) if fields is not None else None
+            if fields is None:  # redis < 7 reports trimmed entries this way
+                deleted.append(eid)
+                self.client.xack(self.keys.frames, self.group, eid)
+                continue
+            entries.append(QueueEntry(entry_id=eid, payload=payload, deliveries=self.deliveries(eid)))
+        return ClaimResult(entries=tuple(entries), deleted_ids=tuple(deleted))
+
+    def deliveries(self, entry_id: str) -> int:
+        """How often the entry has been delivered (0 when it is not pending)."""
+        rows = self.client.xpending_range(self.keys.frames, self.group, min=entry_id, max=entry_id, count=1)
+        return int(rows[0]["times_delivered"]) if rows else 0
+
+    # ------------------------------------------------------------------------------------ finishing
+    def complete(self, entry_id: str, frame_id: str, result_payload: bytes) -> bool:
+        """Publish the result of ``frame_id`` once, then ack and delete the entry, atomically.
+
+        Returns True when the result was published, False when a result for this frame id exists already
+        (a reclaimed frame finished twice): nothing is published then, the entry is still acknowledged.
+        """
+        self._scripts()
+        q = self.settings
+        published = self._complete(
+            keys=[self.keys.done(frame_id), self.keys.results, self.keys.frames],
+            args=[q.result_ttl_s, q.results_maxlen, result_payload, self.keys.results_channel, self.group,
+                  entry_id, f"{self.consumer}:{entry_id}"])
+        return bool(int(published))
+
+    def dead_letter(self, entry_id: str, payload: bytes | None, reason: str, deliveries: int,
+                    worker_id: str) -> str:
+        """Move an entry to the dead-letter stream with its reason; acked and deleted in the same script.
+
+        Returns the dead-letter entry id.
+        """
+        self._scripts()
+        dl_id = self._dead_letter(
+            keys=[self.keys.dead_letter, self.keys.frames],
+            args=[self.settings.dead_letter_maxlen, payload if payload is not None else b"", reason, entry_id,
+                  int(deliveries), worker_id, f"{time.time():.3f}", self.group])
+        return _s(dl_id)
+
+    def ack_and_delete(self, *entry_ids: str) -> None:
+        if entry_ids:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.xack(self.keys.frames, self.group, *entry_ids)
+            pipe.xdel(self.keys.frames, *entry_ids)
+            pipe.execute()
+
+    # ------------------------------------------------------------------------------------ stats
+    def stats(self) -> QueueStats:
+        """Stream length, group lag and pending count (one round trip)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xlen(self.keys.frames)
+        pipe.xinfo_groups(self.keys.frames)
+        try:
+            length, groups = pipe.execute()
+        except Exception as exc:
+            import redis
+
+            if isinstance(exc, redis.ResponseError) and "no such key" in str(exc).lower():
+                return QueueStats(length=0, lag=0, pending=0)
+            raise
+        for g in groups:
+            if _s(g.get("name", "")) == self.group:
+                lag = g.get("lag")
+                return QueueStats(length=int(length), lag=int(lag) if lag is not None else -1,
+                                  pending=int(g.get("pending", 0)))
+        return QueueStats(length=int(length), lag=int(length), pending=0)
+
+    def heartbeat(self, worker_id: str, now: float | None = None) -> None:
+        self.client.hset(self.keys.heartbeat, worker_id, f"{time.time() if now is None else now:.3f}")
+
+    def remove_heartbeat(self, worker_id: str) -> None:
+        self.client.hdel(self.keys.heartbeat, worker_id)

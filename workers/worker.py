@@ -1,0 +1,411 @@
+"""Detection worker: one process per consumer of a line's worker group.
+
+Start-up: connect, create the group, start the metrics/health server, load the detector ONCE
+(``pipeline`` = :func:`workers.pipeline.build_detector`, or a stand-in from :mod:`workers.noop`), log which
+map source, models and weights it uses.
+
+Loop:
+1. every ``queue.claim_interval_s``: reclaim entries idle longer than ``queue.claim_idle_ms`` (a dead or
+   stuck consumer's frames), count the ones trimmed meanwhile, refresh queue gauges;
+2. read new entries (``XREADGROUP >``, ``queue.block_ms``, ``queue.batch``);
+3. per entry: more than ``queue.max_deliveries`` deliveries -> dead-letter; decode (a :class:`PayloadError`
+   -> dead-letter with its reason); ``detector.inspect`` in a single model thread with a timeout of
+   ``queue.job_timeout_s`` (timeout: the entry stays pending for another worker and this worker exits
+   non-zero, because its model thread is stuck; an exception: counted in ``frames_failed``, the entry stays
+   pending and is retried after reclaim); build the :class:`InspectionResult` and
+   :meth:`FrameQueue.complete` it (publish once, then ack).
+
+SIGTERM/SIGINT drain: the frames in hand are finished, published and acknowledged, then exit 0.
+
+Exit codes: 0 stopped/drained, 2 detector could not be loaded, 3 a job timed out (model thread stuck).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+
+from config.settings import Settings
+from stream.contracts import InspectionResult, ModelLoadError, PayloadError
+from stream.keys import line_keys
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_MODEL = 2
+EXIT_STUCK = 3
+HEARTBEAT_INTERVAL_S = 2.0
+REDIS_RETRY_INITIAL_S = 0.2
+REDIS_RETRY_MAX_S = 5.0
+PUBLISH_ATTEMPTS = 5
+
+
+class WorkerQueueMetrics:
+    """Counters of the worker's queue handling that :class:`stream.metrics.WorkerMetrics` has no place for."""
+
+    def __init__(self, registry):
+        from prometheus_client import Counter
+
+        self.trimmed_pending = Counter(
+            "lineinspect_worker_frames_trimmed_total",
+            "Pending frames trimmed from the stream before any worker finished them (reported by XAUTOCLAIM)",
+            ["line"], registry=registry)
+        self.job_timeouts = Counter(
+            "lineinspect_job_timeouts_total", "Frames whose inspection exceeded queue.job_timeout_s", ["line"],
+            registry=registry)
+        self.redis_errors = Counter(
+            "lineinspect_worker_redis_errors_total", "Redis connection errors seen by the worker", ["line"],
+            registry=registry)
+
+
+class _ModelThread:
+    """One daemon thread that runs the detector. A stuck call does not keep the process from exiting."""
+
+    def __init__(self) -> None:
+        import queue
+
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="model", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            future, fn, args = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to the caller through the future
+                future.set_exception(exc)
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def shutdown(self) -> None:
+        self._jobs.put(None)
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def load_detector(settings: Settings, line: str, name: str, client):
+    """The detector named ``name``: ``pipeline`` (the real one, loaded lazily) or a :mod:`workers.noop` one."""
+    if name == "pipeline":
+        try:
+            from workers.pipeline import build_detector
+        except ImportError as exc:
+            raise ModelLoadError(f"workers.pipeline cannot be imported: {exc}") from exc
+        return build_detector(settings, line, client)
+    from workers.noop import make_test_detector
+
+    try:
+        return make_test_detector(name)
+    except ValueError as exc:
+        raise ModelLoadError(f"{exc} (or: pipeline)") from None
+
+
+class Worker:
+    """The loop of one consumer. Nothing connects in the constructor; :meth:`run` does everything."""
+
+    def __init__(self, settings: Settings, line: str, worker_id: str, detector_name: str, registry, client):
+        from stream.metrics import WorkerMetrics
+
+        self.settings = settings
+        self.line = line
+        self.worker_id = worker_id
+        self.detector_name = detector_name
+        self.registry = registry
+        self.client = client
+        self.keys = line_keys(settings.redis.key_prefix, line)
+        self.metrics = WorkerMetrics(registry)
+        self.qmetrics = WorkerQueueMetrics(registry)
+        self.detector = None
+        self.queue = None
+        self.redis_ok = False
+        self.redis_error = "not connected yet"
+        self.processed = self.duplicates = self.failed = self.dead_lettered = self.reclaimed = 0
+        self._last_heartbeat = 0.0
+
+    # ------------------------------------------------------------------------------------ health
+    def health(self) -> tuple[bool, str]:
+        if self.detector is None:
+            return False, f"model not loaded ({self.detector_name})"
+        if not self.redis_ok:
+            return False, f"redis unreachable: {self.redis_error}"
+        return True, "ok"
+
+    # ------------------------------------------------------------------------------------ start-up
+    def _connect(self, stop: threading.Event) -> bool:
+        import redis
+
+        from stream.queue import FrameQueue
+
+        self.queue = FrameQueue(self.client, self.keys, self.settings.queue, self.worker_id)
+        delay = REDIS_RETRY_INITIAL_S
+        while not stop.is_set():
+            try:
+                self.queue.ensure_group()
+                self.redis_ok, self.redis_error = True, ""
+                return True
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                self._redis_down(exc)
+                if stop.wait(delay):
+                    break
+                delay = min(delay * 2, REDIS_RETRY_MAX_S)
+        return False
+
+    def _load(self) -> None:
+        s = self.settings
+        t0 = time.perf_counter()
+        detector = load_detector(s, self.line, self.detector_name, self.client)
+        load_s = time.perf_counter() - t0
+        models = dict(detector.models)
+        self.metrics.model_load_seconds.labels(line=self.line).set(load_s)
+        info = {"detector": self.detector_name, "map_source": s.detector.map_source,
+                **{f"model_{k}": str(v) for k, v in models.items()}}
+        if self.detector_name == "pipeline":
+            info.update(sam_backend=s.sam.backend, sam_encoder=s.sam.encoder_path, sam_decoder=s.sam.decoder_path,
+                        clip_model=s.clip.model, clip_weights=s.clip.pretrained, memory_features=s.memory.features)
+        self.metrics.model_info.info(info)
+        log.info("worker %s line %s: detector %s loaded in %.2fs; map source %s; models %s%s", self.worker_id,
+                 self.line, self.detector_name, load_s, s.detector.map_source, models,
+                 (f"; weights: sam={s.sam.backend}:{s.sam.encoder_path},{s.sam.decoder_path} "
+                  f"clip={s.clip.model}:{s.clip.pretrained}") if self.detector_name == "pipeline" else "")
+        self.detector = detector
+
+    # ------------------------------------------------------------------------------------ loop
+    def _redis_down(self, exc: Exception) -> None:
+        if self.redis_ok or self.redis_error == "not connected yet":
+            log.error("worker %s: redis unreachable: %s", self.worker_id, exc)
+        self.redis_ok, self.redis_error = False, str(exc)
+        self.qmetrics.redis_errors.labels(line=self.line).inc()
+
+    def _heartbeat(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_heartbeat >= HEARTBEAT_INTERVAL_S:
+            self.queue.heartbeat(self.worker_id)
+            self._last_heartbeat = now
+
+    def _reclaim(self) -> list:
+        claim = self.queue.reclaim()
+        if claim.deleted_ids:
+            n = len(claim.deleted_ids)
+            self.qmetrics.trimmed_pending.labels(line=self.line).inc(n)
+            log.warning("worker %s: %d pending frame(s) were trimmed before being finished", self.worker_id, n)
+        if claim.entries:
+            self.reclaimed += len(claim.entries)
+            self.metrics.frames_reclaimed.labels(line=self.line).inc(len(claim.entries))
+            log.info("worker %s: reclaimed %d idle entr%s", self.worker_id, len(claim.entries),
+                     "y" if len(claim.entries) == 1 else "ies")
+        stats = self.queue.stats()
+        self.metrics.queue_length.labels(line=self.line).set(stats.length)
+        self.metrics.group_lag.labels(line=self.line).set(max(stats.lag, 0))
+        self.metrics.pending.labels(line=self.line).set(stats.pending)
+        return list(claim.entries)
+
+    def _dead_letter(self, entry, reason: str, label: str) -> None:
+        self.queue.dead_letter(entry.entry_id, entry.payload, reason, entry.deliveries, self.worker_id)
+        self.dead_lettered += 1
+        self.metrics.frames_dead_lettered.labels(line=self.line, reason=label).inc()
+        log.warning("worker %s: entry %s dead-lettered: %s", self.worker_id, entry.entry_id, reason)
+
+    def _process(self, entry, model: _ModelThread) -> bool:
+        """Handle one entry. Returns False when the model thread is stuck (the worker must exit)."""
+        from stream import wire
+
+        q = self.settings.queue
+        if entry.deliveries > q.max_deliveries:
+            self._dead_letter(entry, f"max_deliveries: delivered {entry.deliveries} times "
+                                     f"(limit {q.max_deliveries})", "max_deliveries")
+            return True
+        if entry.payload is None:
+            self._dead_letter(entry, "payload: entry has no 'p' field", "payload")
+            return True
+        t0 = time.perf_counter()
+        try:
+            frame = wire.decode_frame(entry.payload)
+            image = wire.frame_to_image(frame)
+        except PayloadError as exc:
+            self._dead_letter(entry, f"payload: {exc.reason}", "payload")
+            return True
+        decode_s = time.perf_counter() - t0
+
+        self.metrics.busy.labels(line=self.line).set(1)
+        try:
+            future = model.submit(self.detector.inspect, image, frame.frame_id)
+            try:
+                det = future.result(timeout=q.job_timeout_s)
+            except FutureTimeout:
+                self.qmetrics.job_timeouts.labels(line=self.line).inc()
+                log.error("worker %s: frame %s (entry %s) exceeded job_timeout_s=%.1f; leaving it pending "
+                          "for another worker and exiting (model thread stuck)", self.worker_id,
+                          frame.frame_id, entry.entry_id, q.job_timeout_s)
+                return False
+            except Exception as exc:
+                self.failed += 1
+                self.metrics.frames_failed.labels(line=self.line).inc()
+                log.warning("worker %s: frame %s failed (delivery %d of %d), left for retry: %s: %s",
+                            self.worker_id, frame.frame_id, entry.deliveries, q.max_deliveries,
+                            type(exc).__name__, exc)
+                return True
+        finally:
+            self.metrics.busy.labels(line=self.line).set(0)
+
+        t1 = time.perf_counter()
+        mask_png = wire.encode_label_mask(det.labels) if det.defects else b""
+        timings = {"decode": decode_s, **{k: float(v) for k, v in det.timings.items()}}
+        result = InspectionResult(
+            frame_id=frame.frame_id, line_id=frame.line_id, camera_id=frame.camera_id, seq=frame.seq,
+            capture_ts=frame.capture_ts, image_score=float(det.image_score), threshold=1.0,
+            verdict=det.verdict, defects=tuple(det.defects), mask_png=mask_png, timings=timings,
+            models={**dict(self.detector.models), **dict(det.models)}, worker_id=self.worker_id,
+            processed_ts=time.time())
+        payload = wire.encode_result(result)
+        timings["encode"] = time.perf_counter() - t1
+
+        published = self._complete(entry.entry_id, frame.frame_id, payload)
+        if published is None:
+            return True  # Redis gone: the entry stays pending and will be reclaimed
+        publish_s = time.perf_counter() - t1
+        m = self.metrics
+        for stage, seconds in {**timings, "publish": publish_s}.items():
+            m.stage_seconds.labels(line=self.line, stage=stage).observe(seconds)
+        if published:
+            self.processed += 1
+            m.frames_processed.labels(line=self.line).inc()
+            m.verdicts.labels(line=self.line, verdict=result.verdict.value).inc()
+            if result.defects:
+                m.defects.labels(line=self.line).inc(len(result.defects))
+            m.end_to_end_seconds.labels(line=self.line).observe(max(0.0, time.time() - frame.capture_ts))
+        else:
+            self.duplicates += 1
+            m.duplicates_skipped.labels(line=self.line).inc()
+            log.info("worker %s: frame %s already had a result; acknowledged without publishing",
+                     self.worker_id, frame.frame_id)
+        return True
+
+    def _complete(self, entry_id: str, frame_id: str, payload: bytes) -> bool | None:
+        """complete() with a few retries (it is idempotent); None when Redis stayed unreachable."""
+        import redis
+
+        delay = REDIS_RETRY_INITIAL_S
+        for attempt in range(PUBLISH_ATTEMPTS):
+            try:
+                published = self.queue.complete(entry_id, frame_id, payload)
+                self.redis_ok, self.redis_error = True, ""
+                return published
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                self._redis_down(exc)
+                if attempt + 1 < PUBLISH_ATTEMPTS:
+                    time.sleep(delay)
+                    delay = min(delay * 2, REDIS_RETRY_MAX_S)
+        log.error("worker %s: could not publish frame %s; it stays pending", self.worker_id, frame_id)
+        return None
+
+    def run(self, stop: threading.Event) -> int:
+        import redis
+
+        s = self.settings
+        server = None
+        if s.metrics.enabled:
+            from stream.health import start_metrics_server
+
+            server = start_metrics_server(self.registry, s.metrics.host, s.metrics.port, self.health)
+        model = None
+        try:
+            log.info("worker %s start: line=%s stream=%s group=%s detector=%s claim_idle_ms=%d "
+                     "max_deliveries=%d job_timeout_s=%.1f", self.worker_id, self.line, self.keys.frames,
+                     s.queue.group, self.detector_name, s.queue.claim_idle_ms, s.queue.max_deliveries,
+                     s.queue.job_timeout_s)
+            try:
+                self._load()
+            except ModelLoadError as exc:
+                log.error("worker %s: detector %s not loaded: %s", self.worker_id, self.detector_name, exc)
+                return EXIT_MODEL
+            if not self._connect(stop):
+                return EXIT_OK
+            model = _ModelThread()
+            last_claim = float("-inf")
+            delay = REDIS_RETRY_INITIAL_S
+            while not stop.is_set():
+                try:
+                    self._heartbeat()
+                    entries = []
+                    if time.monotonic() - last_claim >= s.queue.claim_interval_s:
+                        last_claim = time.monotonic()
+                        entries = self._reclaim()
+                    if not entries:
+                        entries = self.queue.read()
+                    self.redis_ok, self.redis_error = True, ""
+                    delay = REDIS_RETRY_INITIAL_S
+                    for entry in entries:  # on SIGTERM the entries in hand are still finished (drain)
+                        if not self._process(entry, model):
+                            return EXIT_STUCK
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    self._redis_down(exc)
+                    if stop.wait(delay):
+                        break
+                    delay = min(delay * 2, REDIS_RETRY_MAX_S)
+            log.info("worker %s: stopping (drained)", self.worker_id)
+            return EXIT_OK
+        finally:
+            if model is not None:
+                model.shutdown()
+            if self.queue is not None:
+                try:
+                    self.queue.remove_heartbeat(self.worker_id)
+                except redis.RedisError:
+                    pass
+            if server is not None:
+                server.stop()
+            log.info("worker %s end: processed=%d duplicates=%d failed=%d dead_lettered=%d reclaimed=%d",
+                     self.worker_id, self.processed, self.duplicates, self.failed, self.dead_lettered,
+                     self.reclaimed)
+
+
+def _redis_client(settings: Settings):
+    import redis
+
+    timeout = settings.redis.socket_timeout_s
+    # XREADGROUP blocks up to queue.block_ms: the socket timeout must outlast it
+    read_timeout = max(timeout, settings.queue.block_ms / 1000.0 + timeout)
+    return redis.Redis.from_url(settings.redis.url, socket_timeout=read_timeout,
+                                socket_connect_timeout=timeout)
+
+
+def run_worker(settings: Settings, line: str, worker_id: str | None = None, detector: str = "pipeline",
+               stop: threading.Event | None = None, registry=None, *, client=None) -> int:
+    """Run one worker until ``stop`` is set; returns the process exit code (see the module doc)."""
+    from prometheus_client import CollectorRegistry
+
+    worker = Worker(settings, line, worker_id or default_worker_id(), detector,
+                    registry if registry is not None else CollectorRegistry(),
+                    client if client is not None else _redis_client(settings))
+    return worker.run(stop or threading.Event())
+
+
+def main(settings: Settings, args: argparse.Namespace) -> int:
+    """``lineinspect worker --line L [--id W] [--detector pipeline|noop|slow:SECONDS|fail]``."""
+    stop = threading.Event()
+
+    def _on_signal(signum, _frame) -> None:
+        log.info("signal %d: draining", signum)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _on_signal)
+    return run_worker(settings, args.line, worker_id=getattr(args, "worker_id", None),
+                      detector=getattr(args, "detector", "pipeline"), stop=stop)
