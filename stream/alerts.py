@@ -12,12 +12,16 @@ results from before its first start). Every defect result goes through :class:`A
 Results older than ``stale_after_s`` (wall clock, from the worker's ``processed_ts``) are suppressed with
 reason ``stale``: a service that was down for an hour does not page for defects the line had an hour ago.
 
-Snapshot choice: the worker's result carries the label mask (PNG) but not the image. The service looks for the
-frame in the line's frames stream (a bounded ``XRANGE`` starting a few seconds before the result's capture
-time, matched by frame id) and draws the mask and boxes over it (JPEG, ``snapshot.source = "frame"``). The
-frames stream is trimmed to ``queue.maxlen``, so under load the frame may be gone; then the mask alone is drawn
-(PNG, ``source = "mask"``). No extra snapshot key is written by the worker: that would cost Redis memory for
-every frame to serve the few that alert.
+Snapshot choice: the worker's result carries the label mask (PNG) but not the image, and the worker deletes
+a frame from the frames stream (``XDEL``) as soon as its result is published. So the service keeps its own
+short memory of frames: :class:`FrameTail` follows each line's frames stream with plain ``XREAD`` (no consumer
+group: the workers are not affected) and keeps the most recent frames up to a byte budget
+(``frame_cache_bytes``, 32 MiB by default). For an alert the frame is taken from there, else looked up in the
+frames stream itself (a bounded ``XRANGE`` from a few seconds before the capture time: works when the entry was
+not deleted yet), and the mask and boxes are drawn over it (JPEG, ``snapshot.source = "frame"``). When the
+frame is in neither (the workers lag by more frames than the budget holds, or the service started after the
+frame), the mask alone is drawn (PNG, ``source = "mask"``). No snapshot key is written by the worker: that
+would cost a Redis write for every frame to serve the few that alert.
 
 Delivery: each sink (:class:`WebhookSink`, :class:`RedisStreamSink`, :class:`MqttSink`) runs behind its own
 bounded queue and thread (:class:`SinkWorker`). A failing delivery is retried with exponential backoff
@@ -38,7 +42,7 @@ import signal
 import socket
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -190,6 +194,93 @@ def find_frame(client: Any, prefix: str, result: InspectionResult, *, slack_s: f
         if frame.frame_id == result.frame_id:
             return frame
     return None
+
+
+class FrameTail:
+    """Follows the frames streams of ``lines`` (``XREAD``, no group) and keeps the newest frames in memory,
+    at most ``max_bytes`` of payload, looked up by frame id. Started and stopped explicitly."""
+
+    def __init__(self, client: Any, prefix: str, lines: Sequence[str], max_bytes: int = 32 << 20,
+                 block_ms: int = 1000):
+        self.client = client
+        self.streams = [line_keys(prefix, line).frames for line in dict.fromkeys(lines)]
+        self.max_bytes = max_bytes
+        self.block_ms = block_ms
+        self._frames: OrderedDict[str, Frame] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.seen = 0  # frames read so far
+
+    def start(self) -> None:
+        """Note where each stream ends now (frames added after this call are all seen), then follow them."""
+        import redis
+
+        self._stop.clear()
+        try:
+            start_ids: dict[str, str] | None = self._start_ids()
+        except redis.RedisError:
+            start_ids = None  # the thread retries
+        self._thread = threading.Thread(target=self._run, args=(start_ids,), name="alert-frame-tail",
+                                        daemon=True)
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def get(self, frame_id: str) -> Frame | None:
+        with self._lock:
+            return self._frames.get(frame_id)
+
+    def _add(self, frame: Frame) -> None:
+        with self._lock:
+            old = self._frames.pop(frame.frame_id, None)
+            if old is not None:
+                self._bytes -= len(old.data)
+            self._frames[frame.frame_id] = frame
+            self._bytes += len(frame.data)
+            while self._bytes > self.max_bytes and len(self._frames) > 1:
+                _, dropped = self._frames.popitem(last=False)
+                self._bytes -= len(dropped.data)
+            self.seen += 1
+
+    def _start_ids(self) -> dict[str, str]:
+        ids = {}
+        for stream in self.streams:  # from the newest entry now (entries added later are all seen)
+            last = self.client.xrevrange(stream, count=1)
+            ids[stream] = (last[0][0].decode() if isinstance(last[0][0], bytes) else last[0][0]) if last else "0-0"
+        return ids
+
+    def _run(self, ids: dict[str, str] | None) -> None:
+        import redis
+
+        while not self._stop.is_set():
+            try:
+                if ids is None:
+                    ids = self._start_ids()
+                reply = self.client.xread(ids, count=100, block=self.block_ms)
+            except redis.RedisError as exc:
+                log.debug("frame tail: %s", exc)
+                ids = None
+                self._stop.wait(1.0)
+                continue
+            for stream, entries in reply or []:
+                key = stream.decode() if isinstance(stream, bytes) else stream
+                for eid, fields in entries:
+                    ids[key] = eid.decode() if isinstance(eid, bytes) else eid
+                    payload = _payload_of(fields)
+                    if payload is None:
+                        continue
+                    try:
+                        self._add(decode_frame(payload))
+                    except PayloadError:
+                        continue
 
 
 def render_snapshot(result: InspectionResult, image: np.ndarray | None,
@@ -510,7 +601,8 @@ class AlertService:
 
     def __init__(self, client: Any, prefix: str, lines: Sequence[str], debouncer: AlertDebouncer,
                  sinks: Sequence[SinkWorker], metrics: AlertMetrics, *, consumer: str = "",
-                 stale_after_s: float = 300.0, wall_clock: Clock = time.time):
+                 stale_after_s: float = 300.0, wall_clock: Clock = time.time,
+                 frame_tail: FrameTail | None = None):
         if not lines:
             raise ValueError("the alert service needs at least one line")
         self.client = client
@@ -522,6 +614,7 @@ class AlertService:
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.stale_after_s = stale_after_s
         self._wall = wall_clock
+        self.frame_tail = frame_tail
         self._streams = {line_keys(prefix, line).results: line for line in self.lines}
         self._last_ok = 0.0  # monotonic time of the last successful Redis read
         self._last_error = "not started"
@@ -541,6 +634,8 @@ class AlertService:
         for s in self.sinks:
             if not s.alive():
                 s.start()
+        if self.frame_tail is not None and not self.frame_tail.alive():
+            self.frame_tail.start()
         self._ready = True
         self._last_ok = time.monotonic()
         raised = []
@@ -556,6 +651,8 @@ class AlertService:
         return raised
 
     def close(self, timeout: float = 5.0) -> None:
+        if self.frame_tail is not None:
+            self.frame_tail.stop(timeout)
         for s in self.sinks:
             s.stop(timeout)
 
@@ -625,7 +722,9 @@ class AlertService:
     def _build(self, result: InspectionResult) -> Alert:
         image = None
         try:
-            frame = find_frame(self.client, self.prefix, result)
+            frame = self.frame_tail.get(result.frame_id) if self.frame_tail is not None else None
+            if frame is None:
+                frame = find_frame(self.client, self.prefix, result)
             if frame is not None:
                 image = frame_to_image(frame)
         except PayloadError as exc:
@@ -700,7 +799,8 @@ def main(settings: Any, args: Any) -> int:
         log.error("%s", exc)
         return 2
     service = AlertService(client, settings.redis.key_prefix, lines,
-                           AlertDebouncer(a.debounce_count, a.debounce_window_s, a.cooldown_s), sinks, metrics)
+                           AlertDebouncer(a.debounce_count, a.debounce_window_s, a.cooldown_s), sinks, metrics,
+                           frame_tail=FrameTail(client, settings.redis.key_prefix, lines))
     server = (start_metrics_server(registry, settings.metrics.host, settings.metrics.port, service.health)
               if settings.metrics.enabled else None)
     stop = threading.Event()

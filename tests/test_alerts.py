@@ -22,13 +22,14 @@ from stream.alerts import (
     AlertDebouncer,
     AlertService,
     Decision,
+    FrameTail,
     MqttSink,
     RedisStreamSink,
     SinkWorker,
     WebhookSink,
     parse_mqtt_url,
 )
-from stream.contracts import Defect, InspectionResult, Verdict
+from stream.contracts import Defect, Encoding, InspectionResult, Verdict
 from stream.keys import line_keys
 from stream.metrics import AlertMetrics
 from stream.wire import encode_frame, encode_label_mask, encode_result, image_to_frame
@@ -279,6 +280,50 @@ def test_snapshot_is_drawn_on_the_frame_when_it_is_still_in_the_stream(redis_cli
     assert r > 80 and g < 160
     b, g, r = (int(v) for v in img[50, 5])  # outside: the frame itself
     assert g > 180 and r < 40
+
+
+def test_snapshot_uses_the_frame_tail_after_the_worker_deleted_the_frame(redis_client, key_prefix, receiver):
+    """The worker XDELs a frame once its result is published; the service's FrameTail has kept a copy."""
+    rec = receiver()
+    reg = CollectorRegistry()
+    metrics = AlertMetrics(reg)
+    tail = FrameTail(redis_client, key_prefix, ["L1"], max_bytes=1 << 20, block_ms=100)
+    svc = AlertService(redis_client, key_prefix, ["L1"], AlertDebouncer(1, 10.0, 0.0, FakeClock()),
+                       [SinkWorker(WebhookSink(rec.url), metrics)], metrics, consumer="t", frame_tail=tail)
+    svc.setup()
+    keys = line_keys(key_prefix, "L1")
+    image = np.full((H, W, 3), (0, 200, 0), np.uint8)
+    result = make_result("L1", 5)
+    try:
+        frame = image_to_frame(image, line_id="L1", camera_id="cam1", seq=5, session="s1",
+                               capture_ts=result.capture_ts)
+        eid = redis_client.xadd(keys.frames, {"p": encode_frame(frame)})
+        wait_for(lambda: tail.get(frame.frame_id) is not None, what="frame tail to read the frame")
+        redis_client.xdel(keys.frames, eid)  # what the worker does on completion
+        publish(redis_client, key_prefix, result)
+        assert len(svc.poll(block_ms=100)) == 1
+        wait_for(lambda: len(rec.bodies) == 1, what="webhook delivery")
+    finally:
+        svc.close()
+    assert rec.bodies[0]["snapshot"]["source"] == "frame"
+
+
+def test_frame_tail_keeps_to_its_byte_budget(redis_client, key_prefix):
+    keys = line_keys(key_prefix, "L1")
+    rng = np.random.default_rng(0)
+    tail = FrameTail(redis_client, key_prefix, ["L1"], max_bytes=3 * H * W * 3, block_ms=100)
+    tail.start()
+    try:
+        frames = [image_to_frame(rng.integers(0, 255, (H, W, 3), dtype=np.uint8), line_id="L1", camera_id="c",
+                                 seq=i, session="s", capture_ts=time.time(), encoding=Encoding.RAW)
+                  for i in range(6)]
+        for f in frames:
+            redis_client.xadd(keys.frames, {"p": encode_frame(f)})
+        wait_for(lambda: tail.seen == 6, what="frame tail to read six frames")
+    finally:
+        tail.stop()
+    assert [tail.get(f.frame_id) is not None for f in frames] == [False, False, False, True, True, True]
+    assert tail.get(frames[5].frame_id) == frames[5]
 
 
 def test_failing_webhook_is_retried_and_counted_while_redis_sink_delivers(redis_client, key_prefix, receiver):
