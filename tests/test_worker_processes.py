@@ -273,3 +273,21 @@ def test_vanished_camera_is_retried_counted_and_reported(procs, redis_client, ke
     ingest.send_signal(signal.SIGTERM)
     assert ingest.wait(30) == 0
     assert re.search(r"reconnects=([3-9]|\d\d+)", procs.output(ingest))
+
+
+def test_job_timeout_leaves_the_frame_pending_and_exits_nonzero(procs, redis_client, key_prefix):
+    cfg = procs.config(queue={"job_timeout_s": 0.5})
+    keys = line_keys(key_prefix, "L1")
+    worker = procs.start(cfg, "worker", "--line", "L1", "--id", "stuck", "--detector", "slow:30")
+    entry = redis_client.xadd(keys.frames, {PAYLOAD_FIELD: _frame_payload(0)}).decode()
+    assert worker.wait(60) == 3, procs.output(worker)  # exits although its model thread still sleeps
+    assert "exceeded job_timeout_s" in procs.output(worker)
+    pending = _pending_of(redis_client, keys, "stuck")
+    assert [p["message_id"].decode() for p in pending] == [entry]  # left for another worker
+    assert redis_client.xlen(keys.results) == 0
+
+
+def test_unknown_detector_fails_to_load(procs):
+    worker = procs.start(procs.config(), "worker", "--line", "L1", "--detector", "nonsense")
+    assert worker.wait(60) == 2
+    assert "unknown test detector" in procs.output(worker)

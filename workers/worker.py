@@ -330,13 +330,16 @@ class Worker:
                      "max_deliveries=%d job_timeout_s=%.1f", self.worker_id, self.line, self.keys.frames,
                      s.queue.group, self.detector_name, s.queue.claim_idle_ms, s.queue.max_deliveries,
                      s.queue.job_timeout_s)
+            if not self._connect(stop):  # the detector may need Redis (the line's memory)
+                return EXIT_OK
             try:
                 self._load()
             except ModelLoadError as exc:
                 log.error("worker %s: detector %s not loaded: %s", self.worker_id, self.detector_name, exc)
                 return EXIT_MODEL
-            if not self._connect(stop):
-                return EXIT_OK
+            except Exception:  # any other failure while loading models: no verdicts from this process
+                log.exception("worker %s: detector %s failed to load", self.worker_id, self.detector_name)
+                return EXIT_MODEL
             model = _ModelThread()
             last_claim = float("-inf")
             delay = REDIS_RETRY_INITIAL_S
