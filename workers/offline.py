@@ -1,0 +1,168 @@
+"""Detector construction for the offline tools (``lineinspect predict`` and ``lineinspect eval``).
+
+Differences from the streaming worker (:func:`workers.pipeline.build_detector`):
+
+- the normal memory comes from a folder (``--normal``, a category's ``train/good``) or from the inputs
+  themselves (mutual, label-free scoring), not from the line's memory in Redis;
+- eval runs several CPS settings on the same images. :class:`StageSession` builds one
+  :class:`workers.pipeline.Detector` per setting, all sharing **one** SAM backend, **one** embedding cache and
+  **one** memoising mapper (:class:`MapCache`), and :meth:`StageSession.prepare` computes the embedding and the
+  anomaly map of an image once before the settings run, so those costs are paid and timed once.
+
+``mapper_factory(settings, backend, normal_dir, images) -> AnomalyMapper`` replaces how the memory mapper is
+built (tests, other memory kinds); the default is :func:`default_mapper_factory`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from workers.interfaces import AnomalyMap, AnomalyMapper, FrameDetector, ImageEmbedding, SamBackend
+
+MapperFactory = Callable[[Any, SamBackend, "Path | None", Sequence[Path]], AnomalyMapper]
+
+
+class MapCache:
+    """An :class:`AnomalyMapper` that memoises ``inner.map`` by (embedding key, image size), LRU of ``capacity``.
+
+    The key must identify the image content (eval and predict use the file path); ``seconds`` holds the time of
+    the last real computation.
+    """
+
+    def __init__(self, inner: AnomalyMapper, capacity: int = 4):
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.inner = inner
+        self.name = inner.name
+        self.capacity = capacity
+        self.hits = 0
+        self.misses = 0
+        self._items: OrderedDict[tuple[str, tuple[int, int]], AnomalyMap] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def map(self, image_bgr: np.ndarray, embedding: ImageEmbedding) -> AnomalyMap:
+        k = (embedding.key, tuple(image_bgr.shape[:2]))
+        with self._lock:
+            hit = self._items.get(k)
+            if hit is not None:
+                self._items.move_to_end(k)
+                self.hits += 1
+                return hit
+        amap = self.inner.map(image_bgr, embedding)
+        with self._lock:
+            self.misses += 1
+            self._items[k] = amap
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return amap
+
+
+def build_backend(settings: Any) -> SamBackend:
+    """The SAM backend of ``settings.sam``, loaded (raises :class:`stream.contracts.ModelLoadError`)."""
+    from workers.sam import build_sam_backend
+
+    return build_sam_backend(settings.sam)
+
+
+def default_mapper_factory(settings: Any, backend: SamBackend, normal_dir: Path | None,
+                           images: Sequence[Path]) -> AnomalyMapper:
+    """The memory mapper: from ``normal_dir`` when given, else mutual over ``images``."""
+    from workers.memory import MemoryMapper
+
+    if normal_dir is not None:
+        return MemoryMapper.from_folder(backend, normal_dir, settings.memory)
+    return MemoryMapper.mutual(backend, list(images), settings.memory)
+
+
+def build_mapper(settings: Any, backend: SamBackend, normal_dir: Path | None, images: Sequence[Path],
+                 mapper_factory: MapperFactory | None = None) -> AnomalyMapper:
+    """The mapper of ``settings.detector.map_source`` with the memory from a folder or mutual scoring."""
+    from stream.contracts import ModelLoadError
+    from workers.pipeline import FusionMapper, ZeroMapper
+
+    source = settings.detector.map_source
+    if source == "none":
+        return ZeroMapper()
+    memory = clip = None
+    if source in ("memory", "fusion"):
+        memory = (mapper_factory or default_mapper_factory)(settings, backend, normal_dir, images)
+    if source in ("clip", "fusion"):
+        from workers.clip import build_clip_mapper
+
+        clip = build_clip_mapper(settings.clip)
+    if source == "fusion":
+        return FusionMapper(clip=clip, memory=memory, weight_clip=settings.detector.fusion_weight_clip)
+    mapper = memory if source == "memory" else clip
+    if mapper is None:
+        raise ModelLoadError(f"unknown detector.map_source {source!r} (allowed: memory, clip, fusion, none)")
+    return mapper
+
+
+@dataclass
+class StageSession:
+    """Detectors for several CPS settings over one shared backend, embedding cache and map cache."""
+
+    backend: SamBackend
+    mapper: MapCache
+    detectors: dict[int, FrameDetector]
+    cache: Any  # workers.sam.EmbeddingCache
+    models: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, settings: Any, stages: Sequence[int], backend: SamBackend | None = None,
+              normal_dir: Path | None = None, mutual_images: Sequence[Path] = (), line: str = "offline",
+              mapper_factory: MapperFactory | None = None, mapper: AnomalyMapper | None = None) -> StageSession:
+        from workers.pipeline import Detector, DetectorConfig
+        from workers.sam import EmbeddingCache
+
+        backend = backend if backend is not None else build_backend(settings)
+        if mapper is None:
+            mapper = build_mapper(settings, backend, normal_dir, mutual_images, mapper_factory)
+        cached = mapper if isinstance(mapper, MapCache) else MapCache(mapper)
+        cache = EmbeddingCache(max(2, settings.sam.cache_size))
+        detectors: dict[int, FrameDetector] = {}
+        for s in stages:
+            cfg = DetectorConfig.from_settings(settings.with_overrides(**{"detector.cps_stages": int(s)}))
+            detectors[int(s)] = Detector(backend, cached, cfg, cache=cache)
+        models = {"sam": backend.name, "map": mapper.name}
+        weights = getattr(backend, "weights", None)
+        if weights:
+            models["sam_weights"] = str(weights)
+        return cls(backend=backend, mapper=cached, detectors=detectors, cache=cache, models=models)
+
+    def prepare(self, image_bgr: np.ndarray, key: str) -> float:
+        """Compute (and cache) the image's embedding and anomaly map; returns the seconds it took."""
+        t0 = time.perf_counter()
+        emb = self.cache.get_or_embed(self.backend, image_bgr, key)
+        self.mapper.map(image_bgr, emb)
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Drop the detectors and their cached embeddings and maps (the backend stays loaded for reuse)."""
+        self.detectors.clear()
+        self.cache = None
+
+
+@dataclass(frozen=True)
+class OfflineDetector:
+    detector: FrameDetector
+    backend: SamBackend
+    mapper: AnomalyMapper
+
+
+def build_offline_detector(settings: Any, line: str = "offline", normal_dir: Path | None = None,
+                           mutual_images: Sequence[Path] = (), mapper_factory: MapperFactory | None = None,
+                           backend: SamBackend | None = None) -> OfflineDetector:
+    """One detector at ``settings.detector.cps_stages`` (predict)."""
+    stage = settings.detector.cps_stages
+    session = StageSession.build(settings, (stage,), backend=backend, normal_dir=normal_dir,
+                                 mutual_images=mutual_images, line=line, mapper_factory=mapper_factory)
+    return OfflineDetector(detector=session.detectors[stage], backend=session.backend, mapper=session.mapper.inner)
