@@ -26,7 +26,7 @@ VERDICT_COLOURS: dict[Verdict, tuple[int, int, int]] = {
     Verdict.OK: (80, 200, 60),  # green
     Verdict.DEFECT: (40, 40, 230),  # red
 }
-FILL_ALPHA = 0.45
+FILL_ALPHA = 0.5
 
 
 def _as_bgr(image: np.ndarray) -> np.ndarray:

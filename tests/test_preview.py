@@ -1,0 +1,504 @@
+"""The WebRTC overlay preview: access control, optional dependency, the line source, and end to end in a real
+headless Chromium (real Redis, real ingest process, real WebRTC via aiortc, screenshot checked for the overlay).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from stream.contracts import Defect, Encoding, InspectionResult, Verdict
+from stream.keys import line_keys, lines_index
+from stream.queue import PAYLOAD_FIELD
+from stream.wire import decode_frame, encode_frame, encode_label_mask, encode_result, image_to_frame
+from tests.conftest import ROOT, free_port
+
+pytest.importorskip("aiortc", reason="preview tests need lineinspect[preview]")
+pytest.importorskip("aiohttp")
+
+from stream.preview import (  # noqa: E402
+    VIDEO_CLOCK,
+    LineSource,
+    PreviewOptions,
+    PreviewServer,
+    presented_token,
+    token_matches,
+)
+
+TOKEN = "s3cret-preview-token"
+PY = sys.executable
+
+
+def _magenta_like(img: np.ndarray) -> np.ndarray:
+    b, g, r = (img[..., i].astype(int) for i in range(3))
+    return (b - g > 30) & (r - g > 30)
+
+
+def _defect_result(frame_id: str, line: str, camera: str, seq: int, ts: float, shape: tuple[int, int],
+                   box: tuple[int, int, int, int]) -> InspectionResult:
+    """A defect result whose label mask is the ellipse inscribed in ``box``."""
+    labels = np.zeros(shape, np.uint8)
+    x0, y0, x1, y1 = box
+    cv2.ellipse(labels, ((x0 + x1 - 1) // 2, (y0 + y1 - 1) // 2), ((x1 - x0) // 2, (y1 - y0) // 2), 0, 0, 360,
+                1, -1)
+    return InspectionResult(
+        frame_id=frame_id, line_id=line, camera_id=camera, seq=seq, capture_ts=ts, image_score=0.93,
+        threshold=0.5, verdict=Verdict.DEFECT,
+        defects=(Defect(label=1, box=box, area=int(labels.sum()), score=0.9),),
+        mask_png=encode_label_mask(labels), worker_id="test", processed_ts=time.time())
+
+
+def _ok_result(frame_id: str, line: str, camera: str, seq: int, ts: float) -> InspectionResult:
+    return InspectionResult(frame_id=frame_id, line_id=line, camera_id=camera, seq=seq, capture_ts=ts,
+                            image_score=0.1, threshold=0.5, verdict=Verdict.OK, worker_id="test",
+                            processed_ts=time.time())
+
+
+def _options(redis_url: str, prefix: str, **kw) -> PreviewOptions:
+    return PreviewOptions(redis_url=redis_url, key_prefix=prefix, host="127.0.0.1", port=0, token=TOKEN, **kw)
+
+
+# ------------------------------------------------------------------------------------------ optional dep
+
+
+def test_importing_stream_modules_pulls_in_no_webrtc_or_torch():
+    code = ("import sys, stream.preview, stream.overlay, stream.cli; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'aiortc', 'av', 'torch', 'aiohttp'}))")
+    out = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_preview_without_aiortc_says_what_to_install():
+    # sys.modules[name] = None makes `import aiortc` fail exactly as if it were not installed
+    code = ("import sys; sys.modules['aiortc'] = None; from stream.cli import main; "
+            "sys.exit(main(['--set', 'preview.token=abc', 'preview']))")
+    out = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 3, out.stderr
+    assert "pip install 'lineinspect[preview]'" in out.stderr
+
+
+def test_preview_refuses_to_start_without_a_token():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LINEINSPECT__")}
+    out = subprocess.run([PY, "-m", "stream.cli", "preview"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 2
+    assert "preview.token" in out.stderr
+    with pytest.raises(Exception, match="token"):
+        _options("redis://127.0.0.1:6379/0", "x").__class__(
+            redis_url="redis://x", key_prefix="x", host="127.0.0.1", port=0, token="")
+
+
+# ------------------------------------------------------------------------------------------ access
+
+
+def test_token_is_taken_from_header_bearer_or_query_and_compared_exactly():
+    assert presented_token({"X-Preview-Token": "a"}, {"token": "b"}) == "a"
+    assert presented_token({"Authorization": "Bearer  xyz "}, {}) == "xyz"
+    assert presented_token({}, {"token": "q"}) == "q"
+    assert presented_token({"Authorization": "Basic Zm9v"}, {}) is None
+    assert token_matches(TOKEN, TOKEN)
+    assert not token_matches(TOKEN + "x", TOKEN)
+    assert not token_matches(TOKEN[:-1], TOKEN)
+    assert not token_matches(None, TOKEN)
+    assert not token_matches("", "")  # an empty configured token never opens anything
+
+
+def test_http_access_control_and_no_open_cors(redis_url, key_prefix, redis_client):
+    import aiohttp
+
+    redis_client.sadd(lines_index(key_prefix), "lineB", "lineA")
+
+    async def scenario():
+        server = PreviewServer(_options(redis_url, key_prefix))
+        port = await server.start()
+        base = f"http://127.0.0.1:{port}"
+        origin = {"Origin": "http://evil.example"}
+        try:
+            async with aiohttp.ClientSession() as http:
+                async def status(method, path, headers=None, **kw):
+                    async with http.request(method, base + path, headers=headers or {}, **kw) as r:
+                        assert "Access-Control-Allow-Origin" not in r.headers
+                        return r.status, await r.read(), r.headers
+
+                assert (await status("GET", "/", origin))[0] == 401
+                assert (await status("GET", "/?token=wrong", origin))[0] == 403
+                assert (await status("GET", "/api/lines"))[0] == 401
+                assert (await status("POST", "/api/offer", json={"line": "lineA"}))[0] == 401
+                assert (await status("POST", "/api/offer", {"X-Preview-Token": "nope"}, json={}))[0] == 403
+                assert (await status("OPTIONS", "/api/offer", {**origin,
+                                     "Access-Control-Request-Method": "POST"}))[0] in (401, 403, 405)
+                assert (await status("GET", "/nonexistent"))[0] == 401
+
+                code, body, headers = await status("GET", f"/?token={TOKEN}", origin)
+                assert code == 200 and b"<video" in body
+                assert headers["Referrer-Policy"] == "no-referrer"
+                code, body, _ = await status("GET", "/api/lines", {"X-Preview-Token": TOKEN})
+                assert code == 200 and json.loads(body)["lines"] == ["lineA", "lineB"]
+                code, body, _ = await status("GET", "/api/lines", {"Authorization": f"Bearer {TOKEN}"})
+                assert code == 200
+                # signalling: a line that ingest never registered, and a malformed body
+                code, body, _ = await status("POST", "/api/offer", {"X-Preview-Token": TOKEN},
+                                             json={"line": "nope", "sdp": "v=0", "type": "offer"})
+                assert code == 404
+                code, _, _ = await status("POST", "/api/offer", {"X-Preview-Token": TOKEN}, data=b"{not json")
+                assert code == 400
+                code, _, _ = await status("POST", "/api/offer", {"X-Preview-Token": TOKEN},
+                                          json={"line": "lineA", "sdp": "garbage", "type": "offer"})
+                assert code == 400 and not server.peers and not server.sources  # nothing leaked
+                # the page's script is public (it carries no data) and never contains the token
+                code, body, _ = await status("GET", "/static/preview.js")
+                assert code == 200 and TOKEN.encode() not in body
+        finally:
+            await server.stop()
+
+    asyncio.run(scenario())
+
+
+# ------------------------------------------------------------------------------------------ line source
+
+
+def test_line_source_draws_matched_results_keeps_capture_timing_and_skips_to_newest(redis_url, key_prefix,
+                                                                                      redis_client, demo_data):
+    import redis.asyncio as aioredis
+
+    line, cam = "lineS", "cam0"
+    keys = line_keys(key_prefix, line)
+    img = cv2.imread(str(demo_data / "train" / "good" / "00.jpg"))
+    h, w = img.shape[:2]
+    box = (300, 320, 420, 440)
+
+    def frame(seq: int, ts: float):
+        return image_to_frame(img, line_id=line, camera_id=cam, seq=seq, session="1", capture_ts=ts,
+                              encoding=Encoding.JPEG)
+
+    # an old frame already in the stream is never shown: the source reads from "$"
+    redis_client.xadd(keys.frames, {PAYLOAD_FIELD: encode_frame(frame(0, 1000.0))})
+
+    async def scenario():
+        client = aioredis.Redis.from_url(redis_url)
+        src = LineSource(client, keys, _options(redis_url, key_prefix, result_wait_s=2.0, block_ms=200))
+        src.start()
+        try:
+            await asyncio.sleep(0.3)
+            assert src.frames_out == 0
+            # a frame whose result comes 0.3 s later is held for it and drawn with it (matched by frame id)
+            f1 = frame(1, 1000.5)
+            await client.xadd(keys.frames, {PAYLOAD_FIELD: encode_frame(f1)})
+            await asyncio.sleep(0.3)
+            assert src.frames_out == 0
+            res = _defect_result(f1.frame_id, line, cam, 1, f1.capture_ts, (h, w), box)
+            await client.xadd(keys.results, {PAYLOAD_FIELD: encode_result(res)})
+            video, seen = await asyncio.wait_for(src.wait_newer(0), 5)
+            assert src.matched == 1
+            first_pts = video.pts
+            assert video.time_base == Fraction(1, VIDEO_CLOCK) and first_pts == 0
+            out = video.to_ndarray(format="bgr24")
+            assert out.shape == (h, w, 3)
+            mag = _magenta_like(out)
+            x0, y0, x1, y1 = box
+            assert mag[y0 + 30:y1 - 30, x0 + 30:x1 - 30].mean() > 0.9
+            mag[y0 - 20:y1 + 20, x0 - 20:x1 + 20] = False
+            assert mag.mean() < 0.001
+            # a burst of 10 frames while the source waits: only the newest is rendered, with the latest
+            # result of its camera (its own result never comes), and pts follow capture time (2.5 s later)
+            pipe = client.pipeline()
+            for seq in range(2, 12):
+                pipe.xadd(keys.frames, {PAYLOAD_FIELD: encode_frame(frame(seq, 1001.0 + 0.2 * (seq - 2)))})
+            await pipe.execute()
+            video, seen = await asyncio.wait_for(src.wait_newer(seen), 10)
+            assert video.pts - first_pts == round((1001.0 + 1.8 - 1000.5) * VIDEO_CLOCK)
+            assert src.skipped == 9 and src.frames_out == 2 and src.matched == 1
+            assert _magenta_like(video.to_ndarray(format="bgr24"))[y0 + 30:y1 - 30, x0 + 30:x1 - 30].mean() > 0.9
+        finally:
+            await src.stop()
+            await client.aclose()
+        assert not src.running
+        assert await asyncio.wait_for(src.wait_newer(seen), 2) == (None, seen)
+
+    asyncio.run(scenario())
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+class Cdp:
+    """A minimal Chrome DevTools protocol client over aiohttp's websocket."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.next_id = 0
+
+    async def call(self, method: str, params: dict | None = None, timeout: float = 60.0) -> dict:
+        self.next_id += 1
+        mid = self.next_id
+        await self.ws.send_json({"id": mid, "method": method, "params": params or {}})
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = await asyncio.wait_for(self.ws.receive_json(), max(0.1, deadline - time.monotonic()))
+            if msg.get("id") == mid:
+                if "error" in msg:
+                    raise RuntimeError(f"CDP {method}: {msg['error']}")
+                return msg["result"]
+
+    async def js(self, expression: str, timeout: float = 60.0):
+        res = await self.call("Runtime.evaluate", {"expression": expression, "awaitPromise": True,
+                                                   "returnByValue": True}, timeout=timeout)
+        if "exceptionDetails" in res:
+            raise RuntimeError(f"JS failed: {res['exceptionDetails']}")
+        return res["result"].get("value")
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.skip("no chromium binary: apt-get install -y chromium")
+
+
+def _wait_devtools_port(profile: Path, proc: subprocess.Popen, timeout: float = 60.0) -> int:
+    marker = profile / "DevToolsActivePort"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"chromium exited with {proc.returncode}")
+        if marker.is_file():
+            first = marker.read_text().splitlines()[:1]
+            if first and first[0].isdigit():
+                return int(first[0])
+        time.sleep(0.1)
+    raise RuntimeError("chromium did not open its DevTools port")
+
+
+def _stop(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+class TestWorker(threading.Thread):
+    """Stands in for a worker process: reads the line's frames as they arrive (plain XREAD), publishes a
+    result for each one (as the real worker does: results stream + pub/sub channel) and deletes the frame."""
+
+    __test__ = False
+
+    def __init__(self, redis_url: str, prefix: str, line: str, box: tuple[int, int, int, int]):
+        super().__init__(daemon=True)
+        import redis
+
+        self.client = redis.Redis.from_url(redis_url)
+        self.keys = line_keys(prefix, line)
+        self.box = box
+        self.defective = True
+        self.published = 0
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        last = "$"
+        while not self.stop_event.is_set():
+            reply = self.client.xread({self.keys.frames: last}, count=100, block=200)
+            for _stream, entries in reply or ():
+                for eid, fields in entries:
+                    last = eid
+                    f = decode_frame(fields[PAYLOAD_FIELD])
+                    if self.defective:
+                        res = _defect_result(f.frame_id, f.line_id, f.camera_id, f.seq, f.capture_ts,
+                                             f.shape[:2], self.box)
+                    else:
+                        res = _ok_result(f.frame_id, f.line_id, f.camera_id, f.seq, f.capture_ts)
+                    payload = encode_result(res)
+                    pipe = self.client.pipeline()
+                    pipe.xadd(self.keys.results, {PAYLOAD_FIELD: payload})
+                    pipe.publish(self.keys.results_channel, payload)
+                    pipe.xdel(self.keys.frames, eid)
+                    pipe.execute()
+                    self.published += 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_end_to_end_in_headless_chromium(redis_url, key_prefix, redis_client, demo_data):
+    import aiohttp
+
+    chromium = _chromium()
+    line, cam = "line1", "cam0"
+    box = (300, 300, 430, 420)  # x0, y0, x1, y1 in the 512 x 512 demo frames
+    tmp = Path(tempfile.mkdtemp(prefix="li-preview-"))
+    cfg = tmp / "settings.yaml"
+    port = free_port()
+    cfg.write_text(yaml.safe_dump({
+        "redis": {"url": redis_url, "key_prefix": key_prefix},
+        "metrics": {"port": 0},
+        "preview": {"host": "127.0.0.1", "port": port, "token": TOKEN},
+        "cameras": [{"id": cam, "line": line, "source": "folder", "loop": True, "fps": 8.0,
+                     "path": str(demo_data / "train" / "good")}],
+    }))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LINEINSPECT__")}
+    env["PYTHONUNBUFFERED"] = "1"
+    procs: list[subprocess.Popen] = []
+    worker = TestWorker(redis_url, key_prefix, line, box)
+    browser = None
+    logs = {name: open(tmp / f"{name}.log", "w+") for name in ("preview", "ingest", "chromium")}  # noqa: SIM115
+
+    def spawn(name: str, *args: str) -> subprocess.Popen:
+        p = subprocess.Popen([PY, "-m", "stream.cli", "--config", str(cfg), *args], cwd=ROOT, env=env,
+                             stdout=logs[name], stderr=subprocess.STDOUT)
+        procs.append(p)
+        return p
+
+    def dump_logs() -> str:
+        out = []
+        for name, fh in logs.items():
+            fh.flush()
+            fh.seek(0)
+            out.append(f"--- {name}\n{fh.read()[-3000:]}")
+        return "\n".join(out)
+
+    try:
+        preview = spawn("preview", "preview")
+        worker.start()
+        spawn("ingest", "ingest", "--camera", cam)
+        deadline = time.monotonic() + 60
+        while not redis_client.sismember(lines_index(key_prefix), line) or worker.published < 3:
+            assert time.monotonic() < deadline, "ingest did not register its line / no frames\n" + dump_logs()
+            assert preview.poll() is None, dump_logs()
+            time.sleep(0.2)
+
+        profile = tmp / "profile"
+        browser = subprocess.Popen(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--autoplay-policy=no-user-gesture-required", f"--user-data-dir={profile}",
+             "--remote-debugging-port=0", "--window-size=1000,800", "about:blank"],
+            stdout=logs["chromium"], stderr=subprocess.STDOUT)
+        dev_port = _wait_devtools_port(profile, browser)
+        page_url = f"http://127.0.0.1:{port}/?token={TOKEN}&line={line}"
+        base = f"http://127.0.0.1:{port}"
+
+        async def scenario() -> np.ndarray:
+            async with aiohttp.ClientSession() as http:
+                ready_by = time.monotonic() + 60
+                while True:  # the preview process is up once it answers (with 401: no token)
+                    try:
+                        async with http.get(base + "/api/lines"):
+                            break
+                    except aiohttp.ClientConnectionError:
+                        assert preview.poll() is None, dump_logs()
+                        assert time.monotonic() < ready_by, "preview does not answer\n" + dump_logs()
+                        await asyncio.sleep(0.2)
+                # access control against the running process
+                async with http.get(base + "/") as r:
+                    assert r.status == 401
+                async with http.get(base + "/api/lines", headers={"X-Preview-Token": "x" + TOKEN}) as r:
+                    assert r.status == 403
+                    assert "Access-Control-Allow-Origin" not in r.headers
+
+                async with http.get(f"http://127.0.0.1:{dev_port}/json/list") as r:
+                    targets = await r.json()
+                page = next(t for t in targets if t.get("type") == "page")
+                async with http.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=64 << 20) as ws:
+                    cdp = Cdp(ws)
+                    await cdp.call("Emulation.setDeviceMetricsOverride",
+                                   {"width": 1000, "height": 800, "deviceScaleFactor": 1, "mobile": False})
+                    await cdp.call("Page.enable")
+                    await cdp.call("Page.navigate", {"url": page_url})
+                    ok = await cdp.js("""new Promise((resolve) => {
+                        const t0 = Date.now();
+                        const tick = () => {
+                          const v = document.getElementById('video');
+                          const q = v && v.getVideoPlaybackQuality ? v.getVideoPlaybackQuality() : null;
+                          if (q && q.totalVideoFrames > 12 && v.currentTime > 0) return resolve(true);
+                          if (Date.now() - t0 > 90000) return resolve(false);
+                          setTimeout(tick, 200);
+                        };
+                        tick();
+                      })""", timeout=100)
+                    state = await cdp.js("JSON.stringify(window.previewState)")
+                    assert ok, f"no decoded video frames; page state {state}\n" + dump_logs()
+
+                    async def shot():
+                        geom = await cdp.js("""(() => {
+                            const v = document.getElementById('video');
+                            v.style.maxWidth = 'none';
+                            v.style.width = v.videoWidth + 'px'; v.style.height = v.videoHeight + 'px';
+                            const r = v.getBoundingClientRect();
+                            return {x: r.left + window.scrollX, y: r.top + window.scrollY,
+                                    w: r.width, h: r.height, vw: v.videoWidth, vh: v.videoHeight};
+                          })()""")
+                        await asyncio.sleep(0.5)
+                        cap = await cdp.call("Page.captureScreenshot", {"format": "png", "clip": {
+                            "x": geom["x"], "y": geom["y"], "width": geom["w"], "height": geom["h"], "scale": 1}})
+                        png = np.frombuffer(base64.b64decode(cap["data"]), np.uint8)
+                        return geom, cv2.imdecode(png, cv2.IMREAD_COLOR)
+
+                    geom, defect_shot = await shot()
+                    assert (geom["vw"], geom["vh"]) == (512, 512), geom
+                    # the worker now finds nothing: the overlay must go away on the live video
+                    worker.defective = False
+                    await asyncio.sleep(3.0)
+                    _, ok_shot = await shot()
+                    # leaving the page closes the peer; the preview stops reading the line
+                    await cdp.call("Page.navigate", {"url": "about:blank"})
+                viewers = None
+                for _ in range(100):
+                    async with http.get(base + "/api/lines", headers={"X-Preview-Token": TOKEN}) as r:
+                        viewers = (await r.json())["viewers"]
+                    if not viewers:
+                        break
+                    await asyncio.sleep(0.2)
+                assert viewers == {}, f"peer not closed after the page left: {viewers}"
+                return defect_shot, ok_shot
+
+        defect_shot, ok_shot = asyncio.run(scenario())
+        assert defect_shot.shape[:2] == (512, 512)
+        save = os.environ.get("LINEINSPECT_PREVIEW_SCREENSHOT")
+        if save:
+            cv2.imwrite(save, defect_shot, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+        x0, y0, x1, y1 = box
+        cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+        yy, xx = np.mgrid[0:512, 0:512]
+        inside = ((xx - cx) / (rx - 12)) ** 2 + ((yy - cy) / (ry - 12)) ** 2 <= 1  # well inside the mask
+        near = np.zeros((512, 512), bool)
+        near[max(0, y0 - 16):y1 + 16, max(0, x0 - 16):x1 + 16] = True
+        below_banner = yy > 60
+        mag = _magenta_like(defect_shot)
+        # the overlay colour is where the worker reported the defect ...
+        assert mag[inside].mean() > 0.85, f"magenta inside the defect: {mag[inside].mean():.3f}"
+        # ... and nowhere else (the banner at the top is dark, not magenta)
+        assert mag[~near & below_banner].mean() < 0.002, f"magenta elsewhere: {mag[~near & below_banner].mean()}"
+        # the frame itself is there (the hazelnut photo, not a blank video)
+        assert defect_shot[~near & below_banner].std() > 10
+        # once results say OK, no defect overlay anywhere
+        assert _magenta_like(ok_shot).mean() < 0.002
+        # the preview shuts down cleanly on SIGTERM
+        preview.terminate()
+        assert preview.wait(20) == 0, dump_logs()
+    finally:
+        worker.stop_event.set()
+        worker.join(5)
+        _stop(browser)
+        for p in procs:
+            _stop(p)
+        for fh in logs.values():
+            fh.close()
+        shutil.rmtree(tmp, ignore_errors=True)
