@@ -18,11 +18,12 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
 
-from config.settings import CameraSettings, Settings
+from config.settings import CameraSettings, Settings, SettingsError
 from stream.contracts import Encoding, PayloadError, SourceConnectionError, SourceExhausted
 from stream.keys import line_keys, lines_index
 from stream.queue import PAYLOAD_FIELD
@@ -116,6 +117,12 @@ def run_ingest(settings: Settings, camera_id: str, stop: threading.Event | None 
              camera.path if camera.source != "usb" else camera.device_index, camera.line, keys.frames,
              q.maxlen, q.trim, DROP_POLICY, camera.fps or "max", camera.encoding, session)
 
+    try:  # initial health; failures are handled (and counted) per frame below
+        client.ping()
+        health.redis_ok, health.redis_error = True, ""
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        health.redis_error = str(exc)
+        log.error("redis unreachable at start (%s): frames will be dropped until it answers", exc)
     server = None
     if settings.metrics.enabled:
         from stream.health import start_metrics_server
@@ -248,7 +255,12 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _on_signal)
-    stats = run_ingest(settings, args.camera, stop=stop, max_frames=getattr(args, "max_frames", None))
+    try:
+        stats = run_ingest(settings, args.camera, stop=stop, max_frames=getattr(args, "max_frames", None))
+    except (SettingsError, OSError) as exc:  # unknown camera id, metrics port taken
+        log.error("ingest cannot start: %s", exc)
+        print(f"lineinspect ingest: {exc}", file=sys.stderr)
+        return 2
     print(f"ingest {stats.camera_id}: captured={stats.frames_captured} enqueued={stats.frames_enqueued} "
           f"dropped_trimmed={stats.dropped_trimmed} dropped_redis={stats.dropped_redis} "
           f"dropped_unreadable={stats.dropped_unreadable} reconnects={stats.reconnects} "

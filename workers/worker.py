@@ -348,8 +348,9 @@ class Worker:
                     self._heartbeat()
                     entries = []
                     if time.monotonic() - last_claim >= s.queue.claim_interval_s:
-                        last_claim = time.monotonic()
                         entries = self._reclaim()
+                        if len(entries) < s.queue.batch:  # a full batch: more may wait, claim again
+                            last_claim = time.monotonic()
                     if not entries:
                         entries = self.queue.read()
                     self.redis_ok, self.redis_error = True, ""
@@ -410,5 +411,9 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _on_signal)
-    return run_worker(settings, args.line, worker_id=getattr(args, "worker_id", None),
-                      detector=getattr(args, "detector", "pipeline"), stop=stop)
+    try:
+        return run_worker(settings, args.line, worker_id=getattr(args, "worker_id", None),
+                          detector=getattr(args, "detector", "pipeline"), stop=stop)
+    except OSError as exc:  # e.g. the metrics port is taken
+        log.error("worker cannot start: %s", exc)
+        return EXIT_MODEL
