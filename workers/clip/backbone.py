@@ -310,12 +310,36 @@ def project_patches(backbone: ClipBackbone, tokens: Any) -> Any:
     return visual.ln_post(tokens) @ visual.proj
 
 
-def encode_text(backbone: ClipBackbone, texts: list[str]) -> Any:
-    """Tokenise and embed texts with the frozen text tower: L2-normalised [len(texts), D]."""
+def encode_text(backbone: ClipBackbone, texts: list[str], chunk: int = 256) -> Any:
+    """Tokenise and embed texts with the frozen text tower: L2-normalised float [len(texts), D].
+
+    For open_clip's causal CLIP text tower with end-of-text pooling, the padding after the longest prompt
+    cannot influence the pooled token, so the sequence is cut there (same result as ``encode_text``, several
+    times faster on CPU). Other text towers go through ``model.encode_text``.
+    """
     import torch
     import torch.nn.functional as F
 
-    tokens = backbone.tokenizer(texts).to(backbone.device)
+    model = backbone.model
+    tokens = backbone.tokenizer(texts)
+    fast = (isinstance(getattr(model, "attn_mask", None), torch.Tensor)
+            and getattr(model, "text_pool_type", "") == "argmax"
+            and hasattr(model, "token_embedding") and hasattr(model, "ln_final"))
+    out = []
     with torch.no_grad():
-        emb = backbone.model.encode_text(tokens)
-    return F.normalize(emb.float(), dim=-1)
+        for start in range(0, tokens.shape[0], chunk):
+            tok = tokens[start:start + chunk].to(backbone.device)
+            if not fast:
+                out.append(model.encode_text(tok).float())
+                continue
+            length = int((tok != 0).sum(dim=1).max())
+            tok = tok[:, :length]
+            cast = model.transformer.get_cast_dtype()
+            x = model.token_embedding(tok).to(cast) + model.positional_embedding[:length].to(cast)
+            x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+            x = model.ln_final(x)
+            x = x[torch.arange(x.shape[0], device=x.device), tok.argmax(dim=-1)]
+            proj = model.text_projection
+            x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+            out.append(x.float())
+    return F.normalize(torch.cat(out), dim=-1)
