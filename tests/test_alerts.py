@@ -501,3 +501,18 @@ def test_mqtt_sink_unreachable_broker_is_retried_then_failed():
              what="MQTT failure")
     w.stop()
     assert sample(reg, "lineinspect_alert_retries_total", sink="mqtt") == 2
+
+
+def test_alerts_module_stays_light():
+    """The alert process imports neither the models nor paho (MQTT is imported when a sink needs it)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import sys, stream.alerts\n"
+            "print(','.join(m for m in ('torch', 'open_clip', 'segment_anything', 'onnxruntime', 'paho') "
+            "if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ""

@@ -344,6 +344,8 @@ def test_k8s_manifests_are_consistent(tmp_path):
     redis_host = settings.redis.url.split("//")[1].split(":")[0]
     assert redis_host.split(".")[0] in by_kind["Service"] and redis_host.split(".")[1] == "lineinspect"
 
+    prom_jobs = {j["job_name"] for j in yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())["scrape_configs"]}
+    assert by_kind["PodMonitor"]["lineinspect"]["spec"]["jobLabel"] == "lineinspect/job"
     worker_lines = {}
     for name, dep in by_kind["Deployment"].items():
         spec = pod_spec(dep)
@@ -360,6 +362,8 @@ def test_k8s_manifests_are_consistent(tmp_path):
             for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
                 if probe in c:
                     assert c[probe]["httpGet"]["path"] == "/healthz" and c[probe]["httpGet"]["port"] == "metrics"
+            # the Prometheus job name the rules and the dashboard select on (PodMonitor jobLabel)
+            assert labels["lineinspect/job"] == f"lineinspect-{args.command}" in prom_jobs, name
             if args.command == "ingest":
                 assert settings.camera(args.camera).line in lines
                 assert dep["spec"]["strategy"]["type"] == "Recreate"
