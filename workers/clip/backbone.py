@@ -13,7 +13,7 @@ torch and open_clip are imported lazily inside the functions, so importing this 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,8 @@ class ClipBackbone:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     device: str
+    # per-process caches of derived values (e.g. prompt text embeddings), shared by every user of this backbone
+    cache: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def patch_size(self) -> int:

@@ -42,7 +42,8 @@ def abnormal_probability(features: Any, text: Any) -> Any:
 
 @dataclass
 class _TextCache:
-    """Text embeddings per class name, shared by a mapper and its calibrated copies."""
+    """Prompt-ensemble text embeddings per class name, kept in the backbone's cache: shared by every
+    mapper on that backbone (calibrated copies included)."""
 
     embeddings: dict[str, Any] = field(default_factory=dict)
     encodings: int = 0  # how many times the prompt ensemble went through the text tower
@@ -53,14 +54,13 @@ class ClipAnomalyMapper:
 
     Build it with ``build_clip_mapper(settings.clip)``; the constructor only stores what it is given
     (a loaded backbone and, optionally, loaded adapters). Text embeddings are computed on first use (or by
-    ``prepare``) and cached for the life of the object.
+    ``prepare``) and cached in the backbone, once per process for every mapper on it.
     """
 
     def __init__(self, backbone: Any, layers: tuple[int, ...], *, class_name: str = "",
                  adapters: Any = None, adapter_source: str = "", vv_blocks: int = 0,
                  smoothing_sigma: float = 4.0, pixel_threshold: float = DEFAULT_RAW_THRESHOLD,
-                 image_threshold: float = DEFAULT_RAW_THRESHOLD, image_map_weight: float = 0.5,
-                 _text_cache: _TextCache | None = None) -> None:
+                 image_threshold: float = DEFAULT_RAW_THRESHOLD, image_map_weight: float = 0.5) -> None:
         if not layers:
             raise ValueError("clip mapper needs at least one layer")
         if adapters is not None and len(adapters) != len(layers):
@@ -77,7 +77,7 @@ class ClipAnomalyMapper:
         self.pixel_threshold = float(pixel_threshold)
         self.image_threshold = float(image_threshold)
         self.image_map_weight = float(image_map_weight)
-        self._text = _text_cache if _text_cache is not None else _TextCache()
+        self._text: _TextCache = backbone.cache.setdefault("prompt_ensemble", _TextCache())
         mode = "adapters" if adapters is not None else (f"vv{self.vv_blocks}" if self.vv_blocks else "zero-shot")
         self.name = f"clip[{backbone.label}]"
         self.mode = mode
@@ -113,7 +113,7 @@ class ClipAnomalyMapper:
             self.backbone, self.layers, class_name=self.class_name, adapters=self.adapters,
             adapter_source=self.adapter_source, vv_blocks=self.vv_blocks, smoothing_sigma=self.smoothing_sigma,
             pixel_threshold=pixel_threshold, image_threshold=image_threshold,
-            image_map_weight=self.image_map_weight, _text_cache=self._text)
+            image_map_weight=self.image_map_weight)
 
     # ------------------------------------------------------------------------------------------ maps
     def layer_grids(self, images_bgr: list[np.ndarray]) -> tuple[Any, Any]:
