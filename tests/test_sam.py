@@ -87,7 +87,11 @@ def test_preprocess_normalises_resizes_and_pads():
 def test_onnx_backend_loads_and_positive_point_segments_real_defect(onnx_backend, demo_data):
     assert isinstance(onnx_backend, SamBackend)
     img, gt = _read(demo_data, "colour", "14")
-    emb = onnx_backend.embed(img, "colour/14")
+    cache = EmbeddingCache(4)
+    emb = cache.get_or_embed(onnx_backend, img, "")  # no frame id: keyed by content hash
+    assert cache.get_or_embed(onnx_backend, img.copy(), "") is emb  # same content: the encoder ran once
+    assert emb.key == content_key(img) and (cache.hits, cache.misses) == (1, 1)
+    assert content_key(img) != content_key(np.ascontiguousarray(img[::-1]))
     assert emb.features.shape == (256, 64, 64) and emb.original_size == (512, 512)
     assert emb.input_size == (1024, 1024)
     # one positive point at the interior-most pixel of the largest ground-truth component
@@ -235,12 +239,3 @@ def test_embedding_cache_lru_and_counters():
     assert (cache.hits, cache.misses) == (2, 2)
     with pytest.raises(ValueError):
         EmbeddingCache(0)
-
-
-def test_cache_get_or_embed_runs_encoder_once(onnx_backend, demo_data):
-    img, _ = _read(demo_data, "colour", "06")
-    cache = EmbeddingCache(4)
-    e1 = cache.get_or_embed(onnx_backend, img, "")  # no id: keyed by content hash
-    e2 = cache.get_or_embed(onnx_backend, img.copy(), "")
-    assert e1 is e2 and e1.key == content_key(img) and (cache.hits, cache.misses) == (1, 1)
-    assert content_key(img) != content_key(np.ascontiguousarray(img[::-1]))

