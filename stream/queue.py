@@ -135,10 +135,19 @@ class FrameQueue:
         Scans on from where the last call stopped. Ids that Redis reports as deleted (trimmed while pending)
         are acknowledged here and returned in ``deleted_ids`` so the caller can count them.
         """
+        import redis
+
         count = count or self.settings.batch
-        reply = self.client.xautoclaim(self.keys.frames, self.group, self.consumer,
-                                       min_idle_time=self.settings.claim_idle_ms,
-                                       start_id=self._claim_cursor, count=count)
+        try:
+            reply = self.client.xautoclaim(self.keys.frames, self.group, self.consumer,
+                                           min_idle_time=self.settings.claim_idle_ms,
+                                           start_id=self._claim_cursor, count=count)
+        except redis.ResponseError as exc:
+            if "NOGROUP" in str(exc):  # stream gone (deleted, or Redis restarted empty): recreate
+                self.ensure_group()
+                self._claim_cursor = "0-0"
+                return ClaimResult(entries=(), deleted_ids=())
+            raise
         cursor, claimed = reply[0], reply[1]
         deleted = [_s(i) for i in (reply[2] if len(reply) > 2 else ())]
         self._claim_cursor = _s(cursor)

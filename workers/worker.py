@@ -247,20 +247,20 @@ class Worker:
         try:
             future = model.submit(self.detector.inspect, image, frame.frame_id)
             try:
-                det = future.result(timeout=q.job_timeout_s)
-            except FutureTimeout:
+                det = self._wait(future, q.job_timeout_s)
+            except Exception as exc:
+                if future.done():  # the detector raised (even a TimeoutError of its own)
+                    self.failed += 1
+                    self.metrics.frames_failed.labels(line=self.line).inc()
+                    log.warning("worker %s: frame %s failed (delivery %d of %d), left for retry: %s: %s",
+                                self.worker_id, frame.frame_id, entry.deliveries, q.max_deliveries,
+                                type(exc).__name__, exc)
+                    return True
                 self.qmetrics.job_timeouts.labels(line=self.line).inc()
                 log.error("worker %s: frame %s (entry %s) exceeded job_timeout_s=%.1f; leaving it pending "
                           "for another worker and exiting (model thread stuck)", self.worker_id,
                           frame.frame_id, entry.entry_id, q.job_timeout_s)
                 return False
-            except Exception as exc:
-                self.failed += 1
-                self.metrics.frames_failed.labels(line=self.line).inc()
-                log.warning("worker %s: frame %s failed (delivery %d of %d), left for retry: %s: %s",
-                            self.worker_id, frame.frame_id, entry.deliveries, q.max_deliveries,
-                            type(exc).__name__, exc)
-                return True
         finally:
             self.metrics.busy.labels(line=self.line).set(0)
 
@@ -296,6 +296,25 @@ class Worker:
             log.info("worker %s: frame %s already had a result; acknowledged without publishing",
                      self.worker_id, frame.frame_id)
         return True
+
+    def _wait(self, future: Future, timeout_s: float):
+        """The detector's result; heartbeats go on while a long inspection runs (FutureTimeout after timeout_s)."""
+        import redis
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise FutureTimeout()
+            try:
+                return future.result(timeout=min(remaining, HEARTBEAT_INTERVAL_S))
+            except FutureTimeout:
+                if future.done():
+                    raise
+                try:
+                    self._heartbeat()
+                except redis.RedisError:
+                    pass
 
     def _complete(self, entry_id: str, frame_id: str, payload: bytes) -> bool | None:
         """complete() with a few retries (it is idempotent); None when Redis stayed unreachable."""

@@ -1,0 +1,71 @@
+"""A worker in-process against a private Redis that is stopped and restarted (empty) under it."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import redis
+from prometheus_client import CollectorRegistry
+
+from config.settings import Settings
+from stream import wire
+from stream.contracts import Encoding
+from stream.keys import line_keys
+from stream.queue import PAYLOAD_FIELD
+from workers.worker import Worker, _redis_client
+
+
+def _payload(seq):
+    img = np.full((16, 16, 3), 50, np.uint8)
+    return wire.encode_frame(wire.image_to_frame(img, line_id="L1", camera_id="c", seq=seq, session="1",
+                                                 capture_ts=time.time(), encoding=Encoding.RAW))
+
+
+def _wait(pred, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.timeout(90)
+def test_worker_health_and_recovery_across_a_redis_restart(own_redis):
+    settings = Settings.load(overrides={
+        "redis.url": own_redis.url, "redis.key_prefix": "own", "redis.socket_timeout_s": 0.5,
+        "metrics.enabled": False, "queue.block_ms": 100, "queue.claim_interval_s": 0.2})
+    keys = line_keys("own", "L1")
+    registry = CollectorRegistry()
+    worker = Worker(settings, "L1", "w1", "noop", registry, _redis_client(settings))
+    assert worker.health() == (False, "model not loaded (noop)")
+    stop = threading.Event()
+    codes = []
+    t = threading.Thread(target=lambda: codes.append(worker.run(stop)))
+    t.start()
+    try:
+        client = redis.Redis.from_url(own_redis.url)
+        _wait(lambda: worker.health()[0], 30, "a healthy worker")
+        client.xadd(keys.frames, {PAYLOAD_FIELD: _payload(0)})
+        _wait(lambda: client.xlen(keys.results) == 1, 30, "the first result")
+
+        own_redis.stop()
+        _wait(lambda: not worker.health()[0], 30, "health to fail")
+        assert worker.health()[1].startswith("redis unreachable")
+
+        own_redis.start()  # same port, no data: the stream and the group are gone
+        client = redis.Redis.from_url(own_redis.url)
+        _wait(lambda: worker.health()[0], 30, "health to recover")
+        client.xadd(keys.frames, {PAYLOAD_FIELD: _payload(1)})
+        _wait(lambda: client.xlen(keys.results) == 1, 30, "a result from the restarted server")
+        (_, fields), = client.xrange(keys.results)
+        assert wire.decode_result(fields[PAYLOAD_FIELD]).seq == 1
+    finally:
+        stop.set()
+        t.join(20)
+    assert codes == [0]
+    assert registry.get_sample_value("lineinspect_worker_redis_errors_total", {"line": "L1"}) >= 1
+    assert registry.get_sample_value("lineinspect_frames_processed_total", {"line": "L1"}) == 2
