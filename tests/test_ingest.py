@@ -153,3 +153,14 @@ def test_camera_folder_emptied_mid_run_is_retried_and_counted(redis_url, redis_c
     assert stats.reconnects == 4
     assert _sample(registry, "lineinspect_camera_reconnects_total", line="L1", camera="camA") == 4
     assert _sample(registry, "lineinspect_camera_up", line="L1", camera="camA") == 0
+
+
+def test_ingest_paces_to_the_camera_fps(redis_url, redis_client, key_prefix, tmp_path):
+    folder = _images(tmp_path / "imgs", 3)
+    settings = _settings(redis_url, key_prefix, folder, camera={"loop": True, "fps": 20.0, "encoding": "raw"})
+    stats = run_ingest(settings, "camA", max_frames=12)
+    frames = [wire.decode_frame(f[PAYLOAD_FIELD]) for _, f in redis_client.xrange(line_keys(key_prefix, "L1").frames)]
+    assert len(frames) == 12 and stats.frames_enqueued == 12
+    span = frames[-1].capture_ts - frames[0].capture_ts
+    assert span >= 11 / 20 * 0.9  # 11 intervals of 50 ms: never faster than the camera rate
+    assert stats.seconds >= span
