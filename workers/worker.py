@@ -15,6 +15,10 @@ Loop:
    pending and is retried after reclaim); build the :class:`InspectionResult` and
    :meth:`FrameQueue.complete` it (publish once, then ack).
 
+Result timings: ``decode`` (payload -> image), the detector's stages (``Detection.timings``) and ``encode``
+(label-mask PNG). The publish round trip cannot be inside the result it publishes: it is observed in
+``lineinspect_stage_seconds{stage="publish"}`` (result building + the Lua call), next to every other stage.
+
 SIGTERM/SIGINT drain: the frames in hand are finished, published and acknowledged, then exit 0.
 
 Exit codes: 0 stopped/drained, 2 detector could not be loaded, 3 a job timed out (model thread stuck).
@@ -265,21 +269,28 @@ class Worker:
             self.metrics.busy.labels(line=self.line).set(0)
 
         t1 = time.perf_counter()
-        mask_png = wire.encode_label_mask(det.labels) if det.defects else b""
-        timings = {"decode": decode_s, **{k: float(v) for k, v in det.timings.items()}}
-        result = InspectionResult(
-            frame_id=frame.frame_id, line_id=frame.line_id, camera_id=frame.camera_id, seq=frame.seq,
-            capture_ts=frame.capture_ts, image_score=float(det.image_score), threshold=1.0,
-            verdict=det.verdict, defects=tuple(det.defects), mask_png=mask_png, timings=timings,
-            models={**dict(self.detector.models), **dict(det.models)}, worker_id=self.worker_id,
-            processed_ts=time.time())
-        payload = wire.encode_result(result)
-        timings["encode"] = time.perf_counter() - t1
+        try:
+            mask_png = wire.encode_label_mask(det.labels) if det.defects else b""
+            timings = {"decode": decode_s, **{k: float(v) for k, v in det.timings.items()},
+                       "encode": time.perf_counter() - t1}
+            result = InspectionResult(
+                frame_id=frame.frame_id, line_id=frame.line_id, camera_id=frame.camera_id, seq=frame.seq,
+                capture_ts=frame.capture_ts, image_score=float(det.image_score), threshold=1.0,
+                verdict=det.verdict, defects=tuple(det.defects), mask_png=mask_png, timings=timings,
+                models={**dict(self.detector.models), **dict(det.models)}, worker_id=self.worker_id,
+                processed_ts=time.time())
+            payload = wire.encode_result(result)
+        except Exception as exc:  # a malformed Detection: like a detector failure, retried then dead-lettered
+            self.failed += 1
+            self.metrics.frames_failed.labels(line=self.line).inc()
+            log.warning("worker %s: result of frame %s does not encode: %s: %s", self.worker_id,
+                        frame.frame_id, type(exc).__name__, exc)
+            return True
 
         published = self._complete(entry.entry_id, frame.frame_id, payload)
         if published is None:
             return True  # Redis gone: the entry stays pending and will be reclaimed
-        publish_s = time.perf_counter() - t1
+        publish_s = time.perf_counter() - t1 - timings["encode"]
         m = self.metrics
         for stage, seconds in {**timings, "publish": publish_s}.items():
             m.stage_seconds.labels(line=self.line, stage=stage).observe(seconds)
