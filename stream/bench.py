@@ -277,8 +277,8 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
             print(f"--detector {detector!r}: only noop and pipeline are benchmarked", file=sys.stderr)
             return 2
         if getattr(args, "prompt_modes", False):
-            print("--prompt-modes: not measured by stream.bench (the CLIP mapper times its own maps)",
-                  flush=True)
+            print("--prompt-modes: not measured by stream.bench; the CLIP mapper is timed by "
+                  "`python -m workers.clip.bench`", flush=True)
     finally:
         _cleanup(client, prefix)
     return 0
