@@ -283,6 +283,9 @@ def test_build_from_settings_with_prompt_file(small_backbone, tmp_path):
         vip2.build_vip2_mapper(ClipSettings(model=SMALL_MODEL, pretrained="random", image_size=SMALL_SIZE,
                                             layers=(3, 12), prompt_mode="vip2", prompts=str(path),
                                             allow_random_weights=True))
+    with pytest.raises(ModelLoadError, match=r"clip.layers .*outside 1..12"):
+        vip2.build_vip2_mapper(ClipSettings(model=SMALL_MODEL, pretrained="random", image_size=SMALL_SIZE,
+                                            layers=(6, 24), prompt_mode="vip2", allow_random_weights=True))
 
 
 def test_train_prompts_main_writes_file_and_log(shared_data, tmp_path):

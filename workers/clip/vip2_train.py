@@ -275,8 +275,12 @@ def main(settings: Any, args: argparse.Namespace) -> int:
     except ModelLoadError as exc:
         print(f"train-prompts: {exc}", file=sys.stderr)
         return 2
-    config = config_for(backbone, cs.layers, n_ctx=int(_arg(args, "n_ctx")), n_slots=int(_arg(args, "slots")),
-                        heads=int(_arg(args, "heads")))
+    try:
+        config = config_for(backbone, cs.layers, n_ctx=int(_arg(args, "n_ctx")),
+                            n_slots=int(_arg(args, "slots")), heads=int(_arg(args, "heads")))
+    except (ModelLoadError, ValueError) as exc:
+        print(f"train-prompts: {exc}", file=sys.stderr)
+        return 2
     torch.manual_seed(seed)
     n_bad = sum(s.label for s in samples)
     print(f"train-prompts: {len(samples)} images ({n_bad} defective, {len(samples) - n_bad} good) from "
