@@ -77,7 +77,10 @@ class _ModelThread:
 
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="model", daemon=True)
+
+    def start(self) -> _ModelThread:
         self._thread.start()
+        return self
 
     def _run(self) -> None:
         while True:
@@ -370,7 +373,7 @@ class Worker:
             except Exception:  # any other failure while loading models: no verdicts from this process
                 log.exception("worker %s: detector %s failed to load", self.worker_id, self.detector_name)
                 return EXIT_MODEL
-            model = _ModelThread()
+            model = _ModelThread().start()
             last_claim = float("-inf")
             delay = REDIS_RETRY_INITIAL_S
             while not stop.is_set():
