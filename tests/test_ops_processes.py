@@ -229,9 +229,6 @@ def test_healthz_fails_when_redis_stops_and_recovers(tmp_path, own_redis):
         p.cleanup()
 
 
-@pytest.mark.xfail(strict=True, reason="workers.worker: after Redis restarts without its data the consumer group "
-                   "is gone and XAUTOCLAIM/XREADGROUP raise NOGROUP (ResponseError), which the worker loop does "
-                   "not handle: the worker exits 1 instead of re-creating the group (reported to the lead)")
 def test_worker_survives_redis_restart_that_lost_the_group(tmp_path, own_redis):
     p = Procs(tmp_path, own_redis.url, "liops")
     try:
