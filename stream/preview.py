@@ -35,7 +35,7 @@ import logging
 import signal
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +191,35 @@ def render_frame(frame: Frame, result: InspectionResult | None, fps: float | Non
     return img
 
 
+@dataclass(frozen=True)
+class RenderedFrame:
+    """One rendered preview frame, shared by all viewers of a source: planar yuv420p pixels (converted once)
+    and its pts in :data:`VIDEO_CLOCK` units. Each viewer wraps it in its own ``av.VideoFrame``
+    (:meth:`to_video_frame`): aiortc's encoders, running in threads, modify the frame they are given."""
+
+    yuv: Any = field(repr=False)  # numpy uint8 array (H * 3 / 2, W)
+    pts: int
+    width: int
+    height: int
+    frame_id: str = ""
+
+    def to_video_frame(self):
+        import fractions
+
+        import av
+
+        video = av.VideoFrame.from_ndarray(self.yuv, format="yuv420p")
+        video.pts = self.pts
+        video.time_base = fractions.Fraction(1, VIDEO_CLOCK)
+        return video
+
+
+def _to_yuv420p(img_bgr):
+    import av
+
+    return av.VideoFrame.from_ndarray(img_bgr, format="bgr24").reformat(format="yuv420p").to_ndarray()
+
+
 class LineSource:
     """Reads one line's frames and results from Redis and publishes rendered video frames to its viewers.
 
@@ -217,7 +246,7 @@ class LineSource:
         self._fps = FpsMeter()
         self._t0: float | None = None
         self._last_pts = -1
-        self._video: Any = None  # newest av.VideoFrame
+        self._video: RenderedFrame | None = None  # newest rendered frame
         self._counter = 0
         self._cond: asyncio.Condition | None = None
         self._task: asyncio.Task | None = None
@@ -242,8 +271,8 @@ class LineSource:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    async def wait_newer(self, seen: int) -> tuple[Any, int]:
-        """The newest video frame after counter ``seen`` (waits for one); ``(None, seen)`` once stopped."""
+    async def wait_newer(self, seen: int) -> tuple[RenderedFrame | None, int]:
+        """The newest rendered frame after counter ``seen`` (waits for one); ``(None, seen)`` once stopped."""
         assert self._cond is not None, "start() first"
         async with self._cond:
             await self._cond.wait_for(lambda: self._closed or self._counter > seen)
@@ -344,6 +373,10 @@ class LineSource:
         return None
 
     # -------------------------------------------------------------------------------- publishing
+    def _render_yuv(self, frame: Frame, result: InspectionResult | None, fps: float | None):
+        img = render_frame(frame, result, fps, self.options.max_side)
+        return _to_yuv420p(img), img.shape[:2]
+
     def _pts(self, capture_ts: float) -> int:
         if self._t0 is None:
             self._t0 = capture_ts
@@ -354,10 +387,6 @@ class LineSource:
         return pts
 
     async def _publish(self, frame: Frame) -> None:
-        import fractions
-
-        import av
-
         result = self._results.get(frame.frame_id)
         if result is not None:
             self.matched += 1
@@ -366,14 +395,13 @@ class LineSource:
         fps = self._fps.update(frame.capture_ts)
         loop = asyncio.get_running_loop()
         try:
-            img = await loop.run_in_executor(None, render_frame, frame, result, fps, self.options.max_side)
+            yuv, (h, w) = await loop.run_in_executor(None, self._render_yuv, frame, result, fps)
         except PayloadError as exc:
             self.errors += 1
             log.debug("preview: frame %s does not decode: %s", frame.frame_id, exc.reason)
             return
-        video = av.VideoFrame.from_ndarray(img, format="bgr24")
-        video.pts = self._pts(frame.capture_ts)
-        video.time_base = fractions.Fraction(1, VIDEO_CLOCK)
+        video = RenderedFrame(yuv=yuv, pts=self._pts(frame.capture_ts), width=w, height=h,
+                              frame_id=frame.frame_id)
         assert self._cond is not None
         async with self._cond:
             self._video = video
@@ -399,11 +427,11 @@ def viewer_track_class() -> type:
         async def recv(self):
             if self.readyState != "live":
                 raise MediaStreamError
-            frame, self._seen = await self.source.wait_newer(self._seen)
-            if frame is None:
+            rendered, self._seen = await self.source.wait_newer(self._seen)
+            if rendered is None:
                 self.stop()
                 raise MediaStreamError
-            return frame
+            return rendered.to_video_frame()  # a frame of its own: encoders modify what they are given
 
         def stop(self) -> None:
             if self.readyState == "live":

@@ -204,10 +204,12 @@ def test_line_source_draws_matched_results_keeps_capture_timing_and_skips_to_new
             assert src.frames_out == 0
             res = _defect_result(f1.frame_id, line, cam, 1, f1.capture_ts, (h, w), box)
             await client.xadd(keys.results, {PAYLOAD_FIELD: encode_result(res)})
-            video, seen = await asyncio.wait_for(src.wait_newer(0), 5)
-            assert src.matched == 1
+            rendered, seen = await asyncio.wait_for(src.wait_newer(0), 5)
+            assert src.matched == 1 and rendered.frame_id == f1.frame_id
+            video = rendered.to_video_frame()
             first_pts = video.pts
             assert video.time_base == Fraction(1, VIDEO_CLOCK) and first_pts == 0
+            assert rendered.to_video_frame() is not video  # every viewer gets its own frame object
             out = video.to_ndarray(format="bgr24")
             assert out.shape == (h, w, 3)
             mag = _magenta_like(out)
@@ -221,7 +223,9 @@ def test_line_source_draws_matched_results_keeps_capture_timing_and_skips_to_new
             for seq in range(2, 12):
                 pipe.xadd(keys.frames, {PAYLOAD_FIELD: encode_frame(frame(seq, 1001.0 + 0.2 * (seq - 2)))})
             await pipe.execute()
-            video, seen = await asyncio.wait_for(src.wait_newer(seen), 10)
+            rendered, seen = await asyncio.wait_for(src.wait_newer(seen), 10)
+            video = rendered.to_video_frame()
+            assert rendered.frame_id.endswith(":11")
             assert video.pts - first_pts == round((1001.0 + 1.8 - 1000.5) * VIDEO_CLOCK)
             assert src.skipped == 9 and src.frames_out == 2 and src.matched == 1
             assert _magenta_like(video.to_ndarray(format="bgr24"))[y0 + 30:y1 - 30, x0 + 30:x1 - 30].mean() > 0.9
@@ -255,6 +259,22 @@ class Cdp:
                 if "error" in msg:
                     raise RuntimeError(f"CDP {method}: {msg['error']}")
                 return msg["result"]
+
+    async def wait_loaded(self, url_prefix: str, timeout: float = 60.0) -> None:
+        """Until the page at ``url_prefix`` has loaded (a navigation replaces the JS context meanwhile)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                href, ready = await self.js("[location.href, document.readyState]", timeout=10)
+                if href.startswith(url_prefix) and ready == "complete":
+                    return
+            except RuntimeError as exc:  # "Execution context was destroyed": navigation under way
+                if time.monotonic() > deadline:
+                    raise
+                del exc
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"page {url_prefix} did not load")
+            await asyncio.sleep(0.1)
 
     async def js(self, expression: str, timeout: float = 60.0):
         res = await self.call("Runtime.evaluate", {"expression": expression, "awaitPromise": True,
@@ -335,14 +355,70 @@ class TestWorker(threading.Thread):
                     self.published += 1
 
 
+WAIT_FRAMES_JS = """new Promise((resolve) => {
+  const t0 = Date.now();
+  const tick = () => {
+    const v = document.getElementById('video');
+    const q = v && v.getVideoPlaybackQuality ? v.getVideoPlaybackQuality() : null;
+    if (q && q.totalVideoFrames > %d && v.currentTime > 0) return resolve(true);
+    if (Date.now() - t0 > 90000) return resolve(false);
+    setTimeout(tick, 200);
+  };
+  tick();
+})"""
+
+SHOT_GEOMETRY_JS = """(() => {
+  const v = document.getElementById('video');
+  v.style.maxWidth = 'none';
+  v.style.width = v.videoWidth + 'px'; v.style.height = v.videoHeight + 'px';
+  const r = v.getBoundingClientRect();
+  return {x: r.left + window.scrollX, y: r.top + window.scrollY, w: r.width, h: r.height,
+          vw: v.videoWidth, vh: v.videoHeight};
+})()"""
+
+
+async def _screenshot(cdp: Cdp) -> tuple[dict, np.ndarray]:
+    """The <video> element at its intrinsic size (1 screenshot pixel = 1 frame pixel)."""
+    geom = await cdp.js(SHOT_GEOMETRY_JS)
+    await asyncio.sleep(0.5)
+    cap = await cdp.call("Page.captureScreenshot", {"format": "png", "clip": {
+        "x": geom["x"], "y": geom["y"], "width": geom["w"], "height": geom["h"], "scale": 1}})
+    return geom, cv2.imdecode(np.frombuffer(base64.b64decode(cap["data"]), np.uint8), cv2.IMREAD_COLOR)
+
+
+async def _viewers(http, base: str) -> dict:
+    async with http.get(base + "/api/lines", headers={"X-Preview-Token": TOKEN}) as r:
+        assert r.status == 200
+        return (await r.json())["viewers"]
+
+
+async def _wait_viewers(http, base: str, expected: dict, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = await _viewers(http, base)
+        if got == expected or time.monotonic() > deadline:
+            return got
+        await asyncio.sleep(0.2)
+
+
+def _last_result(client, prefix: str, line: str) -> InspectionResult | None:
+    from stream.wire import decode_result
+
+    entries = client.xrevrange(line_keys(prefix, line).results, count=1)
+    return decode_result(entries[0][1][PAYLOAD_FIELD]) if entries else None
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_end_to_end_in_headless_chromium(redis_url, key_prefix, redis_client, demo_data):
+    """ingest process -> Redis -> (test worker with a known defect box, then a real `worker --detector noop`
+    process) -> preview process -> WebRTC -> headless Chromium; the screenshot shows the overlay colour
+    exactly where the defect was reported, and none once the worker reports OK."""
     import aiohttp
 
     chromium = _chromium()
     line, cam = "line1", "cam0"
-    box = (300, 300, 430, 420)  # x0, y0, x1, y1 in the 512 x 512 demo frames
+    box = (300, 300, 430, 420)  # x0, y0, x1, y1 in the demo frames (512 wide)
     tmp = Path(tempfile.mkdtemp(prefix="li-preview-"))
     cfg = tmp / "settings.yaml"
     port = free_port()
@@ -356,9 +432,9 @@ def test_end_to_end_in_headless_chromium(redis_url, key_prefix, redis_client, de
     env = {k: v for k, v in os.environ.items() if not k.startswith("LINEINSPECT__")}
     env["PYTHONUNBUFFERED"] = "1"
     procs: list[subprocess.Popen] = []
-    worker = TestWorker(redis_url, key_prefix, line, box)
+    test_worker = TestWorker(redis_url, key_prefix, line, box)
     browser = None
-    logs = {name: open(tmp / f"{name}.log", "w+") for name in ("preview", "ingest", "chromium")}  # noqa: SIM115
+    logs = {name: open(tmp / f"{name}.log", "w+") for name in ("preview", "ingest", "worker", "chromium")}  # noqa: SIM115
 
     def spawn(name: str, *args: str) -> subprocess.Popen:
         p = subprocess.Popen([PY, "-m", "stream.cli", "--config", str(cfg), *args], cwd=ROOT, env=env,
@@ -376,10 +452,10 @@ def test_end_to_end_in_headless_chromium(redis_url, key_prefix, redis_client, de
 
     try:
         preview = spawn("preview", "preview")
-        worker.start()
+        test_worker.start()
         spawn("ingest", "ingest", "--camera", cam)
         deadline = time.monotonic() + 60
-        while not redis_client.sismember(lines_index(key_prefix), line) or worker.published < 3:
+        while not redis_client.sismember(lines_index(key_prefix), line) or test_worker.published < 3:
             assert time.monotonic() < deadline, "ingest did not register its line / no frames\n" + dump_logs()
             assert preview.poll() is None, dump_logs()
             time.sleep(0.2)
@@ -388,14 +464,17 @@ def test_end_to_end_in_headless_chromium(redis_url, key_prefix, redis_client, de
         browser = subprocess.Popen(
             [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--autoplay-policy=no-user-gesture-required", f"--user-data-dir={profile}",
+             "--autoplay-policy=no-user-gesture-required", "--disable-background-timer-throttling",
+             "--disable-renderer-backgrounding", "--disable-backgrounding-occluded-windows",
+             f"--user-data-dir={profile}",
              "--remote-debugging-port=0", "--window-size=1000,800", "about:blank"],
             stdout=logs["chromium"], stderr=subprocess.STDOUT)
         dev_port = _wait_devtools_port(profile, browser)
         page_url = f"http://127.0.0.1:{port}/?token={TOKEN}&line={line}"
         base = f"http://127.0.0.1:{port}"
+        devtools = f"http://127.0.0.1:{dev_port}"
 
-        async def scenario() -> np.ndarray:
+        async def scenario() -> tuple[np.ndarray, np.ndarray]:
             async with aiohttp.ClientSession() as http:
                 ready_by = time.monotonic() + 60
                 while True:  # the preview process is up once it answers (with 401: no token)
@@ -413,72 +492,75 @@ def test_end_to_end_in_headless_chromium(redis_url, key_prefix, redis_client, de
                     assert r.status == 403
                     assert "Access-Control-Allow-Origin" not in r.headers
 
-                async with http.get(f"http://127.0.0.1:{dev_port}/json/list") as r:
-                    targets = await r.json()
-                page = next(t for t in targets if t.get("type") == "page")
+                async with http.get(devtools + "/json/list") as r:
+                    page = next(t for t in await r.json() if t.get("type") == "page")
                 async with http.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=64 << 20) as ws:
                     cdp = Cdp(ws)
                     await cdp.call("Emulation.setDeviceMetricsOverride",
                                    {"width": 1000, "height": 800, "deviceScaleFactor": 1, "mobile": False})
-                    await cdp.call("Page.enable")
                     await cdp.call("Page.navigate", {"url": page_url})
-                    ok = await cdp.js("""new Promise((resolve) => {
-                        const t0 = Date.now();
-                        const tick = () => {
-                          const v = document.getElementById('video');
-                          const q = v && v.getVideoPlaybackQuality ? v.getVideoPlaybackQuality() : null;
-                          if (q && q.totalVideoFrames > 12 && v.currentTime > 0) return resolve(true);
-                          if (Date.now() - t0 > 90000) return resolve(false);
-                          setTimeout(tick, 200);
-                        };
-                        tick();
-                      })""", timeout=100)
+                    await cdp.wait_loaded(base)
+                    ok = await cdp.js(WAIT_FRAMES_JS % 12, timeout=100)
                     state = await cdp.js("JSON.stringify(window.previewState)")
                     assert ok, f"no decoded video frames; page state {state}\n" + dump_logs()
+                    geom, defect_shot = await _screenshot(cdp)
+                    # 1 screenshot pixel = 1 frame pixel (the demo frames are 512 wide, 512 or 522 high)
+                    assert (geom["vw"], geom["vh"]) == (geom["w"], geom["h"]) == defect_shot.shape[1::-1], geom
 
-                    async def shot():
-                        geom = await cdp.js("""(() => {
-                            const v = document.getElementById('video');
-                            v.style.maxWidth = 'none';
-                            v.style.width = v.videoWidth + 'px'; v.style.height = v.videoHeight + 'px';
-                            const r = v.getBoundingClientRect();
-                            return {x: r.left + window.scrollX, y: r.top + window.scrollY,
-                                    w: r.width, h: r.height, vw: v.videoWidth, vh: v.videoHeight};
-                          })()""")
-                        await asyncio.sleep(0.5)
-                        cap = await cdp.call("Page.captureScreenshot", {"format": "png", "clip": {
-                            "x": geom["x"], "y": geom["y"], "width": geom["w"], "height": geom["h"], "scale": 1}})
-                        png = np.frombuffer(base64.b64decode(cap["data"]), np.uint8)
-                        return geom, cv2.imdecode(png, cv2.IMREAD_COLOR)
+                    # a second viewer of the same line shares its source (one reader per line)
+                    async with http.get(devtools + "/json/version") as r:
+                        browser_ws = (await r.json())["webSocketDebuggerUrl"]
+                    async with http.ws_connect(browser_ws, max_msg_size=64 << 20) as bws:
+                        bcdp = Cdp(bws)
+                        # its own window, so that neither page is a hidden background tab
+                        second = (await bcdp.call("Target.createTarget", {"url": page_url, "newWindow": True}))
+                        async with http.get(devtools + "/json/list") as r:
+                            target = next(t for t in await r.json() if t.get("id") == second["targetId"])
+                        async with http.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=64 << 20) as ws2:
+                            cdp2 = Cdp(ws2)
+                            await cdp2.wait_loaded(base)
+                            # decoded by its WebRTC receiver (a window in the background may not paint)
+                            stats2: dict = {}
+                            for _ in range(300):
+                                stats2 = await cdp2.js("window.previewStats()") or {}
+                                if stats2.get("framesDecoded", 0) > 3:
+                                    break
+                                await asyncio.sleep(0.2)
+                            state2 = await cdp2.js("JSON.stringify(window.previewState)")
+                            assert stats2.get("framesDecoded", 0) > 3, f"second viewer: {state2} {stats2}\n" + dump_logs()
+                            assert await _wait_viewers(http, base, {line: 2}) == {line: 2}
+                        await bcdp.call("Target.closeTarget", {"targetId": second["targetId"]})
+                    assert await _wait_viewers(http, base, {line: 1}) == {line: 1}, "closed tab's peer kept"
 
-                    geom, defect_shot = await shot()
-                    assert (geom["vw"], geom["vh"]) == (512, 512), geom
-                    # the worker now finds nothing: the overlay must go away on the live video
-                    worker.defective = False
-                    await asyncio.sleep(3.0)
-                    _, ok_shot = await shot()
+                    # a real worker process takes over and finds nothing: the overlay goes away
+                    test_worker.stop_event.set()
+                    await asyncio.get_running_loop().run_in_executor(None, test_worker.join, 10)
+                    worker = spawn("worker", "worker", "--line", line, "--detector", "noop")
+                    by = time.monotonic() + 90
+                    while True:
+                        last = _last_result(redis_client, key_prefix, line)
+                        if last is not None and last.worker_id != "test":
+                            break
+                        assert worker.poll() is None and time.monotonic() < by, "no worker result\n" + dump_logs()
+                        await asyncio.sleep(0.2)
+                    assert last.verdict is Verdict.OK and not last.defects
+                    await asyncio.sleep(2.0)
+                    _, ok_shot = await _screenshot(cdp)
                     # leaving the page closes the peer; the preview stops reading the line
                     await cdp.call("Page.navigate", {"url": "about:blank"})
-                viewers = None
-                for _ in range(100):
-                    async with http.get(base + "/api/lines", headers={"X-Preview-Token": TOKEN}) as r:
-                        viewers = (await r.json())["viewers"]
-                    if not viewers:
-                        break
-                    await asyncio.sleep(0.2)
-                assert viewers == {}, f"peer not closed after the page left: {viewers}"
+                assert await _wait_viewers(http, base, {}) == {}, "peer not closed after the page left"
                 return defect_shot, ok_shot
 
         defect_shot, ok_shot = asyncio.run(scenario())
-        assert defect_shot.shape[:2] == (512, 512)
+        assert defect_shot.shape[1] == ok_shot.shape[1] == 512
         save = os.environ.get("LINEINSPECT_PREVIEW_SCREENSHOT")
         if save:
             cv2.imwrite(save, defect_shot, [cv2.IMWRITE_PNG_COMPRESSION, 9])
         x0, y0, x1, y1 = box
         cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
-        yy, xx = np.mgrid[0:512, 0:512]
+        yy, xx = np.mgrid[0:defect_shot.shape[0], 0:512]
         inside = ((xx - cx) / (rx - 12)) ** 2 + ((yy - cy) / (ry - 12)) ** 2 <= 1  # well inside the mask
-        near = np.zeros((512, 512), bool)
+        near = np.zeros(defect_shot.shape[:2], bool)
         near[max(0, y0 - 16):y1 + 16, max(0, x0 - 16):x1 + 16] = True
         below_banner = yy > 60
         mag = _magenta_like(defect_shot)
@@ -488,14 +570,15 @@ def test_end_to_end_in_headless_chromium(redis_url, key_prefix, redis_client, de
         assert mag[~near & below_banner].mean() < 0.002, f"magenta elsewhere: {mag[~near & below_banner].mean()}"
         # the frame itself is there (the hazelnut photo, not a blank video)
         assert defect_shot[~near & below_banner].std() > 10
-        # once results say OK, no defect overlay anywhere
+        # once the real worker's results say OK, no defect overlay anywhere, but the frames still come
         assert _magenta_like(ok_shot).mean() < 0.002
+        assert ok_shot[ok_shot.shape[0] // 8:].std() > 10
         # the preview shuts down cleanly on SIGTERM
         preview.terminate()
         assert preview.wait(20) == 0, dump_logs()
     finally:
-        worker.stop_event.set()
-        worker.join(5)
+        test_worker.stop_event.set()
+        test_worker.join(5)
         _stop(browser)
         for p in procs:
             _stop(p)

@@ -15,6 +15,20 @@
 
   function setStatus(text) { statusEl.textContent = text; }
 
+  // receive-side figures of the open line (troubleshooting, tests)
+  window.previewStats = async () => {
+    const out = {};
+    if (!pc) return out;
+    (await pc.getStats()).forEach((r) => {
+      if (r.type === "inbound-rtp" && r.kind === "video") {
+        Object.assign(out, { framesReceived: r.framesReceived, framesDecoded: r.framesDecoded,
+          framesDropped: r.framesDropped, bytesReceived: r.bytesReceived, frameWidth: r.frameWidth,
+          frameHeight: r.frameHeight, keyFramesDecoded: r.keyFramesDecoded });
+      }
+    });
+    return out;
+  };
+
   async function api(path, options) {
     const headers = Object.assign({ "X-Preview-Token": token }, (options && options.headers) || {});
     const resp = await fetch(path, Object.assign({}, options, { headers, credentials: "same-origin" }));
