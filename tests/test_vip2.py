@@ -98,6 +98,13 @@ def test_map_shapes_at_non_native_size(backbone, head, images):
     assert cos.shape == (len(LAYERS), 2, 25, 2)
     assert torch.all(cos.abs() <= 1.0 + 1e-5)
 
+    # ICA: 2 contexts x 7 + 3 slots + bias + 3 MLPs (D -> D/2 -> W); FGP: one multi-head attention (in/out).
+    d = w = 384
+    ica = 2 * 7 * w + 3 * w + d + 3 * (d * (d // 2) + d // 2 + (d // 2) * w + w)
+    fgp = 4 * d * d + 4 * d
+    assert sum(p.numel() for p in head.ica.parameters()) == ica
+    assert sum(p.numel() for p in head.fgp.parameters()) == fgp  # (ViT-L-14-336: 4,151,424 in all)
+
     mapper = vip2.Vip2Mapper(backbone, head)
     assert isinstance(mapper, AnomalyMapper)
     assert mapper.name == f"clip-vip2[{MODEL}:random]"
