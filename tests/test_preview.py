@@ -504,6 +504,11 @@ def test_end_to_end_in_headless_chromium(redis_url, key_prefix, redis_client, de
                     state = await cdp.js("JSON.stringify(window.previewState)")
                     assert ok, f"no decoded video frames; page state {state}\n" + dump_logs()
                     geom, defect_shot = await _screenshot(cdp)
+                    save = os.environ.get("LINEINSPECT_PREVIEW_SCREENSHOT")
+                    if save:  # the whole page, for the README (stream/preview_static/screenshot.png)
+                        cap = await cdp.call("Page.captureScreenshot", {"format": "png", "clip": {
+                            "x": 0, "y": 0, "width": 1000, "height": geom["y"] + geom["h"] + 40, "scale": 1}})
+                        Path(save).write_bytes(base64.b64decode(cap["data"]))
                     # 1 screenshot pixel = 1 frame pixel (the demo frames are 512 wide, 512 or 522 high)
                     assert (geom["vw"], geom["vh"]) == (geom["w"], geom["h"]) == defect_shot.shape[1::-1], geom
 
@@ -553,9 +558,6 @@ def test_end_to_end_in_headless_chromium(redis_url, key_prefix, redis_client, de
 
         defect_shot, ok_shot = asyncio.run(scenario())
         assert defect_shot.shape[1] == ok_shot.shape[1] == 512
-        save = os.environ.get("LINEINSPECT_PREVIEW_SCREENSHOT")
-        if save:
-            cv2.imwrite(save, defect_shot, [cv2.IMWRITE_PNG_COMPRESSION, 9])
         x0, y0, x1, y1 = box
         cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
         yy, xx = np.mgrid[0:defect_shot.shape[0], 0:512]
