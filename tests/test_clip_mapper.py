@@ -144,6 +144,34 @@ def test_map_at_frame_size_and_text_encoded_once(backbone, frame):
     assert first.timings["clip_forward"] > 0
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning", "ignore::torch.jit.TracerWarning")
+def test_local_checkpoint_files_load(tmp_path):
+    """Random weights (none can be had here), written to disk the two ways production weights come: an
+    open_clip/torch.save state dict, and an OpenAI-style TorchScript archive (read with torch.jit.load,
+    QuickGELU forced). Both load into a model with exactly the saved weights."""
+    import open_clip
+
+    torch.manual_seed(3)
+    src = open_clip.create_model(MODEL, pretrained=None, force_quick_gelu=True).eval()
+    state_file = tmp_path / "vits32_state.pt"
+    torch.save(src.state_dict(), state_file)
+    jit_file = tmp_path / "vits32_openai_style.pt"
+    with torch.no_grad():
+        traced = torch.jit.trace(src, (torch.zeros(1, 3, 224, 224), open_clip.get_tokenizer(MODEL)(["a"])),
+                                 check_trace=False, strict=False)
+    traced.save(str(jit_file))
+    for path, quick in ((state_file, False), (jit_file, True)):
+        bb = load_clip_backbone(MODEL, str(path), 256)
+        assert bb.weights == str(path.resolve()) and bb.label == f"{MODEL}:{path.name}" and not bb.is_random
+        assert bb.image_size == 256 and bb.grid_size == 8
+        loaded = bb.model.state_dict()
+        for k, v in src.state_dict().items():
+            if k != "visual.positional_embedding":
+                assert torch.equal(v, loaded[k]), (path.name, k)
+        act = type(bb.model.visual.transformer.resblocks[0].mlp.gelu).__name__
+        assert (act == "QuickGELU") == quick
+
+
 def test_build_from_settings_and_refusals(monkeypatch):
     """Random weights (none can be had here) only where allowed; a configured tag that cannot be
     downloaded, a missing checkpoint path, and "random" without allow_random_weights all raise

@@ -13,6 +13,7 @@ torch and open_clip are imported lazily inside the functions, so importing this 
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,27 @@ def _looks_like_path(s: str) -> bool:
     return "/" in s or "\\" in s or s.endswith((".pt", ".pth", ".bin", ".safetensors"))
 
 
+def _is_torchscript_archive(path: Path) -> bool:
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.endswith("/constants.pkl") or "/code/" in n for n in zf.namelist())
+
+
+def _load_torchscript_weights(net: Any, path: Path) -> None:
+    """Copy the parameters of a TorchScript CLIP archive (OpenAI layout) into an open_clip model, strictly."""
+    import torch
+
+    with warnings.catch_warnings():  # torch marks torch.jit as deprecated; these release files need it
+        warnings.simplefilter("ignore", FutureWarning)
+        state = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+    for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):  # not weights
+        state.pop(key, None)
+    net.load_state_dict(state, strict=True)
+
+
 def _import_open_clip():
     try:
         import open_clip
@@ -112,6 +134,7 @@ def load_clip_backbone(model: str, pretrained: str, image_size: int | None, devi
         raise ModelLoadError(f"unknown open_clip model {model!r}; see open_clip.list_models()")
     tag = (pretrained or "").strip()
     kwargs: dict[str, Any] = {"device": "cpu", "weights_only": True}
+    jit_path: Path | None = None
     if tag.lower() in _RANDOM_TAGS:
         if not allow_random:
             raise ModelLoadError(
@@ -122,6 +145,13 @@ def load_clip_backbone(model: str, pretrained: str, image_size: int | None, devi
     elif Path(tag).expanduser().is_file():
         path = Path(tag).expanduser().resolve()
         weights, source, arg = str(path), f"local checkpoint {path}", str(path)
+        if _is_torchscript_archive(path):
+            # OpenAI's original release files (e.g. ViT-L-14-336px.pt) are TorchScript archives (torch.load
+            # refuses them with weights_only) of models trained with QuickGELU: read their state dict with
+            # torch.jit.load into the open_clip model built below.
+            kwargs["force_quick_gelu"] = True
+            source += " (OpenAI TorchScript release, QuickGELU)"
+            jit_path, arg = path, None
     else:
         cfg = open_clip.get_pretrained_cfg(model, tag)
         if not cfg:
@@ -139,6 +169,8 @@ def load_clip_backbone(model: str, pretrained: str, image_size: int | None, devi
         weights, source, arg = tag, f"open_clip pretrained tag {tag!r} (download from {where})", tag
     try:
         net = open_clip.create_model(model, pretrained=arg, **kwargs)
+        if jit_path is not None:
+            _load_torchscript_weights(net, jit_path)
     except Exception as exc:  # download, file format or shape mismatch: all mean "no usable weights"
         raise ModelLoadError(
             f"no CLIP weights for {model}: loading {source} failed: {exc}; configure clip.pretrained to a "

@@ -152,8 +152,11 @@ class ClipAnomalyMapper:
         mean_grid = grids.mean(dim=0).cpu().numpy().astype(np.float32)  # bilinear is linear: mean first
         cls_prob = cls_prob.cpu().numpy()
         t2 = time.perf_counter()
+        n = len(images_bgr)
+        text_s, forward_s = (t1 - t0) / n, (t2 - t1) / n  # shared by the batch: per frame
         out = []
         for i, img in enumerate(images_bgr):
+            t3 = time.perf_counter()
             h, w = img.shape[:2]
             raw = cv2.resize(mean_grid[i], (w, h), interpolation=cv2.INTER_LINEAR)
             sigma = self.smoothing_sigma * max(h, w) / SIGMA_REFERENCE_PX
@@ -162,16 +165,13 @@ class ClipAnomalyMapper:
             raw = raw.astype(np.float32, copy=False)
             wmap = self.image_map_weight
             image_raw = (1.0 - wmap) * float(cls_prob[i]) + wmap * float(raw.max())
-            t3 = time.perf_counter()
-            n = len(images_bgr)
+            pixel = (raw / self.pixel_threshold).astype(np.float32)
+            map_s = time.perf_counter() - t3
             out.append(AnomalyMap(
-                pixel=(raw / self.pixel_threshold).astype(np.float32),
-                image_score=image_raw / self.image_threshold,
-                raw=raw,
-                timings={"clip_text": (t1 - t0) / n, "clip_forward": (t2 - t1) / n, "clip_map": t3 - t2,
-                         "clip": (t2 - t0) / n + (t3 - t2)},
+                pixel=pixel, image_score=image_raw / self.image_threshold, raw=raw,
+                timings={"clip_text": text_s, "clip_forward": forward_s, "clip_map": map_s,
+                         "clip": text_s + forward_s + map_s},
             ))
-            t2 = t3
         return out
 
 
@@ -179,14 +179,23 @@ def build_clip_mapper(clip_settings: Any, *, pixel_threshold: float = DEFAULT_RA
                       image_threshold: float = DEFAULT_RAW_THRESHOLD) -> ClipAnomalyMapper:
     """Load the backbone (and adapters) named by ``settings.clip`` and build the mapper.
 
+    ``clip.prompt_mode = "vip2"`` returns ``workers.clip.vip2.build_vip2_mapper(clip_settings)`` instead
+    (same interface, same threshold convention).
+
     Raises ModelLoadError when no real weights can be had (random weights only with
     ``clip.allow_random_weights``), when the adapter file is missing or does not fit the backbone, and
     when ``clip.layers`` does not fit the model.
     """
     s = clip_settings
-    if getattr(s, "prompt_mode", "ensemble") != "ensemble":
-        raise ModelLoadError(f"clip.prompt_mode={s.prompt_mode!r} is built by its own module (workers.clip.vip2), "
-                             "not by build_clip_mapper")
+    mode = getattr(s, "prompt_mode", "ensemble")
+    if mode == "vip2":  # image-conditioned prompts: built by workers.clip.vip2 on the same backbone code
+        from workers.clip.vip2 import build_vip2_mapper
+
+        vip2 = build_vip2_mapper(s)
+        vip2.pixel_threshold, vip2.image_threshold = float(pixel_threshold), float(image_threshold)
+        return vip2  # type: ignore[return-value]
+    if mode != "ensemble":
+        raise ModelLoadError(f"unknown clip.prompt_mode {mode!r} (allowed: ensemble, vip2)")
     from workers.clip.backbone import load_clip_backbone
 
     bb = load_clip_backbone(s.model, s.pretrained, s.image_size, device=s.device,
