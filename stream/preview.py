@@ -52,6 +52,8 @@ STATIC_DIR = Path(__file__).with_name("preview_static")
 TOKEN_HEADER = "X-Preview-Token"
 VIDEO_CLOCK = 90000  # RTP video clock rate: pts units per second
 PUBLIC_PREFIX = "/static/"
+REDIS_RETRY_INITIAL_S = 0.5
+REDIS_RETRY_MAX_S = 5.0
 SECURITY_HEADERS = {
     "Cache-Control": "no-store",
     "Referrer-Policy": "no-referrer",  # the page URL carries the token
@@ -109,11 +111,13 @@ class PreviewOptions:
 def require_webrtc() -> None:
     """Raise :class:`PreviewUnavailable` with the install hint when aiortc or PyAV cannot be imported."""
     try:
+        import aiohttp  # noqa: F401
         import aiortc  # noqa: F401
         import av  # noqa: F401
     except ImportError as exc:
         raise PreviewUnavailable(
-            f"the WebRTC preview needs aiortc and PyAV ({exc}); install them with: {INSTALL_HINT}") from None
+            f"the WebRTC preview needs aiortc, PyAV and aiohttp ({exc}); install them with: {INSTALL_HINT}") \
+            from None
 
 
 # ------------------------------------------------------------------------------------------ access
@@ -282,20 +286,37 @@ class LineSource:
 
     # -------------------------------------------------------------------------------- reading
     async def _run(self) -> None:
+        import redis
+
+        delay = REDIS_RETRY_INITIAL_S
+        ids: dict[str, str] = {}
         try:
-            await self._read_loop()
+            while not self._closed:
+                try:
+                    await self._read_loop(ids)
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    # viewers keep their connection (the video pauses); reading resumes at the stream's end
+                    log.warning("preview: line %s: Redis unreachable (%s), retrying in %.1fs", self.keys.line,
+                                exc, delay)
+                    ids.clear()
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, REDIS_RETRY_MAX_S)
+                else:
+                    delay = REDIS_RETRY_INITIAL_S
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("preview: reading line %s failed", self.keys.line)
-            self._closed = True
-            async with self._cond:  # type: ignore[union-attr]
-                self._cond.notify_all()  # type: ignore[union-attr]
+        self._closed = True
+        async with self._cond:  # type: ignore[union-attr]
+            self._cond.notify_all()  # type: ignore[union-attr]
 
-    async def _read_loop(self) -> None:
+    async def _read_loop(self, ids: dict[str, str]) -> None:
+        """Read until stopped; ``ids`` (stream -> last id read) survives a reconnect."""
         frames_key, results_key = self.keys.frames, self.keys.results
-        ids = {frames_key: await _last_id(self.client, frames_key),
-               results_key: await _last_id(self.client, results_key)}
+        if not ids:
+            ids[frames_key] = await _last_id(self.client, frames_key)
+            ids[results_key] = await _last_id(self.client, results_key)
         wait = self.options.result_wait_s
         pending: Frame | None = None
         deadline = 0.0

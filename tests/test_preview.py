@@ -238,6 +238,48 @@ def test_line_source_draws_matched_results_keeps_capture_timing_and_skips_to_new
     asyncio.run(scenario())
 
 
+def test_line_source_survives_a_redis_restart(own_redis, demo_data):
+    """Redis goes away while a viewer watches: the source retries, then shows the frames that come after."""
+    import redis.asyncio as aioredis
+
+    line, cam = "lineR", "cam0"
+    keys = line_keys("lip", line)
+    img = cv2.imread(str(demo_data / "train" / "good" / "02.jpg"))
+
+    def payload(seq: int) -> bytes:
+        return encode_frame(image_to_frame(img, line_id=line, camera_id=cam, seq=seq, session="7",
+                                           capture_ts=2000.0 + seq, encoding=Encoding.JPEG))
+
+    async def scenario():
+        client = aioredis.Redis.from_url(own_redis.url, socket_connect_timeout=1)
+        src = LineSource(client, keys, _options(own_redis.url, "lip", result_wait_s=0.0, block_ms=200))
+        src.start()
+        try:
+            await asyncio.sleep(0.3)
+            await client.xadd(keys.frames, {PAYLOAD_FIELD: payload(0)})
+            first, seen = await asyncio.wait_for(src.wait_newer(0), 10)
+            assert first.frame_id == "cam0:7:0"
+            own_redis.stop()
+            await asyncio.sleep(1.5)
+            assert src.running, "the source must keep retrying, not die"
+            own_redis.start()
+            got = None
+            for seq in range(1, 60):  # until the source has reconnected and reads again
+                await client.xadd(keys.frames, {PAYLOAD_FIELD: payload(seq)})
+                try:
+                    got, seen = await asyncio.wait_for(src.wait_newer(seen), 0.5)
+                    break
+                except asyncio.TimeoutError:
+                    continue
+            assert got is not None and got.frame_id.startswith("cam0:7:")
+            assert got.pts > first.pts
+        finally:
+            await src.stop()
+            await client.aclose()
+
+    asyncio.run(scenario())
+
+
 # ------------------------------------------------------------------------------------------ end to end
 
 
