@@ -595,7 +595,23 @@ def test_end_to_end_in_headless_chromium(redis_url, key_prefix, redis_client, de
                     _, ok_shot = await _screenshot(cdp)
                     # leaving the page closes the peer; the preview stops reading the line
                     await cdp.call("Page.navigate", {"url": "about:blank"})
-                assert await _wait_viewers(http, base, {}) == {}, "peer not closed after the page left"
+                    assert await _wait_viewers(http, base, {}) == {}, "peer not closed after the page left"
+                    # back again, then the preview is shut down (SIGTERM) under a connected viewer:
+                    # it exits cleanly and the browser sees its peer go away
+                    await cdp.call("Page.navigate", {"url": page_url})
+                    await cdp.wait_loaded(base)
+                    assert await cdp.js(WAIT_FRAMES_JS % 3, timeout=100), dump_logs()
+                    assert await _viewers(http, base) == {line: 1}
+                    preview.terminate()
+                    code = await asyncio.get_running_loop().run_in_executor(None, preview.wait, 30)
+                    assert code == 0, dump_logs()
+                    conn = None
+                    for _ in range(100):
+                        conn = await cdp.js("window.previewState.connection")
+                        if conn != "connected":
+                            break
+                        await asyncio.sleep(0.2)
+                    assert conn in ("closed", "failed", "disconnected"), conn
                 return defect_shot, ok_shot
 
         defect_shot, ok_shot = asyncio.run(scenario())
@@ -617,9 +633,6 @@ def test_end_to_end_in_headless_chromium(redis_url, key_prefix, redis_client, de
         # once the real worker's results say OK, no defect overlay anywhere, but the frames still come
         assert _magenta_like(ok_shot).mean() < 0.002
         assert ok_shot[ok_shot.shape[0] // 8:].std() > 10
-        # the preview shuts down cleanly on SIGTERM
-        preview.terminate()
-        assert preview.wait(20) == 0, dump_logs()
     finally:
         test_worker.stop_event.set()
         test_worker.join(5)
