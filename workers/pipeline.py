@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import cv2
@@ -145,7 +145,6 @@ class _Trace:
     regions: tuple[RegionPrompts, ...] = ()
     stages_used: tuple[int, ...] = ()
     anomaly_map: AnomalyMap | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Detector:
@@ -220,7 +219,6 @@ class Detector:
         return Detection(image_score=image_score, verdict=verdict, score_map=score_map.astype(np.float32),
                          labels=labels, defects=defects, timings=timings, models=self.models)
 
-
     def _observe(self, embedding: ImageEmbedding, amap: AnomalyMap) -> None:
         observe = getattr(self.mapper, "observe", None)
         if observe is None:
@@ -241,7 +239,8 @@ def label_defects(mask: np.ndarray, score_map: np.ndarray,
         x, y, bw, bh, area = (int(v) for v in stats[i])
         if area < min_area:
             continue
-        found.append((float(score_map[lab == i].max()), i, (x, y, x + bw, y + bh), area))
+        window = (slice(y, y + bh), slice(x, x + bw))
+        found.append((float(score_map[window][lab[window] == i].max()), i, (x, y, x + bw, y + bh), area))
     found.sort(key=lambda f: -f[0])
     dtype = np.uint8 if len(found) <= 255 else np.uint16
     lut = np.zeros(n, dtype=dtype)

@@ -115,10 +115,12 @@ class OnnxSamBackend:
     """SAM through onnxruntime: an encoder model and the standard SAM ONNX decoder."""
 
     def __init__(self, encoder_path: str | Path, decoder_path: str | Path,
-                 providers: Sequence[str] = ("CPUExecutionProvider",), name: str | None = None):
+                 providers: Sequence[str] = ("CPUExecutionProvider",), name: str | None = None,
+                 intra_op_threads: int = 0):
         self.encoder_path = Path(encoder_path)
         self.decoder_path = Path(decoder_path)
         self.providers = tuple(providers)
+        self.intra_op_threads = int(intra_op_threads)  # 0 = onnxruntime's default (one per physical core)
         self.name = name or f"onnx:{self.encoder_path.parent.name or self.encoder_path.stem}"
         self._encoder: Any = None
         self._decoder: Any = None
@@ -141,9 +143,12 @@ class OnnxSamBackend:
         if missing:
             raise ModelLoadError(f"onnxruntime providers {missing} are not available here "
                                  f"(available: {sorted(available)}); set sam.providers")
+        options = ort.SessionOptions()
+        if self.intra_op_threads > 0:
+            options.intra_op_num_threads = self.intra_op_threads
         try:
-            self._encoder = ort.InferenceSession(str(self.encoder_path), providers=list(self.providers))
-            self._decoder = ort.InferenceSession(str(self.decoder_path), providers=list(self.providers))
+            self._encoder = ort.InferenceSession(str(self.encoder_path), options, providers=list(self.providers))
+            self._decoder = ort.InferenceSession(str(self.decoder_path), options, providers=list(self.providers))
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelLoadError(f"cannot load SAM ONNX files {self.weights}: {exc}") from exc
         self._encoder_input = self._encoder.get_inputs()[0].name
@@ -153,8 +158,8 @@ class OnnxSamBackend:
         if not expected <= names:
             raise ModelLoadError(f"{self.decoder_path} is not a SAM ONNX decoder (inputs {sorted(names)}, "
                                  f"expected {sorted(expected)})")
-        log.info("SAM onnx backend loaded: encoder=%s decoder=%s providers=%s",
-                 self.encoder_path, self.decoder_path, list(self.providers))
+        log.info("SAM onnx backend loaded: encoder=%s decoder=%s providers=%s threads=%s",
+                 self.encoder_path, self.decoder_path, list(self.providers), self.intra_op_threads or "default")
         return self
 
     def _sessions(self) -> tuple[Any, Any]:
@@ -351,7 +356,8 @@ def build_sam_backend(sam_settings: Any) -> SamBackend:
     if sam_settings.backend == "onnx":
         enc = resolve_model_path(sam_settings.encoder_path, "sam.encoder_path")
         dec = resolve_model_path(sam_settings.decoder_path, "sam.decoder_path")
-        return OnnxSamBackend(enc, dec, providers=sam_settings.providers).load()
+        threads = int(getattr(sam_settings, "threads", 0))  # optional field; 0 = onnxruntime default
+        return OnnxSamBackend(enc, dec, providers=sam_settings.providers, intra_op_threads=threads).load()
     if sam_settings.backend == "torch":
         if not sam_settings.checkpoint:
             raise ModelLoadError("sam.backend=torch needs sam.checkpoint (path of a segment-anything "
