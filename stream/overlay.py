@@ -74,15 +74,17 @@ def draw_overlay(image_bgr: np.ndarray, result: InspectionResult | None,
     if result is not None and result.defects:
         labels = result_mask(result, (h, w))
         if labels is not None:
-            colour = np.array(DEFECT_COLOUR, dtype=np.float32)
             for d in result.defects:
-                region = labels == d.label
-                if not region.any():
+                region = (labels == d.label).astype(np.uint8)
+                x, y, rw, rh = cv2.boundingRect(region)  # work inside the region's bounding box only
+                if rw == 0 or rh == 0:
                     continue
-                px = out[region].astype(np.float32)
-                out[region] = np.clip(px * (1.0 - FILL_ALPHA) + colour * FILL_ALPHA + 0.5, 0, 255).astype(np.uint8)
-                contours, _ = cv2.findContours(region.astype(np.uint8), cv2.RETR_LIST,
-                                               cv2.CHAIN_APPROX_SIMPLE)
+                roi = out[y:y + rh, x:x + rw]
+                inside = region[y:y + rh, x:x + rw].astype(bool)
+                tint = cv2.addWeighted(roi, 1.0 - FILL_ALPHA, np.full_like(roi, DEFECT_COLOUR), FILL_ALPHA, 0.0)
+                roi[inside] = tint[inside]
+                contours, _ = cv2.findContours(region[y:y + rh, x:x + rw], cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE,
+                                               offset=(x, y))
                 cv2.drawContours(out, contours, -1, DEFECT_COLOUR, thick, cv2.LINE_8)
         for d in result.defects:
             box = _clip_box(d.box, w, h)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -181,18 +182,26 @@ class FpsMeter:
 
 
 def render_frame(frame: Frame, result: InspectionResult | None, fps: float | None, max_side: int):
-    """Decode ``frame``, draw ``result`` on it and return a BGR image of even size, longer side <= max_side."""
+    """Decode ``frame``, scale it to even sizes with the longer side <= ``max_side`` (0 = keep), then draw
+    ``result`` on it (boxes scaled along; the mask is resized by the overlay). Returns a BGR image."""
+    import math
+
     import cv2
 
     from stream.overlay import draw_overlay
 
-    img = draw_overlay(frame_to_image(frame), result, fps)
+    img = frame_to_image(frame)
     h, w = img.shape[:2]
     scale = min(1.0, max_side / max(h, w)) if max_side else 1.0
     nw, nh = max(2, int(w * scale) // 2 * 2), max(2, int(h * scale) // 2 * 2)  # yuv420p needs even sizes
     if (nw, nh) != (w, h):
         img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
-    return img
+        if result is not None and result.defects:
+            sx, sy = nw / w, nh / h
+            result = dataclasses.replace(result, defects=tuple(
+                dataclasses.replace(d, box=(int(d.box[0] * sx), int(d.box[1] * sy), math.ceil(d.box[2] * sx),
+                                            math.ceil(d.box[3] * sy))) for d in result.defects))
+    return draw_overlay(img, result, fps)
 
 
 @dataclass(frozen=True)

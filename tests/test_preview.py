@@ -238,6 +238,28 @@ def test_line_source_draws_matched_results_keeps_capture_timing_and_skips_to_new
     asyncio.run(scenario())
 
 
+def test_render_frame_scales_big_frames_and_their_overlay_together(demo_data):
+    from stream.preview import render_frame
+
+    img = cv2.resize(cv2.imread(str(demo_data / "train" / "good" / "03.jpg")), (1919, 1081))
+    f = image_to_frame(img, line_id="l", camera_id="c", seq=0, session="1", capture_ts=1.0)
+    box = (1200, 500, 1500, 800)
+    res = _defect_result(f.frame_id, "l", "c", 0, 1.0, (1081, 1919), box)
+    out = render_frame(f, res, 9.5, 960)
+    oh, ow = out.shape[:2]
+    assert 950 <= ow <= 960 and ow % 2 == 0 and oh % 2 == 0  # longer side <= 960, even sides (yuv420p)
+    assert abs(ow / oh - 1919 / 1081) < 0.01
+    s = ow / 1919
+    x0, y0, x1, y1 = (round(v * s) for v in box)
+    mag = _magenta_like(out)
+    assert mag[y0 + 12:y1 - 12, x0 + 40:x1 - 40].mean() > 0.9
+    mag[y0 - 10:y1 + 10, x0 - 10:x1 + 10] = False
+    assert mag.mean() < 0.001
+    # the box is drawn at the scaled place (yellow on its left edge)
+    assert np.abs(out[(y0 + y1) // 2, x0 - 1:x0 + 2].astype(int) - (0, 255, 255)).sum(axis=1).min() < 60
+    assert render_frame(f, res, None, 0).shape == (1080, 1918, 3)  # no scaling, still even
+
+
 def test_line_source_survives_a_redis_restart(own_redis, demo_data):
     """Redis goes away while a viewer watches: the source retries, then shows the frames that come after."""
     import redis.asyncio as aioredis
