@@ -119,7 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("alerts", help="turn defect results into alerts (webhook, Redis stream, MQTT)")
     s.add_argument("--line", action="append", required=True, help="line to watch (repeatable)")
 
-    sub.add_parser("preview", help="WebRTC overlay preview (needs lineinspect[preview])")
+    s = sub.add_parser("preview", help="WebRTC overlay preview (needs lineinspect[preview])")
+    s.add_argument("--max-side", type=int, default=1280, help="scale frames to this longer side (0 = no scaling)")
+    s.add_argument("--result-wait-ms", type=float, default=250.0,
+                   help="how long a frame waits for its own result before the latest one is drawn")
+    s.add_argument("--max-viewers", type=int, default=32)
 
     s = sub.add_parser("bench", help="print throughput figures against their limits")
     s.add_argument("--detector", default="noop", help="noop (pipeline overhead) | pipeline (real detector)")
