@@ -181,7 +181,7 @@ class Detector:
         pixel = np.asarray(amap.pixel, dtype=np.float32)
         if pixel.shape != (h, w):
             pixel = cv2.resize(pixel, (w, h), interpolation=cv2.INTER_LINEAR)
-        pixel = np.maximum(pixel, 0.0)
+        pixel = np.maximum(np.nan_to_num(pixel, nan=0.0, posinf=np.finfo(np.float32).max, neginf=0.0), 0.0)
 
         regions: tuple[RegionPrompts, ...] = ()
         stages_used: list[int] = []
