@@ -286,6 +286,11 @@ def main(settings: Any, args: argparse.Namespace) -> int:
     print(f"train-prompts: {len(samples)} images ({n_bad} defective, {len(samples) - n_bad} good) from "
           f"{args.dataset}; backbone {backbone.label} at {backbone.image_size} px, layers {list(config.layers)}",
           file=sys.stderr)
+    n_tokens = int(backbone.grid_size) ** 2
+    cache_gb = len(samples) * (len(config.layers) * n_tokens * config.embed_dim * 2
+                               + int(backbone.image_size) ** 2) / 1e9
+    print(f"train-prompts: feature cache about {cache_gb:.2f} GB in memory (limit it with --max-images)",
+          file=sys.stderr)
     t0 = time.perf_counter()
     cache = build_cache(backbone, samples, config.layers, batch=batch)
     t_cache = time.perf_counter() - t0
