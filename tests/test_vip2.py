@@ -316,3 +316,15 @@ def test_train_prompts_main_writes_file_and_log(shared_data, tmp_path):
     bad = argparse.Namespace(dataset=str(tmp_path / "nowhere"), out=str(out), epochs=1, batch=1, seed=0,
                              lr_ica=None, lr_fgp=None, max_images=0)
     assert vip2_train.main(settings, bad) == 2
+
+
+def test_bench_prompt_modes_times_both_mappers():
+    """Random weights (tests only, timing only): the lead's bench helper times the ensemble and the vip2 map
+    on the same backbone and size."""
+    r = vip2.bench_prompt_modes(SMALL_MODEL, SMALL_SIZE, n_frames=1, layers=SMALL_LAYERS, warmup=0,
+                                frame_size=(60, 80))
+    assert r["ensemble_name"] == f"clip[{SMALL_MODEL}:random]"
+    assert r["vip2_name"] == f"clip-vip2[{SMALL_MODEL}:random]"
+    assert r["ensemble_ms_per_frame"] > 0 and r["vip2_ms_per_frame"] > 0
+    assert set(r["vip2_stages_ms"]) == {"clip_image", "vip2_prompts_align", "vip2_map"}
+    assert r["vip2_over_ensemble"] == pytest.approx(r["vip2_ms_per_frame"] / r["ensemble_ms_per_frame"])
