@@ -230,9 +230,27 @@ def _cleanup(client, prefix: str) -> None:
         client.delete(*keys)
 
 
+def prompt_modes(args: argparse.Namespace) -> int:
+    """Per-frame time of the CLIP map with the fixed prompt ensemble and with ViP2 prompts (same backbone)."""
+    from workers.clip.vip2 import bench_prompt_modes  # torch: only in this mode
+
+    res = bench_prompt_modes(model=args.clip_model, image_size=args.clip_size, n_frames=max(2, args.frames),
+                             pretrained=args.clip_pretrained)
+    print(f"CLIP prompt modes, {res['model']} ({res['pretrained']} weights) at {res['image_size']} px, "
+          f"{res['n_frames']} frames of {res['frame_size'][1]}x{res['frame_size'][0]}, "
+          f"torch threads {res['torch_threads']}:")
+    for mode in ("ensemble", "vip2"):
+        print(f"  {mode:<8} {res[f'{mode}_ms_per_frame']:9.1f} ms/frame (min {res[f'{mode}_ms_min']:.1f})  "
+              "stages: " + ", ".join(f"{k} {v:.1f} ms" for k, v in res[f"{mode}_stages_ms"].items()))
+    print(f"  vip2 / ensemble = {res['vip2_over_ensemble']:.2f}")
+    return 0
+
+
 def main(settings: Settings, args: argparse.Namespace) -> int:
     import redis
 
+    if getattr(args, "prompt_modes", False):
+        return prompt_modes(args)
     frames = int(getattr(args, "frames", 200))
     width, height = int(getattr(args, "width", 1920)), int(getattr(args, "height", 1080))
     detector = getattr(args, "detector", "noop")
@@ -276,9 +294,6 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         elif detector != "noop":
             print(f"--detector {detector!r}: only noop and pipeline are benchmarked", file=sys.stderr)
             return 2
-        if getattr(args, "prompt_modes", False):
-            print("--prompt-modes: not measured by stream.bench; the CLIP mapper is timed by "
-                  "`python -m workers.clip.bench`", flush=True)
     finally:
         _cleanup(client, prefix)
     return 0

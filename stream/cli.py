@@ -130,7 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--frames", type=int, default=200)
     s.add_argument("--width", type=int, default=1920)
     s.add_argument("--height", type=int, default=1080)
-    s.add_argument("--prompt-modes", action="store_true", help="also time ensemble vs vip2 CLIP maps")
+    s.add_argument("--prompt-modes", action="store_true",
+                   help="instead: per-frame time of the CLIP map with ensemble vs ViP2 prompts")
+    s.add_argument("--clip-model", default="ViT-S-32", help="with --prompt-modes: open_clip model")
+    s.add_argument("--clip-size", type=int, default=224, help="with --prompt-modes: input size")
+    s.add_argument("--clip-pretrained", default="random",
+                   help="with --prompt-modes: weights (random = timing only, here no CLIP weights exist)")
 
     sub.add_parser("config", help="print the effective settings (after files and environment) and exit")
     return p
