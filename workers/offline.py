@@ -143,6 +143,12 @@ def default_mapper_factory(settings: Any, backend: SamBackend, normal_dir: Path 
             arrays.append(read_image(p))
         except ImageReadError:
             continue
+    if isinstance(backend, SharedEmbeddings) and backend.capacity >= len(arrays):
+        # embed up front with a progress bar; the mutual build then finds every embedding in the cache
+        from tqdm import tqdm
+
+        for i, im in enumerate(tqdm(arrays, desc="memory (mutual): embedding", unit="img")):
+            backend.embed(im, f"mutual:{i}")
     return MemoryMapper.mutual(backend, arrays, settings.memory, **overrides)
 
 
