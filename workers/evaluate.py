@@ -21,8 +21,9 @@ memory from the category's ``train/good``; ``--mutual`` scores the (selected) te
 included) so that a slice still has both classes. Pixel maps are pooled at a longest side of
 :data:`DEFAULT_PIXEL_SIZE` px (``args.pixel_size`` when the CLI gives one; 0 = native size).
 
-Writes ``OUT/results.json``, ``OUT/results.md`` and ``OUT/report.html``. Exit code 0 when every category
-produced metrics, 1 when some category produced none, 2 on a usage error.
+Writes ``OUT/results.json``, ``OUT/results.md`` and ``OUT/report.html`` (rewritten after every category, so a
+stopped run keeps what it finished). Exit code 0 when every category produced metrics, 1 when some category
+produced none, 2 on a usage error, 3 when the models cannot be loaded.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from config.settings import Settings, SettingsError
+from stream.contracts import ModelLoadError
 from workers.metrics import PixelPool, binary_metrics, pr_curve
 from workers.predict import IMAGE_EXTENSIONS, mask_at, read_image, read_mask, score_map_at
 from workers.report import (
@@ -312,6 +314,13 @@ def run_eval(settings: Settings, root: Path, out_dir: Path, categories: str = ""
     backend = backend if backend is not None else offline.build_backend(settings)
     results: list[CategoryResult] = []
     models: dict[str, str] = {}
+
+    def _write(done: list[CategoryResult]) -> tuple[EvalReport, dict[str, Path]]:
+        rep = EvalReport(dataset_root=str(root), command=command, settings=settings_summary(settings),
+                         models=models, stages=tuple(stages), pixel_size=pixel_size, categories=tuple(done),
+                         wall_s=time.perf_counter() - t_start, started=started)
+        return rep, write_report(rep, out_dir)
+
     for cat in cats:
         items = limit_images(test_images(cat), max_images)
         if not items:
@@ -322,25 +331,30 @@ def run_eval(settings: Settings, root: Path, out_dir: Path, categories: str = ""
         if cat_mode == "auto":
             cat_mode = "train" if train else "mutual"
         if cat_mode == "train" and not train:
-            raise ValueError(f"{cat.name}: --normal-from-train but {cat.train_good} has no images")
+            print(f"eval: {cat.name}: no metrics: memory from train/good asked, but {cat.train_good} has no "
+                  "images", file=sys.stderr, flush=True)
+            continue
         normal_dir = cat.train_good if cat_mode == "train" else None
         uses_memory = settings.detector.map_source in ("memory", "fusion")
         memory = ("none" if not uses_memory else
                   f"train/good ({len(train)} images)" if normal_dir else f"mutual ({len(items)} test images)")
         print(f"eval: {cat.name}: {len(items)} test images, memory: {memory}", flush=True)
-        session = offline.StageSession.build(settings, stages, backend=backend, normal_dir=normal_dir,
-                                             mutual_images=[it.path for it in items], line=cat.name,
-                                             mapper_factory=mapper_factory)
-        models = dict(session.models)
-        results.append(evaluate_category(cat, items, session, stages, pixel_size, memory, progress=progress))
-        session.close()
+        try:
+            session = offline.StageSession.build(settings, stages, backend=backend, normal_dir=normal_dir,
+                                                 mutual_images=[it.path for it in items], line=cat.name,
+                                                 mapper_factory=mapper_factory)
+            models = dict(session.models)
+            results.append(evaluate_category(cat, items, session, stages, pixel_size, memory,
+                                             progress=progress))
+            session.close()
+        except (ModelLoadError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # one category failing (too few normal images, ...) does not end the run
+            print(f"eval: {cat.name}: no metrics: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            continue
         # the report so far after every category: a long run that is stopped keeps what it finished
-        report = EvalReport(dataset_root=str(root), command=command, settings=settings_summary(settings),
-                            models=models, stages=tuple(stages), pixel_size=pixel_size, categories=tuple(results),
-                            wall_s=time.perf_counter() - t_start, started=started)
-        paths = write_report(report, out_dir)
-    if not results:
-        raise ValueError(f"no category under {root} had test images")
+        report, paths = _write(results)
+    report, paths = _write(results)
     return report, paths
 
 
@@ -372,6 +386,9 @@ def main(settings: Settings, args: argparse.Namespace, mapper_factory=None) -> i
         report, paths = run_eval(settings, root, Path(args.out), getattr(args, "categories", "") or "", stages,
                                  mode, int(getattr(args, "max_images", 0) or 0), pixel_size, command,
                                  mapper_factory=mapper_factory)
+    except ModelLoadError as exc:
+        print(f"lineinspect eval: cannot load the models: {exc}", file=sys.stderr)
+        return 3
     except ValueError as exc:
         print(f"lineinspect eval: {exc}", file=sys.stderr)
         return 2
