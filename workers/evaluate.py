@@ -49,7 +49,7 @@ from workers.report import (
     StageResult,
     Thumbnail,
     caption,
-    encode_png,
+    encode_image,
     overlay_panel,
     write_report,
 )
@@ -280,7 +280,7 @@ def evaluate_category(cat: Category, items: Sequence[EvalImage], session, stages
                 panels.append(caption(overlay_panel(image, score, mask_at(det, shape), gt),
                                       f"stages {s}: score {float(det.image_score):.2f}"))
         if panels:
-            thumbs.append(Thumbnail(it.rel, it.defect, encode_png(np.hstack(panels))))
+            thumbs.append(Thumbnail(it.rel, it.defect, encode_image(np.hstack(panels))))
     if not shared:
         raise RuntimeError(f"{cat.name}: no test image could be evaluated")
     shared_mean = float(np.mean(shared))

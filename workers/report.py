@@ -1,5 +1,5 @@
 """Evaluation report: ``results.json``, ``results.md`` (tables) and ``report.html`` (overlay thumbnails and
-precision/recall curves as inline SVG; images inline as base64 PNG drawn with OpenCV; no matplotlib).
+precision/recall curves as inline SVG; thumbnails inline as base64 JPEG drawn with OpenCV; no matplotlib).
 
 The data model (frozen dataclasses) is filled by :mod:`workers.evaluate`; this module only renders it.
 """
@@ -45,7 +45,8 @@ class StageResult:
 class Thumbnail:
     rel: str  # image path relative to the category's test folder
     label: str  # defect type ("good", "crack", ...)
-    png: bytes = field(repr=False)  # the composite: image+GT, then one panel per stage
+    data: bytes = field(repr=False)  # the composite (image+GT, then one panel per stage), encoded
+    mime: str = "image/jpeg"
 
 
 @dataclass(frozen=True)
@@ -221,12 +222,14 @@ def caption(panel: np.ndarray, text: str) -> np.ndarray:
     return np.vstack([bar, panel])
 
 
-def encode_png(image: np.ndarray) -> bytes:
+def encode_image(image: np.ndarray, fmt: str = ".jpg", quality: int = 85) -> bytes:
+    """Encode a BGR image (JPEG by default: thumbnails of photos are ~10x smaller than PNG)."""
     import cv2
 
-    ok, buf = cv2.imencode(".png", image)
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if fmt in (".jpg", ".jpeg") else []
+    ok, buf = cv2.imencode(fmt, image, params)
     if not ok:
-        raise ValueError("PNG encoding failed")
+        raise ValueError(f"{fmt} encoding failed")
     return buf.tobytes()
 
 
@@ -294,8 +297,8 @@ def to_html(report: EvalReport) -> str:
         if c.failed:
             body.append("<p>skipped: " + "; ".join(e(f"{a}: {b}") for a, b in c.failed) + "</p>")
         for t in c.thumbnails:
-            b64 = base64.b64encode(t.png).decode("ascii")
-            body.append(f"<figure><img alt='{e(t.rel)}' src='data:image/png;base64,{b64}'>"
+            b64 = base64.b64encode(t.data).decode("ascii")
+            body.append(f"<figure><img alt='{e(t.rel)}' src='data:{t.mime};base64,{b64}'>"
                         f"<figcaption>{e(t.rel)} ({e(t.label)})</figcaption></figure>")
     style = ("body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}td:first-child,td:nth-child(2)"
