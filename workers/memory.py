@@ -299,14 +299,15 @@ def _grid_scores(feats, mem, mem_sq, k: int, shape: tuple[int, int]) -> np.ndarr
 
 
 def leave_one_out_maps(frame_feats: Sequence[Any], embeddings: Sequence[ImageEmbedding], built: BuiltMemory,
-                       params: MemoryParams) -> list[np.ndarray]:
-    """Raw maps of (up to ``calibration_frames``) build frames, each against the memory without its rows."""
+                       params: MemoryParams, eligible: Sequence[int] | None = None) -> list[np.ndarray]:
+    """Raw maps of (up to ``calibration_frames``) build frames (of ``eligible``, default all), each against
+    the memory without its rows."""
     torch = _torch()
     mem = torch.from_numpy(built.feats.astype(np.float32))
-    n = len(frame_feats)
-    pick = np.arange(n)
+    pick = np.arange(len(frame_feats)) if eligible is None else np.asarray(eligible, np.int64)
+    n = len(pick)
     if n > params.calibration_frames:
-        pick = np.sort(np.random.default_rng(params.seed).choice(n, params.calibration_frames, replace=False))
+        pick = np.sort(np.random.default_rng(params.seed).choice(pick, params.calibration_frames, replace=False))
     maps = []
     for i in pick:
         others = torch.from_numpy(built.owner != i)
@@ -388,6 +389,13 @@ def label_free_keep(scores: Sequence[Any], normal: np.ndarray, pixel_quantile: f
         allp, pixel_quantile))
     keep = [scores[i].numpy() <= cut for i in idx]
     return keep, int(sum(int((~k).sum()) for k in keep))
+
+
+def _calibration_frames(keep: Sequence[np.ndarray]) -> list[int]:
+    """Label-free calibration: frames with more suspect (excluded) patches than the median frame are left
+    out, so that a defect the frame-level cut missed does not raise the thresholds."""
+    counts = np.array([int((~np.asarray(k)).sum()) for k in keep])
+    return [i for i, c in enumerate(counts) if c <= np.median(counts)]
 
 
 # ------------------------------------------------------------------------------------------ the mapper
@@ -553,7 +561,8 @@ class MemoryMapper:
                                 np.concatenate([base.radius, built.radius]),
                                 np.concatenate([np.full(base.n, -1, np.int32), built.owner]),
                                 max(base.header.radius, built.coverage))
-        maps = leave_one_out_maps(feats, embs, built, self.params) if len(feats) > 1 else []
+        eligible = _calibration_frames(keep) if keep is not None else None
+        maps = leave_one_out_maps(feats, embs, built, self.params, eligible) if len(feats) > 1 else []
         if not maps:
             raise ValueError("calibration needs at least two normal frames (leave-one-out)")
         cal = calibrate(maps, self.params, method)
@@ -718,8 +727,8 @@ class MemoryMapper:
         feats_n = [feats[i] for i in idx]
         embs_n = [embs[i] for i in idx]
         built = build_memory(feats_n, self.params, keep=keep)
-        cal = calibrate(leave_one_out_maps(feats_n, embs_n, built, self.params), self.params,
-                        "warm-up mutual+leave-one-out")
+        cal = calibrate(leave_one_out_maps(feats_n, embs_n, built, self.params, _calibration_frames(keep)),
+                        self.params, "warm-up mutual+leave-one-out")
         f16, rad, _, coverage = bound_memory(built.feats, built.radius, built.owner, built.coverage, self.params)
         header = self._new_header(f16.shape[1], coverage, cal)
         header = replace(header, calibration={**header.calibration, "mutual_frames": len(buffer),
