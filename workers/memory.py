@@ -324,7 +324,6 @@ def mutual_patch_scores(frame_feats: Sequence[Any], params: MemoryParams, refs: 
     """Label-free scores: each frame's patches against every other frame's patches (``refs``, e.g. their
     coresets; default the frames themselves); per patch the mean of the lowest ``mutual_fraction`` of the
     per-frame nearest distances (MuSc style), so a defect seen in one frame only stays far."""
-    torch = _torch()
     refs = list(frame_feats) if refs is None else list(refs)
     n = len(frame_feats)
     if n < 2:
@@ -336,10 +335,19 @@ def mutual_patch_scores(frame_feats: Sequence[Any], params: MemoryParams, refs: 
         others = [j for j in range(n) if j != i]
         if max_refs is not None and len(others) > max_refs:
             others = sorted(rng.choice(others, max_refs, replace=False).tolist())
-        d = torch.stack([knn_distance(frame_feats[i], refs[j], 1, memory_sq=sq[j]) for j in others])
-        m = max(1, int(round(params.mutual_fraction * len(others))))
-        out.append(torch.sort(d, dim=0).values[:m].mean(0))
+        out.append(mutual_query_scores(frame_feats[i], [refs[j] for j in others], params.mutual_fraction,
+                                       [sq[j] for j in others]))
     return out
+
+
+def mutual_query_scores(query, refs: Sequence[Any], fraction: float, refs_sq: Sequence[Any] | None = None):
+    """One frame's patches against other frames' patches: per patch, the mean of the lowest ``fraction`` of
+    the per-frame nearest distances. torch [Q]."""
+    torch = _torch()
+    d = torch.stack([knn_distance(query, r, 1, memory_sq=None if refs_sq is None else refs_sq[j])
+                     for j, r in enumerate(refs)])
+    m = max(1, int(round(fraction * len(refs))))
+    return torch.sort(d, dim=0).values[:m].mean(0)
 
 
 def mutual_maps(embeddings: Sequence[ImageEmbedding], params: MemoryParams, max_refs: int | None = None
@@ -427,7 +435,7 @@ class MemoryMapper:
         self._last: tuple[str, Any, Any, tuple[int, int]] | None = None  # key, feats, nn dist, grid
         self._synced = 0.0
         # warm-up (empty memory, online fill): buffered frames and their provisional raw maxima
-        self._buffer: list[tuple[Any, ImageEmbedding, float, float]] = []
+        self._buffer: list[tuple[Any, ImageEmbedding, float, float, Any]] = []  # feats, emb, max, q, coreset
 
     # -------------------------------------------------------------------------------- properties
     @property
@@ -633,7 +641,7 @@ class MemoryMapper:
         if self._mem is not None and self.size:
             nn = knn_distance(feats, self._mem, self.params.k, memory_sq=self._mem_sq)
         elif self._buffer:
-            nn = mutual_patch_scores([feats, *[b[0] for b in self._buffer]], self.params)[0]
+            nn = mutual_query_scores(feats, [b[4] for b in self._buffer], self.params.mutual_fraction)
         else:
             nn = None
         t2 = time.perf_counter()
@@ -694,23 +702,25 @@ class MemoryMapper:
             if stored is not None:
                 self.adopt(stored)
                 return False
-        self._buffer.append((feats, embedding, mx, pq))
+        self._buffer.append((feats, embedding, mx, pq, self._reference(feats)))
         if len(self._buffer) >= self.params.warmup_frames:
             self._finish_warmup()
         return True
+
+    def _reference(self, feats):
+        """A frame's coreset (2 x frame_ratio of its patches), what other frames are compared with in warm-up."""
+        torch = _torch()
+        proj = _projection(feats.shape[1], self.params.projection_dim, self.params.seed)
+        idx, _ = kcenter(feats, max(1, int(round(2 * self.params.frame_ratio * feats.shape[0]))), proj=proj,
+                         seed=self.params.seed + len(self._buffer))
+        return feats[torch.from_numpy(idx)]
 
     def _finish_warmup(self) -> None:
         embs = [b[1] for b in self._buffer]
         if self.features_fn is not None:
             log.warning("warm-up with a features_fn uses the buffered features' embeddings")
         feats = [b[0] for b in self._buffer]
-        torch = _torch()
-        proj = _projection(feats[0].shape[1], self.params.projection_dim, self.params.seed)
-        refs = []
-        for i, f in enumerate(feats):
-            idx, _ = kcenter(f, max(1, int(round(2 * self.params.frame_ratio * f.shape[0]))), proj=proj,
-                             seed=self.params.seed + i)
-            refs.append(f[torch.from_numpy(idx)])
+        refs = [b[4] for b in self._buffer]
         shapes = [valid_grid(e) for e in embs]
         scores = mutual_patch_scores(feats, self.params, refs=refs)
         maxima = [float(raw_to_image(s.numpy().reshape(shapes[i]), embs[i], self.params.smoothing_sigma).max())
