@@ -79,10 +79,10 @@ def _torch():
 class MemoryParams:
     neighbourhood: int = 3
     k: int = 1
-    norm: str = "none"  # "none" or "l2" (feature normalisation before distances)
+    norm: str = "l2"  # "l2" or "none": feature normalisation before distances (l2 measured better)
     policy: str = "coreset"
     max_patches: int = 50000
-    frame_ratio: float = 0.25  # at most this fraction of a frame's patches enters the memory
+    frame_ratio: float = 0.1  # at most this fraction of a frame's patches enters the memory
     projection_dim: int = 64  # random projection for the k-center selection
     smoothing_sigma: float = 4.0  # Gaussian sigma in 1024-frame pixels
     calibration_quantile: float = 0.99
@@ -118,7 +118,7 @@ def valid_grid(embedding: ImageEmbedding, encoder_side: int = ENCODER_SIDE) -> t
     return gh, gw
 
 
-def patch_features(embedding: ImageEmbedding, neighbourhood: int = 3, norm: str = "none"):
+def patch_features(embedding: ImageEmbedding, neighbourhood: int = 3, norm: str = "l2"):
     """torch float32 [gh*gw, C] patch features of the valid grid, locally averaged; and (gh, gw)."""
     torch = _torch()
     gh, gw = valid_grid(embedding)
