@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-images", type=int, default=0, help="at most N test images per category (0 = all)")
     s.add_argument("--out", default="runs/eval")
     s.add_argument("--prompts", choices=("ensemble", "vip2"), default=None)
+    s.add_argument("--pixel-size", type=int, default=256,
+                   help="pixel metrics pool maps and masks at this longer side (0 = native size)")
 
     s = sub.add_parser("memory", help="a line's normal memory: add known-good images, show, clear")
     s.add_argument("action", choices=("add", "show", "clear"))
