@@ -1,4 +1,4 @@
-"""Wire format: bytes plus a small versioned JSON header. Never pickle.
+"""Wire format: bytes plus a small versioned JSON header. No Python object serialisation (pickling) anywhere.
 
 Layout of one payload::
 

@@ -1,4 +1,4 @@
-"""Per-line normal memory in Redis: raw float16 patch bytes plus a small JSON header (never pickle).
+"""Per-line normal memory in Redis: raw float16 patch bytes plus a small JSON header (no object pickling).
 
 Keys (``stream.keys.line_keys(prefix, line).memory(part)``):
 

@@ -326,7 +326,7 @@ def _load_state_dict(path: Path, torch: Any) -> dict[str, Any]:
         return load_file(str(path), device="cpu")
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises pickle / zip errors of several types for a bad file
+    except Exception as exc:  # torch raises unpickling / zip errors of several types for a bad file
         raise ModelLoadError(f"{path} is not a loadable torch checkpoint of tensors: {str(exc)[:300]}") from exc
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
