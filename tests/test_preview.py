@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -25,7 +24,7 @@ import yaml
 from stream.contracts import Defect, Encoding, InspectionResult, Verdict
 from stream.keys import line_keys, lines_index
 from stream.queue import PAYLOAD_FIELD
-from stream.wire import decode_frame, encode_frame, encode_label_mask, encode_result, image_to_frame
+from stream.wire import encode_frame, encode_label_mask, encode_result, image_to_frame
 from tests.conftest import ROOT, free_port
 
 pytest.importorskip("aiortc", reason="preview tests need lineinspect[preview]")
@@ -380,45 +379,6 @@ def _stop(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
             proc.wait(5)
 
 
-class TestWorker(threading.Thread):
-    """Stands in for a worker process: reads the line's frames as they arrive (plain XREAD), publishes a
-    result for each one (as the real worker does: results stream + pub/sub channel) and deletes the frame."""
-
-    __test__ = False
-
-    def __init__(self, redis_url: str, prefix: str, line: str, box: tuple[int, int, int, int]):
-        super().__init__(daemon=True)
-        import redis
-
-        self.client = redis.Redis.from_url(redis_url)
-        self.keys = line_keys(prefix, line)
-        self.box = box
-        self.defective = True
-        self.published = 0
-        self.stop_event = threading.Event()
-
-    def run(self) -> None:
-        last = "$"
-        while not self.stop_event.is_set():
-            reply = self.client.xread({self.keys.frames: last}, count=100, block=200)
-            for _stream, entries in reply or ():
-                for eid, fields in entries:
-                    last = eid
-                    f = decode_frame(fields[PAYLOAD_FIELD])
-                    if self.defective:
-                        res = _defect_result(f.frame_id, f.line_id, f.camera_id, f.seq, f.capture_ts,
-                                             f.shape[:2], self.box)
-                    else:
-                        res = _ok_result(f.frame_id, f.line_id, f.camera_id, f.seq, f.capture_ts)
-                    payload = encode_result(res)
-                    pipe = self.client.pipeline()
-                    pipe.xadd(self.keys.results, {PAYLOAD_FIELD: payload})
-                    pipe.publish(self.keys.results_channel, payload)
-                    pipe.xdel(self.keys.frames, eid)
-                    pipe.execute()
-                    self.published += 1
-
-
 WAIT_FRAMES_JS = """new Promise((resolve) => {
   const t0 = Date.now();
   const tick = () => {
@@ -475,9 +435,10 @@ def _last_result(client, prefix: str, line: str) -> InspectionResult | None:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_end_to_end_in_headless_chromium(redis_url, key_prefix, redis_client, demo_data):
-    """ingest process -> Redis -> (test worker with a known defect box, then a real `worker --detector noop`
-    process) -> preview process -> WebRTC -> headless Chromium; the screenshot shows the overlay colour
-    exactly where the defect was reported, and none once the worker reports OK."""
+    """ingest process -> Redis -> worker process (``--detector box:...``: reports a defect at a known place,
+    then a ``--detector noop`` worker that reports OK) -> preview process -> WebRTC -> headless Chromium; the
+    screenshot shows the overlay colour exactly where the worker reported the defect, and none once the
+    worker reports OK."""
     import aiohttp
 
     chromium = _chromium()
@@ -496,7 +457,6 @@ def test_end_to_end_in_headless_chromium(redis_url, key_prefix, redis_client, de
     env = {k: v for k, v in os.environ.items() if not k.startswith("LINEINSPECT__")}
     env["PYTHONUNBUFFERED"] = "1"
     procs: list[subprocess.Popen] = []
-    test_worker = TestWorker(redis_url, key_prefix, line, box)
     browser = None
     logs = {name: open(tmp / f"{name}.log", "w+") for name in ("preview", "ingest", "worker", "chromium")}  # noqa: SIM115
 
@@ -516,10 +476,12 @@ def test_end_to_end_in_headless_chromium(redis_url, key_prefix, redis_client, de
 
     try:
         preview = spawn("preview", "preview")
-        test_worker.start()
+        box_worker = spawn("worker", "worker", "--line", line, "--id", "boxworker", "--detector",
+                           "box:" + ",".join(str(v) for v in box))
         spawn("ingest", "ingest", "--camera", cam)
+        results_key = line_keys(key_prefix, line).results
         deadline = time.monotonic() + 60
-        while not redis_client.sismember(lines_index(key_prefix), line) or test_worker.published < 3:
+        while not redis_client.sismember(lines_index(key_prefix), line) or redis_client.xlen(results_key) < 3:
             assert time.monotonic() < deadline, "ingest did not register its line / no frames\n" + dump_logs()
             assert preview.poll() is None, dump_logs()
             time.sleep(0.2)
@@ -602,13 +564,13 @@ def test_end_to_end_in_headless_chromium(redis_url, key_prefix, redis_client, de
                     assert await _wait_viewers(http, base, {line: 1}) == {line: 1}, "closed tab's peer kept"
 
                     # a real worker process takes over and finds nothing: the overlay goes away
-                    test_worker.stop_event.set()
-                    await asyncio.get_running_loop().run_in_executor(None, test_worker.join, 10)
-                    worker = spawn("worker", "worker", "--line", line, "--detector", "noop")
+                    box_worker.terminate()
+                    assert await asyncio.get_running_loop().run_in_executor(None, box_worker.wait, 30) == 0
+                    worker = spawn("worker", "worker", "--line", line, "--id", "okworker", "--detector", "noop")
                     by = time.monotonic() + 90
                     while True:
                         last = _last_result(redis_client, key_prefix, line)
-                        if last is not None and last.worker_id != "test":
+                        if last is not None and last.worker_id == "okworker":
                             break
                         assert worker.poll() is None and time.monotonic() < by, "no worker result\n" + dump_logs()
                         await asyncio.sleep(0.2)
@@ -656,8 +618,6 @@ def test_end_to_end_in_headless_chromium(redis_url, key_prefix, redis_client, de
         assert _magenta_like(ok_shot).mean() < 0.002
         assert ok_shot[ok_shot.shape[0] // 8:].std() > 10
     finally:
-        test_worker.stop_event.set()
-        test_worker.join(5)
         _stop(browser)
         for p in procs:
             _stop(p)
