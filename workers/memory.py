@@ -45,6 +45,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from workers.imageio import IMAGE_EXTENSIONS, ImageReadError, read_image
 from workers.interfaces import AnomalyMap, ImageEmbedding
 from workers.memory_store import (
     MemoryConflict,
@@ -58,7 +59,6 @@ from workers.memory_store import (
 log = logging.getLogger(__name__)
 
 ENCODER_SIDE = 1024  # SAM encoder input side; the embedding grid covers it
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 RADIUS_MAX = 60000.0  # float16-safe stand-in for "infinitely novel" (first patch of an empty memory)
 
 FeaturesFn = Callable[[np.ndarray, ImageEmbedding], ImageEmbedding]
@@ -856,12 +856,11 @@ def load_images(folder: str | Path) -> list[tuple[str, np.ndarray]]:
         raise FileNotFoundError(f"not a folder: {folder}")
     out = []
     for p in sorted(folder.iterdir()):
-        if p.suffix.lower() in IMAGE_EXTS:
-            im = cv2.imread(str(p), cv2.IMREAD_COLOR)
-            if im is None:
-                log.warning("skipping unreadable image %s", p)
-                continue
-            out.append((p.name, im))
+        if p.suffix.lower() in IMAGE_EXTENSIONS:
+            try:
+                out.append((p.name, read_image(p)))
+            except ImageReadError as exc:
+                log.warning("skipping unreadable image: %s", exc)
     return out
 
 

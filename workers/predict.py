@@ -36,62 +36,17 @@ from typing import TextIO
 import numpy as np
 
 from config.settings import Settings
-from stream.contracts import LineInspectError, Verdict
+from stream.contracts import Verdict
+from workers.imageio import IMAGE_EXTENSIONS, ImageReadError, list_images, read_image, read_mask
 from workers.interfaces import AnomalyMapper, Detection, FrameDetector, SamBackend
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "list_images", "main", "predict_folder", "read_image", "read_mask"]
+
 SCORES_CSV = "scores.csv"
 ERRORS_CSV = "errors.csv"
 
 
-class ImageReadError(LineInspectError):
-    """An image file is missing, truncated or not an image."""
-
-
 # ------------------------------------------------------------------------------------------ images
-
-
-def list_images(folder: Path, exclude: Sequence[Path] = ()) -> list[Path]:
-    """Image files under ``folder`` (recursive, sorted), skipping anything inside ``exclude`` folders."""
-    folder = Path(folder)
-    skip = [Path(e).resolve() for e in exclude]
-    found = []
-    for p in sorted(folder.rglob("*")):
-        if not p.is_file() or p.suffix.lower() not in IMAGE_EXTENSIONS:
-            continue
-        rp = p.resolve()
-        if any(rp.is_relative_to(s) for s in skip):
-            continue
-        found.append(p)
-    return found
-
-
-def read_image(path: Path) -> np.ndarray:
-    """BGR uint8 H x W x 3 (grey and 16-bit images converted); :class:`ImageReadError` if unreadable."""
-    import cv2
-
-    try:
-        data = np.fromfile(str(path), dtype=np.uint8)
-    except OSError as exc:
-        raise ImageReadError(f"{path}: cannot read: {exc}") from None
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if image is None:
-        raise ImageReadError(f"{path}: not a decodable image ({data.size} bytes)")
-    return image
-
-
-def read_mask(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
-    """A ground-truth mask as uint8 0/1 at ``shape`` (nearest-neighbour resize); zeros when ``path`` is None."""
-    import cv2
-
-    if path is None:
-        return np.zeros(shape, np.uint8)
-    m = cv2.imdecode(np.fromfile(str(path), dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
-    if m is None:
-        raise ImageReadError(f"{path}: not a decodable mask")
-    if m.shape != shape:
-        m = cv2.resize(m, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
-    return (m > 0).astype(np.uint8)
 
 
 def score_map_at(detection: Detection, shape: tuple[int, int]) -> np.ndarray:

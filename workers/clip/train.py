@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from stream.contracts import ModelLoadError
+from workers.imageio import read_image
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +91,6 @@ def find_samples(dataset: str | Path, max_images: int = 0) -> list[TrainSample]:
     return samples
 
 
-def _read_image(path: Path) -> np.ndarray:
-    import cv2
-
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise ValueError(f"cannot read image {path}")
-    return img
-
-
 def _read_mask(sample: TrainSample, size: int) -> np.ndarray:
     import cv2
 
@@ -130,7 +122,7 @@ def cache_features(backbone: Any, samples: list[TrainSample], layers: tuple[int,
     with torch.no_grad():
         for start in range(0, n, batch):
             chunk = samples[start:start + batch]
-            x = preprocess(backbone, [_read_image(s.image) for s in chunk])
+            x = preprocess(backbone, [read_image(s.image) for s in chunk])
             _, tokens = encode_tokens(backbone, x, layers, vv_blocks=0)
             for li, tok in enumerate(tokens):
                 feats[li][start:start + len(chunk)] = ln_post(tok).to("cpu", dtype)

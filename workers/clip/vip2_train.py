@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from stream.contracts import ModelLoadError
+from workers.imageio import read_image
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +111,6 @@ def discover_samples(dataset: str | Path, max_images: int = 0, seed: int = 0) ->
     return samples
 
 
-def _read_image(path: Path) -> np.ndarray:
-    import cv2
-
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise OSError(f"train-prompts: cannot read image {path}")
-    return img
-
-
 def _read_mask(sample: Sample, size: int, shape: tuple[int, int]) -> np.ndarray:
     import cv2
 
@@ -144,7 +136,7 @@ def build_cache(backbone: Any, samples: Sequence[Sample], layers: Sequence[int],
     globals_, patches, masks = [], [], []
     chunks = [samples[i:i + batch] for i in range(0, len(samples), batch)]
     for chunk in tqdm(chunks, desc="caching CLIP features", unit="batch", disable=not progress, file=sys.stderr):
-        images = [_read_image(s.image) for s in chunk]
+        images = [read_image(s.image) for s in chunk]
         g, p = extract_features(backbone, images, layers)
         globals_.append(g.cpu())
         patches.append(torch.stack(p, dim=1).cpu().half())
