@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -31,6 +30,7 @@ from stream import wire
 from stream.contracts import Defect, Encoding, InspectionResult, Verdict
 from stream.keys import line_keys
 from tests.conftest import ROOT, free_port
+from tests.procs import CliProcesses, processes_fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -41,12 +41,8 @@ FAST_QUEUE = {"block_ms": 100, "claim_interval_s": 0.3, "claim_idle_ms": 2000}
 # ----------------------------------------------------------------------------------------- helpers
 
 
-class Procs:
+class Procs(CliProcesses):
     """``python -m stream.cli`` subprocesses, each with its own settings file and metrics port."""
-
-    def __init__(self, tmp: Path, redis_url: str, prefix: str):
-        self.tmp, self.redis_url, self.prefix = tmp, redis_url, prefix
-        self.procs: list[subprocess.Popen] = []
 
     def start(self, *args: str, cameras=(), alerts=None, queue=None) -> tuple[subprocess.Popen, int]:
         port = free_port()
@@ -57,33 +53,10 @@ class Procs:
             cfg["alerts"] = alerts
         path = self.tmp / f"settings-{len(self.procs)}.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        log = open(self.tmp / f"proc{len(self.procs)}-{args[0]}.log", "wb")  # noqa: SIM115 (closed at exit)
-        proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "--config", str(path), *args], cwd=ROOT,
-                                stdout=log, stderr=subprocess.STDOUT)
-        proc.log_path = log.name
-        self.procs.append(proc)
-        return proc, port
-
-    def output(self, proc) -> str:
-        return Path(proc.log_path).read_text(errors="replace")
-
-    def stop(self, proc, timeout=20) -> int:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        return proc.wait(timeout)
-
-    def cleanup(self):
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
+        return self.spawn(path, *args), port
 
 
-@pytest.fixture
-def procs(tmp_path, redis_url, key_prefix):
-    p = Procs(tmp_path, redis_url, key_prefix)
-    yield p
-    p.cleanup()
+procs = processes_fixture(Procs)
 
 
 def http(url: str, timeout=2.0) -> tuple[int, str]:

@@ -10,7 +10,6 @@ import collections
 import re
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -24,7 +23,8 @@ from stream import wire
 from stream.contracts import Encoding
 from stream.keys import line_keys
 from stream.queue import PAYLOAD_FIELD
-from tests.conftest import ROOT, free_port
+from tests.conftest import free_port
+from tests.procs import CliProcesses, processes_fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -38,14 +38,8 @@ def _images(folder, n, size=(24, 32)):
     return folder
 
 
-class Procs:
+class Procs(CliProcesses):
     """Starts ``lineinspect`` subprocesses with one settings file; kills leftovers at teardown."""
-
-    def __init__(self, tmp_path, redis_url, prefix):
-        self.tmp = tmp_path
-        self.redis_url = redis_url
-        self.prefix = prefix
-        self.procs: list[subprocess.Popen] = []
 
     def config(self, cameras=(), queue=None, metrics_port=None, name="settings.yaml"):
         data = {"redis": {"url": self.redis_url, "key_prefix": self.prefix},
@@ -58,29 +52,10 @@ class Procs:
         return path
 
     def start(self, config, *args) -> subprocess.Popen:
-        log = open(self.tmp / f"proc{len(self.procs)}-{args[0]}.log", "wb")  # noqa: SIM115 (closed by the OS)
-        proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "--config", str(config), *args],
-                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        proc.log_path = log.name
-        self.procs.append(proc)
-        return proc
-
-    def output(self, proc) -> str:
-        with open(proc.log_path, "rb") as f:
-            return f.read().decode(errors="replace")
-
-    def cleanup(self):
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
+        return self.spawn(config, *args)
 
 
-@pytest.fixture
-def procs(tmp_path, redis_url, key_prefix):
-    p = Procs(tmp_path, redis_url, key_prefix)
-    yield p
-    p.cleanup()
+procs = processes_fixture(Procs)
 
 
 def _results(client, keys):
