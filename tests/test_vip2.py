@@ -24,7 +24,7 @@ from workers.clip import vip2, vip2_train  # noqa: E402
 from workers.clip.backbone import load_clip_backbone  # noqa: E402
 from workers.interfaces import AnomalyMapper  # noqa: E402
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("torch_one_thread")]
 
 MODEL = "ViT-S-32"  # 12 blocks, native 224 px
 SIZE = 160  # non-native: 5 x 5 grid instead of 7 x 7
@@ -34,13 +34,6 @@ SMALL_SIZE = 96  # 3 x 3 grid
 SMALL_LAYERS = (6, 12)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The machine's 2 cores are shared by many processes; one thread is faster and steadier here.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
