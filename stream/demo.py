@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -213,6 +214,4 @@ def main(settings: Settings, args) -> int:
             client.delete(key)
         client.close()
         local.stop()
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
