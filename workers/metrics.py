@@ -88,13 +88,19 @@ class _Counts:
     negatives: int
 
 
-def _check(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _flat_pair(scores: np.ndarray, other: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Both flattened; same size and finite scores, else ValueError naming ``what`` the other array is."""
     s = np.asarray(scores).ravel()
-    y = np.asarray(labels).ravel()
-    if s.shape != y.shape:
-        raise ValueError(f"scores and labels differ in size: {s.shape} vs {y.shape}")
+    o = np.asarray(other).ravel()
+    if s.shape != o.shape:
+        raise ValueError(f"scores and {what} differ in size: {s.shape} vs {o.shape}")
     if s.size and not np.all(np.isfinite(s)):
         raise ValueError("scores contain NaN or infinite values")
+    return s, o
+
+
+def _check(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    s, y = _flat_pair(scores, labels, "labels")
     return s, y.astype(bool, copy=False)
 
 
@@ -202,12 +208,7 @@ def aupro(scores: np.ndarray, regions: np.ndarray, fpr_limit: float = 0.3) -> fl
     """
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit {fpr_limit}: allowed 0 < limit <= 1")
-    s = np.asarray(scores).ravel()
-    r = np.asarray(regions).ravel()
-    if s.shape != r.shape:
-        raise ValueError(f"scores and regions differ in size: {s.shape} vs {r.shape}")
-    if s.size and not np.all(np.isfinite(s)):
-        raise ValueError("scores contain NaN or infinite values")
+    s, r = _flat_pair(scores, regions, "regions")
     if r.size and r.min() < 0:
         raise ValueError("region ids must be >= 0")
     areas = np.bincount(r.astype(np.int64, copy=False))
