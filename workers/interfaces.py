@@ -14,6 +14,7 @@ Normalisation convention: an ``AnomalyMap.pixel`` value of 1.0 is the line's cal
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -30,6 +31,9 @@ class ImageEmbedding:
     features: np.ndarray  # float32 [C, h, w] (256 x 64 x 64 for SAM)
     input_size: tuple[int, int]  # (h, w) of the resized image inside the 1024 x 1024 encoder input
     original_size: tuple[int, int]  # (H, W) of the frame
+    # encoder-internal feature maps asked for by name (``SamBackend`` taps), float32 [C, h, w] each, on a
+    # grid that covers the 1024 encoder input like ``features``; the memory mapper can use them
+    taps: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def scale(self) -> float:

