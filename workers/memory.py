@@ -30,8 +30,12 @@ Filling (``memory.fill``):
   a list of images).
 
 Calibration: thresholds from leave-one-out raw maps of normal frames (each frame scored against the memory
-without its own rows): image threshold = ``memory.calibration_quantile`` of their maxima, pixel threshold =
-the ``1 - (1 - q) / 10`` quantile of their pixels. ``settings.detector.image_threshold`` /
+without its own rows). Image threshold: the ``memory.calibration_quantile`` q of their maxima, estimated
+empirically when there are at least ``1 / (1 - q)`` frames; with fewer (16 frames cannot tell the 99th
+percentile from the most unusual frame) from a normal tail fitted robustly: median + z(q) * 1.4826 * MAD,
+z(q) the standard normal quantile, kept between the median and the largest maximum (with a handful of
+frames the MAD is too noisy to go beyond what was seen). Pixel threshold: the
+``1 - (1 - q) / 10`` quantile of their pixels (plenty of samples). ``settings.detector.image_threshold`` /
 ``pixel_threshold`` > 0 override them (raw units, as shown by ``lineinspect memory show LINE``).
 """
 
@@ -321,10 +325,24 @@ def calibrate(raw_maps: Sequence[np.ndarray], params: MemoryParams, method: str)
     maxima = np.array([float(m.max()) for m in raw_maps])
     pixels = np.concatenate([m[:: max(1, m.shape[0] // 256), :: max(1, m.shape[1] // 256)].ravel()
                              for m in raw_maps])
-    image_thr = float(np.quantile(maxima, params.calibration_quantile))
+    image_thr, rule = image_threshold(maxima, params.calibration_quantile)
     pixel_thr = float(np.quantile(pixels, params.pixel_quantile))
-    return Calibration(max(image_thr, 1e-6), max(pixel_thr, 1e-6), len(raw_maps), method,
+    return Calibration(max(image_thr, 1e-6), max(pixel_thr, 1e-6), len(raw_maps), f"{method}, {rule}",
                        tuple(round(float(v), 5) for v in maxima))
+
+
+def image_threshold(maxima: Sequence[float], q: float) -> tuple[float, str]:
+    """The q-quantile of normal frames' maxima, and how it was estimated (see the module docstring)."""
+    m = np.asarray(maxima, np.float64)
+    if q >= 1.0 or len(m) * (1.0 - q) >= 1.0 - 1e-9:
+        return float(np.quantile(m, q)), "empirical quantile"
+    med = float(np.median(m))
+    sigma = 1.4826 * float(np.median(np.abs(m - med)))
+    if sigma <= 0:  # degenerate spread (identical frames): fall back to the largest seen
+        return float(m.max()), "max (no spread)"
+    from statistics import NormalDist
+
+    return float(np.clip(med + NormalDist().inv_cdf(q) * sigma, med, m.max())), "robust normal tail"
 
 
 def _grid_scores(feats, mem, mem_sq, k: int, shape: tuple[int, int]) -> np.ndarray:
