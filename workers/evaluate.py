@@ -228,11 +228,14 @@ class _StageAccumulator:
     def result(self, shared_s: float) -> StageResult:
         scores = np.asarray(self.image_scores, np.float64)
         labels = np.asarray(self.image_labels, bool)
+        flagged = scores > 1.0  # the verdict rule: above the calibrated (or configured) image threshold
         return StageResult(
             stage=self.stage, image=binary_metrics(scores, labels), pixel=self.pool.compute(),
             images=len(self.image_scores), shared_s=shared_s, stage_s=float(np.mean(self.stage_s)),
             timings={k: float(np.mean(v)) for k, v in sorted(self.timings.items())},
-            pixel_curve=self.pool.curve(), image_curve=pr_curve(scores, labels))
+            pixel_curve=self.pool.curve(), image_curve=pr_curve(scores, labels),
+            flagged_defect=float(flagged[labels].mean()) if labels.any() else float("nan"),
+            flagged_good=float(flagged[~labels].mean()) if (~labels).any() else float("nan"))
 
 
 def evaluate_category(cat: Category, items: Sequence[EvalImage], session, stages: Sequence[int],

@@ -35,6 +35,10 @@ class StageResult:
     timings: dict[str, float] = field(default_factory=dict)  # mean of the detector's own stage timings
     pixel_curve: Curve = Curve((), (), ())
     image_curve: Curve = Curve((), (), ())
+    # the verdicts at the line's calibrated image threshold (normalised image score > 1): the fraction of
+    # defect images flagged and of good images flagged (nan without such images)
+    flagged_defect: float = float("nan")
+    flagged_good: float = float("nan")
 
     @property
     def total_s(self) -> float:
@@ -84,6 +88,8 @@ METRIC_COLUMNS = (
     ("pixel AP", lambda r: r.pixel.ap),
     ("pixel F1-max", lambda r: r.pixel.f1_max),
     ("AUPRO", lambda r: r.pixel.aupro),
+    ("defects flagged", lambda r: r.flagged_defect),
+    ("good flagged", lambda r: r.flagged_good),
 )
 
 
@@ -144,6 +150,7 @@ def to_json(report: EvalReport) -> dict:
                 "seconds": {"shared": r.shared_s, "stage": r.stage_s, "total": r.total_s,
                             "detector_timings": r.timings},
                 "pixel_pr_curve": asdict(r.pixel_curve), "image_pr_curve": asdict(r.image_curve),
+                "at_threshold": {"defects_flagged": r.flagged_defect, "good_flagged": r.flagged_good},
             })
         cats.append({"name": c.name, "root": c.root, "memory": c.memory, "images": c.images,
                      "defect_images": c.defect_images, "failed": [list(f) for f in c.failed], "stages": stages})
@@ -167,7 +174,8 @@ def to_markdown(report: EvalReport) -> str:
              + ", ".join(f"{k}={v}" for k, v in report.models.items()) + ".", "",
              "Metrics in %. Pixel metrics pool every pixel of a category's test images "
              f"(maps and masks resized to a longest side of {report.pixel_size or 'native'} px); "
-             "AUPRO integrated to FPR 0.3. *shared ms*: SAM embedding + anomaly map, computed once per image "
+             "AUPRO integrated to FPR 0.3. *defects / good flagged*: verdicts at the line's calibrated image "
+             "threshold (the other columns need no threshold). *shared ms*: SAM embedding + anomaly map, computed once per image "
              "and reused by every CPS setting; *stage ms*: that setting's own work (PPG, SAM decoder passes, "
              "fusion); per image, mean.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
