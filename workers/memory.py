@@ -472,7 +472,8 @@ class MemoryMapper:
                  pixel_threshold_override: float = 0.0):
         self.source = source
         self.name = f"memory[{source}]"
-        self.params = params
+        # a features_fn (CLIP patch tokens) replaces the SAM outputs: memory.layers do not apply to it
+        self.params = params if features_fn is None else replace(params, layers=("neck",))
         self.store = store
         self.features_fn = features_fn
         self.image_threshold_override = float(image_threshold_override)
@@ -601,8 +602,7 @@ class MemoryMapper:
     def _features(self, image_bgr: np.ndarray | None, embedding: ImageEmbedding):
         if self.features_fn is not None:
             embedding = self.features_fn(image_bgr, embedding)
-        layers = ("neck",) if self.features_fn is not None else self.params.layers
-        return patch_features(embedding, self.params.neighbourhood, self.params.norm, layers), embedding
+        return patch_features(embedding, self.params.neighbourhood, self.params.norm, self.params.layers), embedding
 
     def build(self, embeddings: Sequence[ImageEmbedding], images: Sequence[np.ndarray] | None = None,
               keep: Sequence[Any] | None = None, base: StoredMemory | None = None,

@@ -154,6 +154,7 @@ class OnnxSamBackend:
         self._encoder: Any = None
         self._decoder: Any = None
         self._encoder_input = "input"
+        self._encoder_outputs: list[str] = []  # the neck output, then the taps' tensors
 
     @property
     def weights(self) -> str:
@@ -184,6 +185,7 @@ class OnnxSamBackend:
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelLoadError(f"cannot load SAM ONNX files {self.weights}: {exc}") from exc
         self._encoder_input = self._encoder.get_inputs()[0].name
+        self._encoder_outputs = [self._encoder.get_outputs()[0].name, *self._tap_outputs]
         names = {i.name for i in self._decoder.get_inputs()}
         expected = {"image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input",
                     "orig_im_size"}
@@ -227,7 +229,7 @@ class OnnxSamBackend:
     def embed(self, image_bgr: np.ndarray, key: str) -> ImageEmbedding:
         encoder, _ = self._sessions()
         x, input_size = preprocess(image_bgr)
-        outputs = encoder.run([encoder.get_outputs()[0].name, *self._tap_outputs], {self._encoder_input: x})
+        outputs = encoder.run(self._encoder_outputs, {self._encoder_input: x})
         taps = {name: tap_grid(out, name) for name, out in zip(self.taps, outputs[1:], strict=True)}
         return ImageEmbedding(key=key, features=np.ascontiguousarray(outputs[0][0], dtype=np.float32),
                               input_size=input_size, original_size=tuple(image_bgr.shape[:2]), taps=taps)
