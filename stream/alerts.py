@@ -52,6 +52,7 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 
+from stream.backoff import Backoff
 from stream.contracts import Defect, Frame, InspectionResult, LineInspectError, PayloadError, Verdict
 from stream.keys import line_keys
 from stream.metrics import AlertMetrics
@@ -554,7 +555,7 @@ class SinkWorker:
                 self.metrics.sink_deliveries.labels(self.name, "failed").inc()
 
     def _deliver(self, alert: Alert) -> None:
-        delay = self.retry_initial_s
+        backoff = Backoff(self.retry_initial_s, self.retry_max_s)
         for attempt in range(self.max_retries + 1):
             try:
                 self.sink.deliver(alert)
@@ -569,10 +570,10 @@ class SinkWorker:
                               attempt + 1, exc)
                     return
                 self.metrics.sink_retries.labels(self.name).inc()
+                delay = backoff.next_delay()
                 log.warning("alert sink %s: %s; retry %d/%d in %.2fs", self.name, exc, attempt + 1,
                             self.max_retries, delay)
                 self._stop.wait(delay)
-                delay = min(delay * 2, self.retry_max_s)
             else:
                 self.metrics.sink_deliveries.labels(self.name, "delivered").inc()
                 log.info("alert %s delivered via %s", alert.alert_id, self.name)
@@ -759,19 +760,19 @@ class AlertService:
         """Poll until ``stop`` is set; Redis outages are logged and retried with backoff."""
         import redis
 
-        delay = 0.5
+        backoff = Backoff(0.5, 10.0)
         while not stop.is_set():
             try:
                 if not self._ready:
                     self.setup()
                 self.poll(block_ms)
-                delay = 0.5
+                backoff.reset()
             except redis.RedisError as exc:
                 self._last_error = f"{type(exc).__name__}: {exc}"
                 self._ready = False
+                delay = backoff.next_delay()
                 log.warning("alerts: Redis error (%s); retrying in %.1fs", self._last_error, delay)
                 stop.wait(delay)
-                delay = min(delay * 2, 10.0)
 
 
 def main(settings: Any, args: Any) -> int:

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 
 from config.settings import CameraSettings, Settings, SettingsError
+from stream.backoff import Backoff
 from stream.contracts import Encoding, PayloadError, SourceConnectionError, SourceExhausted
 from stream.keys import line_keys, lines_index
 from stream.queue import PAYLOAD_FIELD
@@ -140,7 +141,7 @@ def run_ingest(settings: Settings, camera_id: str, stop: threading.Event | None 
 
     registered = False
     redis_retry_at = 0.0
-    redis_delay = REDIS_RETRY_INITIAL_S
+    redis_backoff = Backoff(REDIS_RETRY_INITIAL_S, REDIS_RETRY_MAX_S)
     period = 1.0 / camera.fps if camera.fps > 0 else 0.0
     next_due = time.monotonic()
     t_start = time.monotonic()
@@ -217,13 +218,12 @@ def run_ingest(settings: Settings, camera_id: str, stop: threading.Event | None 
                               REDIS_RETRY_MAX_S)
                 health.redis_ok, health.redis_error = False, str(exc)
                 registered = False
-                redis_retry_at = time.monotonic() + redis_delay
-                redis_delay = min(redis_delay * 2, REDIS_RETRY_MAX_S)
+                redis_retry_at = time.monotonic() + redis_backoff.next_delay()
                 continue
             if not health.redis_ok and health.redis_error != "not connected yet":
                 log.info("redis reachable again")
             health.redis_ok, health.redis_error = True, ""
-            redis_delay = REDIS_RETRY_INITIAL_S
+            redis_backoff.reset()
             registered = True
             counts.enqueued += 1
             metrics.frames_enqueued.labels(**lbl).inc()

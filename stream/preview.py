@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from config.settings import Settings
+from stream.backoff import Backoff
 from stream.contracts import Frame, InspectionResult, LineInspectError, PayloadError, QueueUnavailableError
 from stream.keys import LineKeys, line_keys, lines_index
 from stream.queue import PAYLOAD_FIELD
@@ -297,7 +298,7 @@ class LineSource:
     async def _run(self) -> None:
         import redis
 
-        delay = REDIS_RETRY_INITIAL_S
+        backoff = Backoff(REDIS_RETRY_INITIAL_S, REDIS_RETRY_MAX_S)
         ids: dict[str, str] = {}
         try:
             while not self._closed:
@@ -305,13 +306,13 @@ class LineSource:
                     await self._read_loop(ids)
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     # viewers keep their connection (the video pauses); reading resumes at the stream's end
+                    delay = backoff.next_delay()
                     log.warning("preview: line %s: Redis unreachable (%s), retrying in %.1fs", self.keys.line,
                                 exc, delay)
                     ids.clear()
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, REDIS_RETRY_MAX_S)
                 else:
-                    delay = REDIS_RETRY_INITIAL_S
+                    backoff.reset()
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -29,6 +29,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from config.settings import CameraSettings
+from stream.backoff import Backoff
 from stream.contracts import SourceConnectionError, SourceExhausted
 
 log = logging.getLogger(__name__)
@@ -306,13 +307,13 @@ class ReconnectingSource:
             self._reconnect()
 
     def _reconnect(self) -> None:
-        delay = self.initial_s
+        backoff = Backoff(self.initial_s, self.max_s)
         failures = 0
         while True:
             if 0 <= self.max_reconnects <= failures:
                 raise SourceConnectionError(
                     f"{self.name}: gave up after {failures} reconnect attempts ({self.last_error})")
-            if self.sleep(delay) is True:
+            if self.sleep(backoff.next_delay()) is True:
                 raise SourceConnectionError(f"{self.name}: stopped while reconnecting")
             self.reconnects += 1
             if self.on_reconnect is not None:
@@ -324,8 +325,7 @@ class ReconnectingSource:
                 failures += 1
                 self.last_error = str(exc)
                 log.warning("%s: reconnect attempt %d failed: %s (next in %.2fs)", self.name, failures, exc,
-                            min(delay * 2, self.max_s))
-                delay = min(delay * 2, self.max_s) if delay > 0 else 0.0
+                            backoff.delay)
                 continue
             self._opened = True
             self.reconnected += 1

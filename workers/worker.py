@@ -37,6 +37,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from config.settings import Settings
+from stream.backoff import Backoff
 from stream.contracts import InspectionResult, ModelLoadError, PayloadError
 from stream.keys import line_keys
 
@@ -161,7 +162,7 @@ class Worker:
         from stream.queue import FrameQueue
 
         self.queue = FrameQueue(self.client, self.keys, self.settings.queue, self.worker_id)
-        delay = REDIS_RETRY_INITIAL_S
+        backoff = Backoff(REDIS_RETRY_INITIAL_S, REDIS_RETRY_MAX_S)
         while not stop.is_set():
             try:
                 self.queue.ensure_group()
@@ -169,9 +170,8 @@ class Worker:
                 return True
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 self._redis_down(exc)
-                if stop.wait(delay):
+                if stop.wait(backoff.next_delay()):
                     break
-                delay = min(delay * 2, REDIS_RETRY_MAX_S)
         return False
 
     def _load(self) -> None:
@@ -334,7 +334,7 @@ class Worker:
         """complete() with a few retries (it is idempotent); None when Redis stayed unreachable."""
         import redis
 
-        delay = REDIS_RETRY_INITIAL_S
+        backoff = Backoff(REDIS_RETRY_INITIAL_S, REDIS_RETRY_MAX_S)
         for attempt in range(PUBLISH_ATTEMPTS):
             try:
                 published = self.queue.complete(entry_id, frame_id, payload)
@@ -343,8 +343,7 @@ class Worker:
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 self._redis_down(exc)
                 if attempt + 1 < PUBLISH_ATTEMPTS:
-                    time.sleep(delay)
-                    delay = min(delay * 2, REDIS_RETRY_MAX_S)
+                    time.sleep(backoff.next_delay())
         log.error("worker %s: could not publish frame %s; it stays pending", self.worker_id, frame_id)
         return None
 
@@ -375,7 +374,7 @@ class Worker:
                 return EXIT_MODEL
             model = _ModelThread().start()
             last_claim = float("-inf")
-            delay = REDIS_RETRY_INITIAL_S
+            backoff = Backoff(REDIS_RETRY_INITIAL_S, REDIS_RETRY_MAX_S)
             while not stop.is_set():
                 try:
                     self._heartbeat()
@@ -387,15 +386,14 @@ class Worker:
                     if not entries:
                         entries = self.queue.read()
                     self.redis_ok, self.redis_error = True, ""
-                    delay = REDIS_RETRY_INITIAL_S
+                    backoff.reset()
                     for entry in entries:  # on SIGTERM the entries in hand are still finished (drain)
                         if not self._process(entry, model):
                             return EXIT_STUCK
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     self._redis_down(exc)
-                    if stop.wait(delay):
+                    if stop.wait(backoff.next_delay()):
                         break
-                    delay = min(delay * 2, REDIS_RETRY_MAX_S)
             log.info("worker %s: stopping (drained)", self.worker_id)
             return EXIT_OK
         finally:
