@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--normal", default=None, metavar="NORMAL_DIR", help="known-good images for the memory")
     s.add_argument("--cps-stages", type=int, default=None, choices=(0, 1, 2, 3))
     s.add_argument("--line", default="offline")
+    s.add_argument("--embedding-cache", default="", metavar="DIR",
+                   help="keep SAM encoder outputs here and reuse them on later runs (same model and images)")
 
     s = sub.add_parser("eval", help="offline: metrics on MVTec-layout data")
     s.add_argument("root", metavar="DATASET_ROOT")
@@ -86,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     mode = s.add_mutually_exclusive_group()
     mode.add_argument("--normal-from-train", action="store_true", help="memory from each category's train/good")
     mode.add_argument("--mutual", action="store_true", help="label-free: score test images against each other")
+    mode.add_argument("--modes", default="", metavar="MODES",
+                      help="memory modes to evaluate in one report, comma-separated: train, mutual (e.g. train,mutual)")
+    s.add_argument("--embedding-cache", default="", metavar="DIR",
+                   help="keep SAM encoder outputs here and reuse them on later runs (same model and images)")
     s.add_argument("--cps-stages", default="0,1,2,3", help="comma-separated CPS stages to evaluate")
     s.add_argument("--kernel", default="", help="PPG ring kernel, e.g. ellipse:25 or rect:15")
     s.add_argument("--max-images", type=int, default=0, help="at most N test images per category (0 = all)")

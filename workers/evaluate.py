@@ -42,6 +42,7 @@ import numpy as np
 from config.settings import Settings, SettingsError
 from stream.contracts import ModelLoadError
 from workers.metrics import PixelPool, binary_metrics, pr_curve
+from workers.operating import MaskPool
 from workers.predict import IMAGE_EXTENSIONS, mask_at, read_image, read_mask, score_map_at
 from workers.report import (
     CategoryResult,
@@ -220,6 +221,7 @@ class _StageAccumulator:
     def __init__(self, stage: int, pixel_size: int | None):
         self.stage = stage
         self.pool = PixelPool(size=pixel_size)
+        self.masks = MaskPool(size=pixel_size)
         self.image_scores: list[float] = []
         self.image_labels: list[bool] = []
         self.stage_s: list[float] = []
@@ -235,7 +237,8 @@ class _StageAccumulator:
             timings={k: float(np.mean(v)) for k, v in sorted(self.timings.items())},
             pixel_curve=self.pool.curve(), image_curve=pr_curve(scores, labels),
             flagged_defect=float(flagged[labels].mean()) if labels.any() else float("nan"),
-            flagged_good=float(flagged[~labels].mean()) if (~labels).any() else float("nan"))
+            flagged_good=float(flagged[~labels].mean()) if (~labels).any() else float("nan"),
+            operating=self.masks.result())
 
 
 def evaluate_category(cat: Category, items: Sequence[EvalImage], session, stages: Sequence[int],
@@ -274,6 +277,7 @@ def evaluate_category(cat: Category, items: Sequence[EvalImage], session, stages
             acc = accs[s]
             score = score_map_at(det, shape)
             acc.pool.add(score, gt)
+            acc.masks.add(mask_at(det, shape), gt)
             acc.image_scores.append(float(det.image_score))
             acc.image_labels.append(it.is_defect)
             acc.stage_s.append(dt)
@@ -298,17 +302,19 @@ def evaluate_category(cat: Category, items: Sequence[EvalImage], session, stages
 
 
 def run_eval(settings: Settings, root: Path, out_dir: Path, categories: str = "", stages: Sequence[int] = (0,),
-             mode: str = "auto", max_images: int = 0, pixel_size: int | None = DEFAULT_PIXEL_SIZE,
+             mode: str | Sequence[str] = "auto", max_images: int = 0, pixel_size: int | None = DEFAULT_PIXEL_SIZE,
              command: str = "", progress: bool = True, mapper_factory=None,
              backend=None) -> tuple[EvalReport, dict[str, Path]]:
     """Evaluate ``stages`` on the categories under ``root``; writes the report files into ``out_dir``.
 
-    ``mode``: ``train`` (memory from train/good), ``mutual``, or ``auto`` (train when train/good has images,
-    else mutual). Ignored when the map source needs no memory. ``backend``: an already loaded SAM backend
-    (default: built from ``settings.sam``); ``mapper_factory``: see :mod:`workers.offline`.
+    ``mode``: ``train`` (memory from train/good), ``mutual`` (label-free), ``auto`` (train when train/good has
+    images, else mutual), or several of them (one result per category and mode, in one report). Ignored when
+    the map source needs no memory. ``backend``: an already loaded SAM backend (default: built from
+    ``settings.sam``); ``mapper_factory``: see :mod:`workers.offline`.
     """
     from workers import offline
 
+    modes = parse_modes(mode)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t_start = time.perf_counter()
     cats = select_categories(find_categories(root), categories)
@@ -321,7 +327,8 @@ def run_eval(settings: Settings, root: Path, out_dir: Path, categories: str = ""
     def _write(done: list[CategoryResult]) -> tuple[EvalReport, dict[str, Path]]:
         rep = EvalReport(dataset_root=str(root), command=command, settings=settings_summary(settings),
                          models=models, stages=tuple(stages), pixel_size=pixel_size, categories=tuple(done),
-                         wall_s=time.perf_counter() - t_start, started=started)
+                         wall_s=time.perf_counter() - t_start, started=started,
+                         false_alarm_target=settings.detector.false_alarm_rate)
         return rep, write_report(rep, out_dir)
 
     for cat in cats:
@@ -329,36 +336,59 @@ def run_eval(settings: Settings, root: Path, out_dir: Path, categories: str = ""
         if not items:
             print(f"eval: {cat.name}: no test images, skipped", file=sys.stderr)
             continue
-        cat_mode = mode
         train = _images_in(cat.train_good) if cat.train_good.is_dir() else []
-        if cat_mode == "auto":
-            cat_mode = "train" if train else "mutual"
-        if cat_mode == "train" and not train:
-            print(f"eval: {cat.name}: no metrics: memory from train/good asked, but {cat.train_good} has no "
-                  "images", file=sys.stderr, flush=True)
-            continue
-        normal_dir = cat.train_good if cat_mode == "train" else None
-        uses_memory = settings.detector.map_source in ("memory", "fusion")
-        memory = ("none" if not uses_memory else
-                  f"train/good ({len(train)} images)" if normal_dir else f"mutual ({len(items)} test images)")
-        print(f"eval: {cat.name}: {len(items)} test images, memory: {memory}", flush=True)
-        try:
-            session = offline.StageSession.build(settings, stages, backend=backend, normal_dir=normal_dir,
-                                                 mutual_images=[it.path for it in items], line=cat.name,
-                                                 mapper_factory=mapper_factory)
-            models = dict(session.models)
-            results.append(evaluate_category(cat, items, session, stages, pixel_size, memory,
-                                             progress=progress))
-            session.close()
-        except (ModelLoadError, KeyboardInterrupt):
-            raise
-        except Exception as exc:  # one category failing (too few normal images, ...) does not end the run
-            print(f"eval: {cat.name}: no metrics: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-            continue
-        # the report so far after every category: a long run that is stopped keeps what it finished
-        report, paths = _write(results)
-    report, paths = _write(results)
-    return report, paths
+        for cat_mode in modes:
+            done = _evaluate_mode(settings, cat, items, train, cat_mode, stages, backend, pixel_size,
+                                  mapper_factory, progress)
+            if done is None:
+                continue
+            results.append(done[0])
+            models = done[1]
+            # the report so far after every category: a long run that is stopped keeps what it finished
+            _write(results)
+    return _write(results)
+
+
+def parse_modes(mode: str | Sequence[str]) -> tuple[str, ...]:
+    """``train,mutual`` / a sequence -> distinct memory modes (allowed: train, mutual, auto)."""
+    items = [m.strip() for m in (mode.split(",") if isinstance(mode, str) else mode) if m.strip()]
+    bad = [m for m in items if m not in ("train", "mutual", "auto")]
+    if bad or not items:
+        raise ValueError(f"memory modes {list(items)}: allowed train, mutual, auto")
+    return tuple(dict.fromkeys(items))
+
+
+def _evaluate_mode(settings: Settings, cat: Category, items: Sequence[EvalImage], train: Sequence[Path],
+                   mode: str, stages: Sequence[int], backend, pixel_size: int | None, mapper_factory,
+                   progress: bool) -> tuple[CategoryResult, dict[str, str]] | None:
+    """One category under one memory mode; None (reported) when it cannot be evaluated."""
+    from dataclasses import replace
+
+    from workers import offline
+
+    if mode == "auto":
+        mode = "train" if train else "mutual"
+    if mode == "train" and not train:
+        print(f"eval: {cat.name}: no metrics: memory from train/good asked, but {cat.train_good} has no "
+              "images", file=sys.stderr, flush=True)
+        return None
+    normal_dir = cat.train_good if mode == "train" else None
+    uses_memory = settings.detector.map_source in ("memory", "fusion")
+    memory = ("none" if not uses_memory else
+              f"train/good ({len(train)} images)" if normal_dir else f"mutual ({len(items)} test images)")
+    print(f"eval: {cat.name}: {len(items)} test images, memory: {memory}", flush=True)
+    try:
+        session = offline.StageSession.build(settings, stages, backend=backend, normal_dir=normal_dir,
+                                             mutual_images=[it.path for it in items], line=cat.name,
+                                             mapper_factory=mapper_factory)
+        result = evaluate_category(cat, items, session, stages, pixel_size, memory, progress=progress)
+        session.close()
+    except (ModelLoadError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # one category failing (too few normal images, ...) does not end the run
+        print(f"eval: {cat.name}: no metrics: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return None
+    return replace(result, mode=mode if uses_memory else ""), dict(session.models)
 
 
 def main(settings: Settings, args: argparse.Namespace, mapper_factory=None) -> int:
@@ -376,19 +406,26 @@ def main(settings: Settings, args: argparse.Namespace, mapper_factory=None) -> i
     except (ValueError, SettingsError) as exc:
         print(f"lineinspect eval: {exc}", file=sys.stderr)
         return 2
-    mode = "mutual" if getattr(args, "mutual", False) else "train" if getattr(args, "normal_from_train", False) \
-        else "auto"
+    mode = ("mutual" if getattr(args, "mutual", False) else "train" if getattr(args, "normal_from_train", False)
+            else getattr(args, "modes", "") or "auto")
+    try:
+        modes = parse_modes(mode)
+    except ValueError as exc:
+        print(f"lineinspect eval: --modes: {exc}", file=sys.stderr)
+        return 2
     px = getattr(args, "pixel_size", DEFAULT_PIXEL_SIZE)
     pixel_size = None if px in (0, None) else int(px)
+    from workers import offline
     from workers.predict import describe_models
 
     for line in describe_models(settings):
         print(f"eval: {line}", flush=True)
     command = "lineinspect " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
     try:
+        backend = offline.build_backend(settings, getattr(args, "embedding_cache", "") or "")
         report, paths = run_eval(settings, root, Path(args.out), getattr(args, "categories", "") or "", stages,
-                                 mode, int(getattr(args, "max_images", 0) or 0), pixel_size, command,
-                                 mapper_factory=mapper_factory)
+                                 modes, int(getattr(args, "max_images", 0) or 0), pixel_size, command,
+                                 mapper_factory=mapper_factory, backend=backend)
     except ModelLoadError as exc:
         print(f"lineinspect eval: cannot load the models: {exc}", file=sys.stderr)
         return 3
@@ -397,5 +434,5 @@ def main(settings: Settings, args: argparse.Namespace, mapper_factory=None) -> i
         return 2
     print((Path(paths["md"]).read_text()), flush=True)
     print(f"eval: wrote {', '.join(str(p) for p in paths.values())} in {report.wall_s:.0f} s", flush=True)
-    expected = len(select_categories(find_categories(root), getattr(args, "categories", "") or ""))
+    expected = len(modes) * len(select_categories(find_categories(root), getattr(args, "categories", "") or ""))
     return 0 if len(report.categories) == expected else 1

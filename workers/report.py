@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from workers.metrics import BinaryMetrics, Curve, PixelMetrics
+from workers.operating import OperatingPoint
 
 STAGE_NAMES = {0: "map only", 1: "PPG points", 2: "+logit1", 3: "+box+logit2"}
 STAGE_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
@@ -39,6 +40,8 @@ class StageResult:
     # defect images flagged and of good images flagged (nan without such images)
     flagged_defect: float = float("nan")
     flagged_good: float = float("nan")
+    # the published masks (the result's labels) against the ground truth (workers.operating)
+    operating: OperatingPoint = field(default_factory=OperatingPoint.empty)
 
     @property
     def total_s(self) -> float:
@@ -63,6 +66,7 @@ class CategoryResult:
     stages: tuple[StageResult, ...]
     thumbnails: tuple[Thumbnail, ...] = ()
     failed: tuple[tuple[str, str], ...] = ()  # (image, reason) skipped
+    mode: str = ""  # memory mode: "train" (from train/good), "mutual" (label-free), "" (no memory)
 
 
 @dataclass(frozen=True)
@@ -76,11 +80,12 @@ class EvalReport:
     categories: tuple[CategoryResult, ...]
     wall_s: float
     started: str  # ISO time, UTC
+    false_alarm_target: float = 0.0  # detector.false_alarm_rate the image thresholds were set for
 
 
 # ------------------------------------------------------------------------------------------ summaries
 
-METRIC_COLUMNS = (
+THRESHOLD_FREE_COLUMNS = (
     ("image AUROC", lambda r: r.image.auroc),
     ("image AP", lambda r: r.image.ap),
     ("image F1-max", lambda r: r.image.f1_max),
@@ -88,9 +93,18 @@ METRIC_COLUMNS = (
     ("pixel AP", lambda r: r.pixel.ap),
     ("pixel F1-max", lambda r: r.pixel.f1_max),
     ("AUPRO", lambda r: r.pixel.aupro),
+)
+# what the line acts on: the published masks and the verdicts at the calibrated thresholds
+OPERATING_COLUMNS = (
+    ("mask P", lambda r: r.operating.precision),
+    ("mask R", lambda r: r.operating.recall),
+    ("mask F1", lambda r: r.operating.f1),
+    ("mask IoU", lambda r: r.operating.iou),
+    ("regions found", lambda r: r.operating.regions_found),
     ("defects flagged", lambda r: r.flagged_defect),
     ("good flagged", lambda r: r.flagged_good),
 )
+METRIC_COLUMNS = THRESHOLD_FREE_COLUMNS + OPERATING_COLUMNS
 
 
 def _nanmean(values: Sequence[float]) -> float:
@@ -98,18 +112,33 @@ def _nanmean(values: Sequence[float]) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def mean_over_categories(report: EvalReport) -> dict[int, dict[str, float]]:
-    """Per stage: every metric column and the timings averaged over categories (nan-aware)."""
-    out: dict[int, dict[str, float]] = {}
-    for stage in report.stages:
-        rows = [r for c in report.categories for r in c.stages if r.stage == stage]
+def mean_keys(report: EvalReport) -> list[tuple[str, int]]:
+    """(mode, stage) pairs present in the report, modes in order of appearance."""
+    modes = list(dict.fromkeys(c.mode for c in report.categories))
+    return [(m, s) for m in modes for s in report.stages]
+
+
+def mean_label(mode: str, stage: int, report: EvalReport) -> str:
+    """The key of one mean row: the stage alone with one memory mode, else ``mode/stage``."""
+    single = len({c.mode for c in report.categories}) <= 1
+    return str(stage) if single else f"{mode}/{stage}"
+
+
+def mean_over_categories(report: EvalReport) -> dict[tuple[str, int], dict[str, float]]:
+    """Per (memory mode, stage): every metric column and the timings averaged over categories (nan-aware),
+    plus the gap between the published-mask F1 and the map's F1-max."""
+    out: dict[tuple[str, int], dict[str, float]] = {}
+    for mode, stage in mean_keys(report):
+        rows = [r for c in report.categories if c.mode == mode for r in c.stages if r.stage == stage]
         if not rows:
             continue
         d = {name: _nanmean([fn(r) for r in rows]) for name, fn in METRIC_COLUMNS}
+        d["mask F1 - F1-max"] = _nanmean([r.operating.f1 - r.pixel.f1_max for r in rows])
+        d["false regions / good image"] = _nanmean([r.operating.false_regions_per_good for r in rows])
         d["shared_ms"] = 1000 * _nanmean([r.shared_s for r in rows])
         d["stage_ms"] = 1000 * _nanmean([r.stage_s for r in rows])
         d["total_ms"] = d["shared_ms"] + d["stage_ms"]
-        out[stage] = d
+        out[(mode, stage)] = d
     return out
 
 
@@ -150,11 +179,12 @@ def to_json(report: EvalReport) -> dict:
                 "seconds": {"shared": r.shared_s, "stage": r.stage_s, "total": r.total_s,
                             "detector_timings": r.timings},
                 "pixel_pr_curve": asdict(r.pixel_curve), "image_pr_curve": asdict(r.image_curve),
-                "at_threshold": {"defects_flagged": r.flagged_defect, "good_flagged": r.flagged_good},
+                "at_threshold": {"defects_flagged": r.flagged_defect, "good_flagged": r.flagged_good,
+                                 "published_masks": asdict(r.operating)},
             })
-        cats.append({"name": c.name, "root": c.root, "memory": c.memory, "images": c.images,
+        cats.append({"name": c.name, "root": c.root, "mode": c.mode, "memory": c.memory, "images": c.images,
                      "defect_images": c.defect_images, "failed": [list(f) for f in c.failed], "stages": stages})
-    mean = {str(k): v for k, v in mean_over_categories(report).items()}
+    mean = {mean_label(m, st, report): v for (m, st), v in mean_over_categories(report).items()}
     return _jsonable({
         "dataset_root": report.dataset_root, "command": report.command, "started": report.started,
         "wall_s": report.wall_s, "models": report.models, "settings": report.settings,
@@ -166,33 +196,72 @@ def to_json(report: EvalReport) -> dict:
     })
 
 
+def _rows(report: EvalReport, columns, extra) -> list[list[str]]:
+    """Table rows: one per category and stage, then the means per (mode, stage)."""
+    means = mean_over_categories(report)
+    rows = []
+    for c in report.categories:
+        for r in c.stages:
+            rows.append([c.name, c.mode or "–", stage_label(r.stage), *[_pct(fn(r)) for _, fn in columns],
+                         *extra(r, None)])
+    for (mode, stage), d in means.items():
+        rows.append(["**mean**", mode or "–", stage_label(stage), *[_pct(d[n]) for n, _ in columns],
+                     *extra(None, d)])
+    return rows
+
+
+def _timing_cells(r: StageResult | None, d: dict | None) -> list[str]:
+    if r is not None:
+        return [_ms(1000 * r.shared_s), _ms(1000 * r.stage_s), _ms(1000 * r.total_s)]
+    return [_ms(d["shared_ms"]), _ms(d["stage_ms"]), _ms(d["total_ms"])]
+
+
+def _operating_cells(r: StageResult | None, d: dict | None) -> list[str]:
+    if r is not None:
+        gap = r.operating.f1 - r.pixel.f1_max
+        fr = r.operating.false_regions_per_good
+        return [_pct(gap), "–" if math.isnan(fr) else f"{fr:.2f}"]
+    fr = d["false regions / good image"]
+    return [_pct(d["mask F1 - F1-max"]), "–" if math.isnan(fr) else f"{fr:.2f}"]
+
+
+THRESHOLD_FREE_HEAD = ["category", "memory", "CPS stages", *[n for n, _ in THRESHOLD_FREE_COLUMNS],
+                       "shared ms", "stage ms", "total ms"]
+OPERATING_HEAD = ["category", "memory", "CPS stages", *[n for n, _ in OPERATING_COLUMNS],
+                  "mask F1 − F1-max", "false regions / good image"]
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
 def to_markdown(report: EvalReport) -> str:
-    head = ["category", "CPS stages", *[n for n, _ in METRIC_COLUMNS], "shared ms", "stage ms", "total ms"]
     lines = [f"# Evaluation: {report.dataset_root}", "",
              f"`{report.command}`", "",
              f"Started {report.started}, wall time {report.wall_s:.0f} s. Models: "
              + ", ".join(f"{k}={v}" for k, v in report.models.items()) + ".", "",
-             "Metrics in %. Pixel metrics pool every pixel of a category's test images "
+             "Metrics in %. *memory*: train = normal memory from the category's train/good, mutual = label-free "
+             "(the test images themselves, no labels).", "",
+             "## What the map could do (threshold-free)", "",
+             "Pixel metrics pool every pixel of a category's test images "
              f"(maps and masks resized to a longest side of {report.pixel_size or 'native'} px); "
-             "AUPRO integrated to FPR 0.3. *defects / good flagged*: verdicts at the line's calibrated image "
-             "threshold (the other columns need no threshold). *shared ms*: SAM embedding + anomaly map, computed once per image "
+             "AUPRO integrated to FPR 0.3. *shared ms*: SAM embedding + anomaly map, computed once per image "
              "and reused by every CPS setting; *stage ms*: that setting's own work (PPG, SAM decoder passes, "
-             "fusion); per image, mean.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for c in report.categories:
-        for r in c.stages:
-            cells = [c.name, stage_label(r.stage), *[_pct(fn(r)) for _, fn in METRIC_COLUMNS],
-                     _ms(1000 * r.shared_s), _ms(1000 * r.stage_s), _ms(1000 * r.total_s)]
-            lines.append("| " + " | ".join(cells) + " |")
-    for stage, d in mean_over_categories(report).items():
-        cells = ["**mean**", stage_label(stage), *[_pct(d[n]) for n, _ in METRIC_COLUMNS],
-                 _ms(d["shared_ms"]), _ms(d["stage_ms"]), _ms(d["total_ms"])]
-        lines.append("| " + " | ".join(cells) + " |")
+             "fusion); per image, mean.", ""]
+    lines += _md_table(THRESHOLD_FREE_HEAD, _rows(report, THRESHOLD_FREE_COLUMNS, _timing_cells))
+    lines += ["", "## What the line gets (operating point)", "",
+              "The published masks (the results' labels: empty for an OK verdict) pooled against the ground "
+              "truth at the same resolution; *regions found*: ground-truth regions at least 10 % covered; "
+              "*defects / good flagged*: verdicts at the calibrated image threshold"
+              + (f" (false-alarm target {100 * report.false_alarm_target:.1f} % of good images)"
+                 if report.false_alarm_target > 0 else "") + ".", ""]
+    lines += _md_table(OPERATING_HEAD, _rows(report, OPERATING_COLUMNS, _operating_cells))
     lines.append("")
-    lines.append("| category | images (defect) | memory | skipped |")
-    lines.append("|---|---|---|---|")
+    lines.append("| category | memory | images (defect) | normal memory from | skipped |")
+    lines.append("|---|---|---|---|---|")
     for c in report.categories:
-        lines.append(f"| {c.name} | {c.images} ({c.defect_images}) | {c.memory} | {len(c.failed)} |")
+        lines.append(f"| {c.name} | {c.mode or '–'} | {c.images} ({c.defect_images}) | {c.memory} | "
+                     f"{len(c.failed)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -275,26 +344,22 @@ def svg_pr_curves(curves: Sequence[tuple[str, Curve]], title: str, size: tuple[i
 
 def to_html(report: EvalReport) -> str:
     e = html.escape
-    md_table = to_markdown(report)
-    rows = []
-    head = ["category", "CPS stages", *[n for n, _ in METRIC_COLUMNS], "shared ms", "stage ms", "total ms"]
-    for c in report.categories:
-        for r in c.stages:
-            rows.append([c.name, stage_label(r.stage), *[_pct(fn(r)) for _, fn in METRIC_COLUMNS],
-                         _ms(1000 * r.shared_s), _ms(1000 * r.stage_s), _ms(1000 * r.total_s)])
-    for stage, d in mean_over_categories(report).items():
-        rows.append(["mean", stage_label(stage), *[_pct(d[n]) for n, _ in METRIC_COLUMNS],
-                     _ms(d["shared_ms"]), _ms(d["stage_ms"]), _ms(d["total_ms"])])
-    table = ("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>"
-             + "".join("<tr>" + "".join(f"<td>{e(str(v))}</td>" for v in row) + "</tr>" for row in rows)
-             + "</table>")
+    def table(head: list[str], rows: list[list[str]]) -> str:
+        return ("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{e(str(v).strip('*'))}</td>" for v in row) + "</tr>"
+                          for row in rows) + "</table>")
+
+    tables = ("<h2>What the map could do (threshold-free)</h2>"
+              + table(THRESHOLD_FREE_HEAD, _rows(report, THRESHOLD_FREE_COLUMNS, _timing_cells))
+              + "<h2>What the line gets (published masks, verdicts at the calibrated thresholds)</h2>"
+              + table(OPERATING_HEAD, _rows(report, OPERATING_COLUMNS, _operating_cells)))
     body = [f"<h1>Evaluation: {e(report.dataset_root)}</h1>",
             f"<p><code>{e(report.command)}</code><br>started {e(report.started)}, wall time "
             f"{report.wall_s:.0f} s; models: {e(', '.join(f'{k}={v}' for k, v in report.models.items()))}</p>",
             "<p>Metrics in %. Pixel metrics pool all pixels of a category (maps resized to a longest side of "
             f"{report.pixel_size or 'native'} px); AUPRO to FPR 0.3. Thumbnails: heat map of the fused score "
             "(red = 2x the pixel threshold), <span style='color:#3c3'>ground truth</span> and "
-            "<span style='color:#f0f'>predicted mask</span> outlines.</p>", table]
+            "<span style='color:#f0f'>predicted mask</span> outlines.</p>", tables]
     for c in report.categories:
         body.append(f"<h2>{e(c.name)}</h2><p>{c.images} test images ({c.defect_images} defective); memory: "
                     f"{e(c.memory)}; root {e(c.root)}</p>")
@@ -314,7 +379,7 @@ def to_html(report: EvalReport) -> str:
              ".curves svg{margin-right:12px}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>lineinspect eval</title>"
             f"<style>{style}</style></head><body>{''.join(body)}"
-            f"<details><summary>markdown</summary><pre>{e(md_table)}</pre></details></body></html>\n")
+            f"<details><summary>markdown</summary><pre>{e(to_markdown(report))}</pre></details></body></html>\n")
 
 
 def write_report(report: EvalReport, out_dir: Path) -> dict[str, Path]:
