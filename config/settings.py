@@ -152,6 +152,11 @@ class MemorySettings:
     # (thin cracks suffer from averaging); 3 suits blob-like defects (hazelnut, metal plate) slightly better
     neighbourhood: int = 1
     warmup_frames: int = 16  # online: mutual scoring until this many normal frames are in memory
+    # label-free (no good folder): the clean memory is built from at most this many frames of the batch /
+    # stream, each compared with the others (cost bounded by it, not by the batch); see workers/label_free.py
+    label_free_refs: int = 32
+    # the image threshold is re-estimated from the line's most recent OK frames (their maxima, kept in Redis)
+    held_out_frames: int = 256
     online_margin: float = 0.5  # online: add a frame only when its score < margin * image threshold
     calibration_quantile: float = 0.99
     store: Literal["redis", "none"] = "redis"
@@ -159,6 +164,11 @@ class MemorySettings:
     def __post_init__(self) -> None:
         _positive("memory.max_patches", self.max_patches)
         _positive("memory.k", self.k)
+        _positive("memory.held_out_frames", self.held_out_frames)
+        if self.label_free_refs < 3:
+            raise SettingsError("memory.label_free_refs", f"{self.label_free_refs}: must be >= 3")
+        if self.warmup_frames < 3:
+            raise SettingsError("memory.warmup_frames", f"{self.warmup_frames}: must be >= 3")
         if not self.layers or len(set(self.layers)) != len(self.layers) or not all(
                 isinstance(x, str) and x for x in self.layers):
             raise SettingsError("memory.layers", f"{list(self.layers)}: need one or more distinct names "
@@ -184,6 +194,22 @@ class PpgSettings:
 
 
 @dataclass(frozen=True)
+class MaskSettings:
+    """When a SAM decoder mask is published for a region (workers.cps.MaskCheck)."""
+
+    max_area_ratio: float = 4.0  # mask area <= this x the area of the map region that prompted it
+    min_support: float = 0.5  # share of the mask's pixels where the normalised map >= support_level
+    support_level: float = 0.5
+
+    def __post_init__(self) -> None:
+        _positive("detector.mask.max_area_ratio", self.max_area_ratio)
+        if not 0.0 <= self.min_support <= 1.0:
+            raise SettingsError("detector.mask.min_support", f"{self.min_support}: allowed 0..1")
+        if self.support_level < 0:
+            raise SettingsError("detector.mask.support_level", f"{self.support_level}: must be >= 0")
+
+
+@dataclass(frozen=True)
 class DetectorSettings:
     map_source: Literal["memory", "clip", "fusion", "none"] = "memory"
     fusion_weight_clip: float = 0.5  # with map_source=fusion: w*clip + (1-w)*memory (both normalised)
@@ -191,9 +217,15 @@ class DetectorSettings:
     image_threshold: float = 0.0  # 0 = use the calibrated per-line threshold
     pixel_threshold: float = 0.0  # 0 = use the calibrated per-line threshold
     mask_boost: float = 1.0  # pixel score = map * (1 + mask_boost * sam_mask)
+    # share of good frames the line accepts to see flagged: the image threshold is the (1 - rate) quantile of
+    # a tail model fitted to normal frames' scores (workers.calibration)
+    false_alarm_rate: float = 0.01
     ppg: PpgSettings = field(default_factory=PpgSettings)
+    mask: MaskSettings = field(default_factory=MaskSettings)
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.false_alarm_rate < 0.5:
+            raise SettingsError("detector.false_alarm_rate", f"{self.false_alarm_rate}: allowed 0 < rate < 0.5")
         if self.cps_stages not in (0, 1, 2, 3):
             raise SettingsError("detector.cps_stages", f"{self.cps_stages}: allowed 0, 1, 2, 3")
         if not 0.0 <= self.fusion_weight_clip <= 1.0:

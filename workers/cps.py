@@ -6,10 +6,14 @@
 
 ``stages`` (1..3) stops the cascade early (ablation). Only the decoder runs; the embedding is shared.
 
-Empty masks: if a pass yields an empty mask, the previous result is kept and the next pass is prompted from
-it (pass 3 then takes the box and logits of M1). If pass 1 is empty, the region of the thresholded map
-stands in for it: pass 2 (which would repeat pass 1 without logits) is skipped and pass 3 is prompted with
-the region's box. Timings per pass are in seconds under "cps1", "cps2", "cps3".
+Agreement with the map: a pass's mask is accepted only when it is not empty and agrees with the anomaly map
+that prompted it (:class:`MaskCheck`): its area is at most ``max_area_ratio`` times the region's, and at least
+``min_support`` of its pixels lie where the normalised map is at least ``support_level``. SAM happily returns a
+whole texture cell, the part, or the background for a point on a small defect; such a mask is rejected. A
+rejected (or empty) pass keeps the previous accepted result and the next pass is prompted from it (pass 3 then
+takes the box and logits of M1). If pass 1 is rejected, the region of the thresholded map stands in for it:
+pass 2 (which would repeat pass 1 without logits) is skipped and pass 3 is prompted with the region's box.
+Timings per pass are in seconds under "cps1", "cps2", "cps3".
 """
 
 from __future__ import annotations
@@ -23,6 +27,26 @@ from workers.interfaces import ImageEmbedding, Prompts, SamBackend
 from workers.ppg import RegionPrompts
 
 PASS_KEYS = ("cps1", "cps2", "cps3")
+
+
+@dataclass(frozen=True)
+class MaskCheck:
+    """When a decoder mask is accepted for a region (see the module docstring). ``None`` checks nothing."""
+
+    max_area_ratio: float = 4.0  # mask area <= this x the region's area
+    min_support: float = 0.5  # share of the mask's pixels where the map >= support_level
+    support_level: float = 0.5  # on the normalised map (1.0 = the pixel threshold)
+
+    def accepts(self, mask: np.ndarray, region_area: int, pixel_map: np.ndarray | None) -> bool:
+        area = int(np.count_nonzero(mask))
+        if area == 0:
+            return False
+        if area > self.max_area_ratio * max(1, region_area):
+            return False
+        if pixel_map is None or pixel_map.shape != mask.shape:
+            return True
+        supported = int(np.count_nonzero(pixel_map[mask] >= self.support_level))
+        return supported >= self.min_support * area
 
 
 @dataclass(frozen=True)
@@ -53,10 +77,17 @@ def _region_fallback(region: RegionPrompts, shape: tuple[int, int]) -> np.ndarra
     return mask
 
 
-def cascade(backend: SamBackend, embedding: ImageEmbedding, region: RegionPrompts, stages: int = 3) -> CascadeResult:
-    """Run ``stages`` (1..3) decoder passes for one region; see the module docstring."""
+def cascade(backend: SamBackend, embedding: ImageEmbedding, region: RegionPrompts, stages: int = 3,
+            pixel_map: np.ndarray | None = None, check: MaskCheck | None = None) -> CascadeResult:
+    """Run ``stages`` (1..3) decoder passes for one region; see the module docstring. ``pixel_map``: the
+    normalised anomaly map at the frame size that the masks must agree with (``check``)."""
     if stages not in (1, 2, 3):
         raise ValueError(f"stages must be 1, 2 or 3, got {stages}")
+    region_area = int(np.count_nonzero(region.mask))
+
+    def ok(m: np.ndarray) -> bool:
+        return bool(m.any()) if check is None else check.accepts(m, region_area, pixel_map)
+
     timings = {k: 0.0 for k in PASS_KEYS[:stages]}
     points, labels = region.points, region.labels
 
@@ -65,7 +96,7 @@ def cascade(backend: SamBackend, embedding: ImageEmbedding, region: RegionPrompt
     timings["cps1"] = time.perf_counter() - t0
     passes = 1
     mask = out.mask_logits > 0
-    if mask.any():
+    if ok(mask):
         best_mask, best_logits, best_low, best_iou, stage = mask, out.mask_logits, out.low_res_logits, out.iou, 1
     else:
         best_mask, best_logits, best_low, best_iou, stage = (
@@ -77,7 +108,7 @@ def cascade(backend: SamBackend, embedding: ImageEmbedding, region: RegionPrompt
         timings["cps2"] = time.perf_counter() - t0
         passes += 1
         mask = out.mask_logits > 0
-        if mask.any():
+        if ok(mask):
             best_mask, best_logits, best_low, best_iou, stage = mask, out.mask_logits, out.low_res_logits, out.iou, 2
 
     if stages >= 3:
@@ -89,7 +120,7 @@ def cascade(backend: SamBackend, embedding: ImageEmbedding, region: RegionPrompt
         timings["cps3"] = time.perf_counter() - t0
         passes += 1
         mask = out.mask_logits > 0
-        if mask.any():
+        if ok(mask):
             best_mask, best_logits, best_low, best_iou, stage = mask, out.mask_logits, out.low_res_logits, out.iou, 3
 
     return CascadeResult(mask=best_mask, logits=best_logits, iou=float(best_iou), stage=stage, passes=passes,

@@ -75,6 +75,10 @@ class AnomalyMap:
     image_score: float  # normalised (1.0 = image threshold)
     raw: np.ndarray | None = None  # un-normalised map, for diagnostics
     timings: dict[str, float] = field(default_factory=dict)
+    # the normalised map level a region's peak must reach to matter (be prompted and published): the memory
+    # map sets it to image threshold / pixel threshold, so that only regions that could make a frame defective
+    # are seeded, while the region's extent follows the pixel threshold. 0 = every region above 1.0
+    seed_level: float = 0.0
 
 
 @runtime_checkable

@@ -8,6 +8,9 @@ Keys (``stream.keys.line_keys(prefix, line).memory(part)``):
 - ``memory:radius``: float16 bytes ``[n]``: each patch's distance to the memory when it was selected
   (k-center order; the smallest are the most redundant and are dropped first when over the bound).
 - ``memory:stats``: hash ``frames`` (frames that contributed), ``seen`` (patches offered, reservoir).
+- ``memory:held_out``: list of the raw image maxima of the line's most recent OK frames, each scored against a
+  memory that did not hold it (newest first, bounded): the image threshold is re-estimated from them
+  (:mod:`workers.calibration`).
 
 Concurrency: a rewrite (build, compaction, reservoir replacement, recalibration) bumps ``generation``
 under ``WATCH`` on the header key; an online addition APPENDs rows to ``feats``/``radius`` in a
@@ -141,6 +144,7 @@ class RedisMemoryStore:
         self.k_feats = keys.memory("feats")
         self.k_radius = keys.memory("radius")
         self.k_stats = keys.memory("stats")
+        self.k_held_out = keys.memory("held_out")
 
     # ------------------------------------------------------------------------------------- reads
     def load(self) -> StoredMemory | None:
@@ -262,5 +266,20 @@ class RedisMemoryStore:
                 raise MemoryConflict(f"memory of line {self.line!r} changed during the addition") from None
         return int(nbytes) // (2 * header.dim)
 
+    def push_held_out(self, values: list[float], capacity: int) -> None:
+        """Add held-out normal maxima (newest first), keeping the ``capacity`` most recent."""
+        if not values:
+            return
+        pipe = self.client.pipeline(transaction=True)
+        pipe.lpush(self.k_held_out, *(repr(float(v)) for v in values))
+        pipe.ltrim(self.k_held_out, 0, max(0, capacity - 1))
+        pipe.execute()
+
+    def held_out(self) -> list[float]:
+        return [float(v) for v in self.client.lrange(self.k_held_out, 0, -1)]
+
+    def clear_held_out(self) -> None:
+        self.client.delete(self.k_held_out)
+
     def clear(self) -> int:
-        return int(self.client.delete(self.k_header, self.k_feats, self.k_radius, self.k_stats))
+        return int(self.client.delete(self.k_header, self.k_feats, self.k_radius, self.k_stats, self.k_held_out))

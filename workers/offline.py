@@ -118,38 +118,44 @@ class SharedEmbeddings:
         return self.inner.decode(embedding, prompts)
 
 
-def build_backend(settings: Any) -> SamBackend:
-    """The SAM backend of ``settings.sam``, loaded (raises :class:`stream.contracts.ModelLoadError`)."""
+def build_backend(settings: Any, embedding_cache: str = "") -> SamBackend:
+    """The SAM backend of ``settings.sam``, loaded (raises :class:`stream.contracts.ModelLoadError`); with
+    ``embedding_cache`` (a folder) its encoder outputs are kept on disk (:mod:`workers.disk_cache`)."""
     from workers.sam import build_sam_backend, sam_taps
 
-    return build_sam_backend(settings.sam, taps=sam_taps(settings))
+    backend = build_sam_backend(settings.sam, taps=sam_taps(settings))
+    if embedding_cache:
+        from workers.disk_cache import DiskEmbeddings
+
+        return DiskEmbeddings(backend, embedding_cache)
+    return backend
 
 
 def default_mapper_factory(settings: Any, backend: SamBackend, normal_dir: Path | None,
                            images: Sequence[Path]) -> AnomalyMapper:
     """The memory mapper (:class:`workers.memory.MemoryMapper`): from the known-good images directly in
-    ``normal_dir`` when given, else mutual scoring of ``images`` (unreadable ones are left out here and
-    reported when they are inspected)."""
-    from workers.memory import MemoryMapper
-    from workers.predict import ImageReadError, read_image
+    ``normal_dir`` when given, else label-free from at most ``memory.label_free_refs`` of ``images`` spread
+    over them (:mod:`workers.label_free`; unreadable ones are left out here and reported when inspected)."""
+    from tqdm import tqdm
 
+    from workers.imageio import ImageReadError, read_image
+    from workers.label_free import pick_references
+    from workers.memory import MemoryMapper, MemoryParams
+
+    params = MemoryParams.from_settings(settings.memory, settings.detector.false_alarm_rate)
     overrides = {"image_threshold_override": settings.detector.image_threshold,
-                 "pixel_threshold_override": settings.detector.pixel_threshold}
+                 "pixel_threshold_override": settings.detector.pixel_threshold, "params": params}
     if normal_dir is not None:
         return MemoryMapper.from_folder(backend, normal_dir, settings.memory, **overrides)
     arrays = []
-    for p in images:
+    for i in tqdm(pick_references(len(images), params.label_free_refs), desc="memory (label-free): references",
+                  unit="img"):
         try:
-            arrays.append(read_image(p))
+            arrays.append(read_image(images[i]))
         except ImageReadError:
             continue
-    if isinstance(backend, SharedEmbeddings) and backend.capacity >= len(arrays):
-        # embed up front with a progress bar; the mutual build then finds every embedding in the cache
-        from tqdm import tqdm
-
-        for i, im in enumerate(tqdm(arrays, desc="memory (mutual): embedding", unit="img")):
-            backend.embed(im, f"mutual:{i}")
-    return MemoryMapper.mutual(backend, arrays, settings.memory, **overrides)
+    params = replace(params, label_free_refs=max(len(arrays), 1))
+    return MemoryMapper.mutual(backend, arrays, settings.memory, **(overrides | {"params": params}))
 
 
 def build_mapper(settings: Any, backend: SamBackend, normal_dir: Path | None, images: Sequence[Path],
@@ -195,9 +201,9 @@ class StageSession:
 
         backend = backend if backend is not None else build_backend(settings)
         if not isinstance(backend, SharedEmbeddings):
-            # mutual scoring embeds every input for the memory, then inspects them: keep them all
-            n = len(mutual_images) if normal_dir is None else 0
-            backend = SharedEmbeddings(backend, capacity=max(settings.sam.cache_size, min(n + 2, 256)))
+            # label-free: the reference images are embedded for the memory, then inspected: keep them
+            n = min(len(mutual_images), settings.memory.label_free_refs) if normal_dir is None else 0
+            backend = SharedEmbeddings(backend, capacity=max(settings.sam.cache_size, n + 2))
         if mapper is None:
             mapper = build_mapper(settings, backend, normal_dir, mutual_images, mapper_factory)
         cached = mapper if isinstance(mapper, MapCache) else MapCache(mapper)

@@ -51,7 +51,7 @@ import cv2
 import numpy as np
 
 from stream.contracts import Defect, ModelLoadError, Verdict
-from workers.cps import PASS_KEYS, cascade
+from workers.cps import PASS_KEYS, MaskCheck, cascade
 from workers.interfaces import AnomalyMap, AnomalyMapper, Detection, ImageEmbedding, SamBackend
 from workers.ppg import RegionPrompts, generate_prompts
 from workers.sam import EmbeddingCache, build_sam_backend, sam_taps
@@ -124,6 +124,7 @@ class DetectorConfig:
     ppg: Any  # config.settings.PpgSettings
     cps_stages: int = 3
     mask_boost: float = 1.0
+    mask_check: MaskCheck | None = MaskCheck()  # when a decoder mask is published (None: any non-empty mask)
     online_fill: bool = False  # offer each frame to mapper.observe (set by build_detector for the worker)
 
     def __post_init__(self) -> None:
@@ -135,7 +136,9 @@ class DetectorConfig:
     @classmethod
     def from_settings(cls, settings: Any) -> DetectorConfig:
         d = settings.detector
-        return cls(ppg=d.ppg, cps_stages=d.cps_stages, mask_boost=d.mask_boost)
+        check = MaskCheck(max_area_ratio=d.mask.max_area_ratio, min_support=d.mask.min_support,
+                          support_level=d.mask.support_level)
+        return cls(ppg=d.ppg, cps_stages=d.cps_stages, mask_boost=d.mask_boost, mask_check=check)
 
 
 @dataclass
@@ -186,14 +189,14 @@ class Detector:
         regions: tuple[RegionPrompts, ...] = ()
         stages_used: list[int] = []
         if self.config.cps_stages == 0:
-            union = pixel >= 1.0
+            union = map_regions(pixel, self.config.ppg, amap.seed_level)
         else:
             t0 = time.perf_counter()
-            regions = generate_prompts(pixel, embedding, self.config.ppg)
+            regions = generate_prompts(pixel, embedding, self.config.ppg, amap.seed_level)
             timings["ppg"] = time.perf_counter() - t0
             union = np.zeros((h, w), dtype=bool)
             for region in regions:
-                res = cascade(self.sam, embedding, region, self.config.cps_stages)
+                res = cascade(self.sam, embedding, region, self.config.cps_stages, pixel, self.config.mask_check)
                 union |= res.mask
                 stages_used.append(res.stage)
                 for k, v in res.timings.items():
@@ -227,6 +230,16 @@ class Detector:
             observe(embedding, amap)
         except Exception as exc:  # the frame's result stands; a memory update failing must not drop it
             log.warning("online memory update failed for %s: %s: %s", embedding.key, type(exc).__name__, exc)
+
+
+def map_regions(pixel: np.ndarray, ppg: Any, seed_level: float) -> np.ndarray:
+    """The map's own mask (no decoder): its regions above ``ppg.threshold`` whose peak reaches ``seed_level``."""
+    from workers.ppg import extreme_regions
+
+    mask = np.zeros(pixel.shape, dtype=bool)
+    for region in extreme_regions(pixel, replace(ppg, max_regions=10**6), seed_level)[1]:
+        mask |= region
+    return mask
 
 
 def label_defects(mask: np.ndarray, score_map: np.ndarray,

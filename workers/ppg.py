@@ -128,8 +128,10 @@ def cell_similarity(unit_features: np.ndarray, region_cells: np.ndarray) -> np.n
 # ------------------------------------------------------------------------------------------ PPG
 
 
-def extreme_regions(pixel_map: np.ndarray, settings: Any) -> tuple[np.ndarray, list[np.ndarray]]:
-    """(S_a, kept region masks sorted by peak, highest first)."""
+def extreme_regions(pixel_map: np.ndarray, settings: Any, seed_level: float = 0.0
+                    ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(S_a, kept region masks sorted by peak, highest first); a region whose peak is below ``seed_level``
+    is not kept (it stays in S_a, so no ring lies on it)."""
     s_a = np.asarray(pixel_map) >= settings.threshold
     n, labels, stats, _ = cv2.connectedComponentsWithStats(s_a.astype(np.uint8), connectivity=8)
     if n <= 1:
@@ -137,17 +139,20 @@ def extreme_regions(pixel_map: np.ndarray, settings: Any) -> tuple[np.ndarray, l
     min_area = max(1, int(np.ceil(settings.min_region_area * s_a.size)))
     peaks = np.full(n, -np.inf)
     np.maximum.at(peaks, labels[s_a], pixel_map[s_a])
-    order = [i for i in np.argsort(-peaks[1:], kind="stable") + 1 if stats[i, cv2.CC_STAT_AREA] >= min_area]
+    order = [i for i in np.argsort(-peaks[1:], kind="stable") + 1
+             if stats[i, cv2.CC_STAT_AREA] >= min_area and peaks[i] >= seed_level]
     return s_a, [labels == i for i in order[: max(0, settings.max_regions)]]
 
 
-def generate_prompts(pixel_map: np.ndarray, embedding: ImageEmbedding, settings: Any) -> tuple[RegionPrompts, ...]:
-    """Prompt sets for every anomalous region of ``pixel_map`` (``settings``: ``detector.ppg``)."""
+def generate_prompts(pixel_map: np.ndarray, embedding: ImageEmbedding, settings: Any,
+                     seed_level: float = 0.0) -> tuple[RegionPrompts, ...]:
+    """Prompt sets for every anomalous region of ``pixel_map`` (``settings``: ``detector.ppg``) whose peak
+    reaches ``seed_level`` (see :attr:`workers.interfaces.AnomalyMap.seed_level`)."""
     pixel_map = np.asarray(pixel_map, dtype=np.float32)
     if pixel_map.ndim != 2:
         raise ValueError(f"anomaly map must be H x W, got {pixel_map.shape}")
     h, w = pixel_map.shape
-    s_a, regions = extreme_regions(pixel_map, settings)
+    s_a, regions = extreme_regions(pixel_map, settings, seed_level)
     if not regions:
         return ()
     kernel = dilation_kernel(settings.kernel_shape, settings.kernel_size, (h, w))
