@@ -25,8 +25,8 @@ from workers.predict import read_mask
 pytestmark = pytest.mark.slow
 
 LAYERS = ("neck", "stage2", "stage3")
-SLICE = {"hazelnut_toy/hazelnut_toy": 10, "mpdd_metal_plate/metal_plate": 8}  # test images per set (balanced over defect types)
-TRAIN_IMAGES = 8
+SLICE = {"hazelnut_toy/hazelnut_toy": 8, "mpdd_metal_plate/metal_plate": 8}  # test images per set (balanced over defect types)
+TRAIN_IMAGES = 6
 
 
 @pytest.fixture(scope="module")

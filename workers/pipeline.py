@@ -6,9 +6,14 @@
    (or the image's content hash when ``key`` is empty): the encoder runs once per frame, however many regions
    and decoder passes follow, and a frame inspected again (redelivery, eval passes) is not re-encoded.
 2. ``map``: ``mapper.map(image, embedding)`` -> normalised pixel map (1.0 = pixel threshold) and image score.
-3. ``ppg``: point prompts per anomalous region (:mod:`workers.ppg`).
-4. ``cps1..3``: the cascade per region (:mod:`workers.cps`); the masks are unioned into ``sam_mask``.
-   With ``detector.cps_stages = 0`` no decoder runs and ``sam_mask`` is the thresholded map (``map >= 1``).
+3. ``ppg``: point prompts per anomalous region (:mod:`workers.ppg`). A region is the connected part of the map
+   above the pixel threshold (1.0); it is prompted only when its peak reaches the map's ``seed_level`` (the
+   memory map: image threshold / pixel threshold, i.e. the region alone could make the frame defective), so
+   that texture noise just over the pixel threshold is never published.
+4. ``cps1..3``: the cascade per region (:mod:`workers.cps`); a decoder mask is accepted only when it agrees
+   with the map (``detector.mask``: bounded area, mostly where the map is high), else an earlier pass or the
+   map region stands; the masks are unioned into ``sam_mask``. With ``detector.cps_stages = 0`` no decoder
+   runs and ``sam_mask`` is the seeded map regions.
 5. ``fuse``: the fused score map, the labels and the verdict.
 6. ``memory_update`` (streaming worker with ``memory.fill`` containing ``online`` only): the frame is offered
    to the memory mapper's ``observe(embedding, anomaly_map)`` (online fill / warm-up; the memory module
