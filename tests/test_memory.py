@@ -10,6 +10,7 @@ import pytest
 from workers.interfaces import AnomalyMap, ImageEmbedding
 from workers.memory import (
     MemoryMapper,
+    image_raw_score,
     MemoryParams,
     image_threshold,
     knn_distance,
@@ -100,7 +101,9 @@ def test_defect_above_threshold_good_below(mapper, frames):
     assert good.image_score < 1.0 < bad.image_score, (good.image_score, bad.image_score)
     # normalisation: pixel 1.0 = pixel threshold, image score = raw max / image threshold
     np.testing.assert_allclose(bad.pixel, bad.raw / mapper.pixel_threshold, rtol=1e-5)
-    assert bad.image_score == pytest.approx(float(bad.raw.max()) / mapper.image_threshold, rel=1e-5)
+    # the image score: the map's maximum after smoothing to image_sigma, over the image threshold
+    want = image_raw_score(bad.raw, frames["defect"], PARAMS) / mapper.image_threshold
+    assert bad.image_score == pytest.approx(want, rel=1e-5) and want < float(bad.raw.max()) / mapper.image_threshold
     # the hottest pixel is on the blob, and the blob is above the pixel threshold
     y, x = np.unravel_index(int(np.argmax(bad.pixel)), bad.pixel.shape)
     assert abs(x - BLOB_CENTER[0]) < BLOB_RADIUS + 16 and abs(y - BLOB_CENTER[1]) < BLOB_RADIUS + 16
@@ -174,12 +177,16 @@ def test_image_threshold_gumbel_tail_meets_the_false_alarm_budget():
             t = image_threshold(rng.gumbel(1.0, 0.1, n), 0.02)
             rates.append(float((fresh > t.value).mean()))
         assert 0.01 < float(np.median(rates)) < 0.04, (n, np.median(rates))
-    base = rng.gumbel(1.0, 0.1, 39)
+    base = rng.gumbel(1.0, 0.1, 59)
     clean, odd = image_threshold(base, 0.02), image_threshold(np.append(base, 3.0), 0.02)
     assert odd.value - clean.value < 0.25 * (3.0 - clean.value)
-    assert clean.rule == "gumbel tail (L-moments)" and 0 < clean.expected_false_alarm_rate < 0.05
+    assert clean.rule.startswith("GEV tail") and 0 < clean.expected_false_alarm_rate < 0.05
+    assert odd.rule.endswith("1 far-out frame left out")
     few = image_threshold([0.5, 0.55, 0.6, 0.9], 0.01)
-    assert few.value == pytest.approx(0.9) and few.rule.startswith("largest normal maximum")
+    assert few.value == pytest.approx(0.9) and few.rule.startswith("largest normal score")
+    # 30 frames: the fitted tail, but never below the largest normal score (30 x 0.01 < 1)
+    thirty = rng.gumbel(1.0, 0.1, 30)
+    assert image_threshold(thirty, 0.01).value >= thirty.max()
     assert image_threshold(np.full(8, 0.7), 0.01).value == pytest.approx(0.7)
 
 

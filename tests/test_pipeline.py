@@ -94,10 +94,13 @@ def test_encoder_once_per_frame_decoder_once_per_region_and_stage(backend, demo_
     assert isinstance(det, FrameDetector)
     d1 = det.inspect(img, "cam0:1:7")
     assert len(det.last.regions) == 2
-    assert sam.encodes == 1 and sam.decodes == 2 * 3
+    # one encoder pass; three decoder passes per region, unless a pass-1 mask disagreed with the map (then the
+    # map region stands in and pass 2, which would repeat pass 1, is skipped)
+    assert sam.encodes == 1 and sam.decodes == sum(det.last.passes)
+    assert all(p in (2, 3) for p in det.last.passes) and sum(det.last.passes) >= 2 * 3 - 1
     assert det.cache.misses == 1 and det.cache.hits == 0
     d2 = det.inspect(img, "cam0:1:7")  # redelivered frame: the embedding comes from the cache
-    assert sam.encodes == 1 and sam.decodes == 12 and det.cache.hits == 1
+    assert sam.encodes == 1 and sam.decodes == 2 * sum(det.last.passes) and det.cache.hits == 1
     assert d2.timings["sam_encode"] < d1.timings["sam_encode"]
     np.testing.assert_array_equal(d1.labels, d2.labels)
     assert det.cache.get("cam0:1:8", img.shape[:2]) is None  # another frame id would be encoded again

@@ -10,8 +10,9 @@ scores measured on the shared sets are lighter-tailed than Gumbel (``k`` > 0: a 
 product cannot grow without bound), and a Gumbel tail there put the threshold far above every good part
 (hazelnut_toy: 0.81 against good parts at most 0.57 and defects from 0.70). The threshold is the model's
 ``1 - false_alarm_rate`` quantile, kept at or above the median and, while there are fewer than
-``1 / rate`` frames, at or above the largest normal score seen (a tail fitted to a handful of frames must not
-flag a frame the line knows is good). The expected false-alarm rate of a threshold is the model's exceedance
+``1 / rate`` frames, at or above the largest normal score seen (a tail fitted to a few dozen frames must not
+flag a frame the line knows is good); with fewer than 8 frames no tail is fitted and the threshold is the
+largest normal score. The expected false-alarm rate of a threshold is the model's exceedance
 probability, shown by ``lineinspect memory show``.
 
 The held-out scores are truncated at the threshold (a frame over it is a defect verdict and is not added); the
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 EULER_GAMMA = 0.5772156649
+MIN_FIT_FRAMES = 8  # fewer normal frames: the threshold is the largest of their scores, no tail is fitted
 
 
 def l_moments(values: Sequence[float]) -> tuple[float, float, float]:
@@ -106,11 +108,11 @@ def image_threshold(maxima: Sequence[float], false_alarm_rate: float) -> ImageTh
         raise ValueError("calibration needs at least one normal frame")
     if not 0.0 < false_alarm_rate < 1.0:
         raise ValueError(f"false_alarm_rate {false_alarm_rate}: allowed 0 < rate < 1")
-    if len(m) < 3:
-        return ImageThreshold(float(m.max()), "largest normal score (fewer than 3 frames)", int(len(m)),
-                              float("nan"))
+    if len(m) < MIN_FIT_FRAMES:
+        return ImageThreshold(float(m.max()), f"largest normal score (fewer than {MIN_FIT_FRAMES} frames)",
+                              int(len(m)), float("nan"))
     q1, q3 = np.quantile(m, [0.25, 0.75])
-    inliers = m[m <= q3 + 3.0 * (q3 - q1)] if len(m) >= 8 else m
+    inliers = m[m <= q3 + 3.0 * (q3 - q1)]
     dropped = len(m) - len(inliers)
     g = Gev.fit(inliers)
     if g.alpha <= 0:

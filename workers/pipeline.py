@@ -152,6 +152,7 @@ class _Trace:
 
     regions: tuple[RegionPrompts, ...] = ()
     stages_used: tuple[int, ...] = ()
+    passes: tuple[int, ...] = ()  # decoder calls per region
     anomaly_map: AnomalyMap | None = None
 
 
@@ -193,6 +194,7 @@ class Detector:
 
         regions: tuple[RegionPrompts, ...] = ()
         stages_used: list[int] = []
+        passes: list[int] = []
         if self.config.cps_stages == 0:
             union = map_regions(pixel, self.config.ppg, amap.seed_level)
         else:
@@ -204,6 +206,7 @@ class Detector:
                 res = cascade(self.sam, embedding, region, self.config.cps_stages, pixel, self.config.mask_check)
                 union |= res.mask
                 stages_used.append(res.stage)
+                passes.append(res.passes)
                 for k, v in res.timings.items():
                     timings[k] += v
 
@@ -223,7 +226,7 @@ class Detector:
             self._observe(embedding, amap)
             timings["memory_update"] = time.perf_counter() - t0
 
-        self.last = _Trace(regions=regions, stages_used=tuple(stages_used), anomaly_map=amap)
+        self.last = _Trace(regions=regions, stages_used=tuple(stages_used), passes=tuple(passes), anomaly_map=amap)
         return Detection(image_score=image_score, verdict=verdict, score_map=score_map.astype(np.float32),
                          labels=labels, defects=defects, timings=timings, models=self.models)
 
