@@ -67,8 +67,10 @@ class QueueSettings:
     result_ttl_s: int = 24 * 3600  # idempotency key per frame id
     results_maxlen: int = 10000
     dead_letter_maxlen: int = 10000
+    max_frame_pixels: int = 40_000_000  # H x W of a frame; larger ones are dead-lettered before decoding
 
     def __post_init__(self) -> None:
+        _positive("queue.max_frame_pixels", self.max_frame_pixels)
         _positive("queue.maxlen", self.maxlen)
         _positive("queue.batch", self.batch)
         _positive("queue.max_deliveries", self.max_deliveries)

@@ -8,12 +8,14 @@ Loop:
 1. every ``queue.claim_interval_s``: reclaim entries idle longer than ``queue.claim_idle_ms`` (a dead or
    stuck consumer's frames), count the ones trimmed meanwhile, refresh queue gauges;
 2. read new entries (``XREADGROUP >``, ``queue.block_ms``, ``queue.batch``);
-3. per entry: more than ``queue.max_deliveries`` deliveries -> dead-letter; decode (a :class:`PayloadError`
-   -> dead-letter with its reason); ``detector.inspect`` in a single model thread with a timeout of
-   ``queue.job_timeout_s`` (timeout: the entry stays pending for another worker and this worker exits
-   non-zero, because its model thread is stuck; an exception: counted in ``frames_failed``, the entry stays
-   pending and is retried after reclaim); build the :class:`InspectionResult` and
-   :meth:`FrameQueue.complete` it (publish once, then ack).
+3. per entry: more than ``queue.max_deliveries`` deliveries -> dead-letter; decode (any exception, typed
+   :class:`PayloadError` or not -> dead-letter with its reason at once); ``detector.inspect`` in a single
+   model thread with a timeout of ``queue.job_timeout_s`` (timeout: the entry stays pending for another
+   worker and this worker exits non-zero, because its model thread is stuck; an exception: counted in
+   ``frames_failed``, the entry stays pending and is retried after reclaim, and on its last allowed delivery
+   it is dead-lettered with that exception); build the :class:`InspectionResult` and
+   :meth:`FrameQueue.complete` it (publish once, then ack; an error other than Redis being unreachable or out
+   of memory dead-letters the entry). Any other exception of one entry dead-letters it (``error: ...``).
 
 Result timings: ``decode`` (payload -> image), the detector's stages (``Detection.timings``) and ``encode``
 (label-mask PNG). The publish round trip cannot be inside the result it publishes: it is observed in
@@ -50,6 +52,7 @@ HEARTBEAT_INTERVAL_S = 2.0
 REDIS_RETRY_INITIAL_S = 0.2
 REDIS_RETRY_MAX_S = 5.0
 PUBLISH_ATTEMPTS = 5
+MAX_REASON_CHARS = 500
 
 
 class WorkerQueueMetrics:
@@ -224,13 +227,50 @@ class Worker:
         return list(claim.entries)
 
     def _dead_letter(self, entry, reason: str, label: str) -> None:
+        # the reason may quote crafted text: valid UTF-8 (lone surrogates escaped), bounded length
+        reason = reason.encode("utf-8", "backslashreplace").decode("utf-8")[:MAX_REASON_CHARS]
         self.queue.dead_letter(entry.entry_id, entry.payload, reason, entry.deliveries, self.worker_id)
         self.dead_lettered += 1
         self.metrics.frames_dead_lettered.labels(line=self.line, reason=label).inc()
         log.warning("worker %s: entry %s dead-lettered: %s", self.worker_id, entry.entry_id, reason)
 
+    def _failed(self, entry, frame_id: str, stage: str, exc: BaseException) -> None:
+        """A frame failed in ``stage``: left pending for a retry, or dead-lettered with this reason on its last
+        allowed delivery (so the dead-letter stream says why, not only "delivered N times")."""
+        q = self.settings.queue
+        self.failed += 1
+        self.metrics.frames_failed.labels(line=self.line).inc()
+        reason = f"{stage}: {type(exc).__name__}: {exc}"
+        if entry.deliveries >= q.max_deliveries:
+            self._dead_letter(entry, f"{reason} (delivery {entry.deliveries} of {q.max_deliveries})", stage)
+            return
+        log.warning("worker %s: frame %s failed (delivery %d of %d), left for retry: %s", self.worker_id,
+                    frame_id, entry.deliveries, q.max_deliveries, reason)
+
+    def _process_guarded(self, entry, model: _ModelThread) -> bool:
+        """:meth:`_process`, where an unexpected error of one entry dead-letters it and the worker goes on.
+
+        Redis being unreachable or out of memory is not the entry's fault: raised to the loop (entry pending).
+        """
+        import redis
+
+        try:
+            return self._process(entry, model)
+        except (redis.ConnectionError, redis.TimeoutError, redis.OutOfMemoryError):
+            raise
+        except Exception as exc:
+            log.exception("worker %s: entry %s raised", self.worker_id, entry.entry_id)
+            try:
+                self._dead_letter(entry, f"error: {type(exc).__name__}: {exc}", "error")
+            except redis.ResponseError as dl_exc:  # e.g. no permission for the script: leave it pending
+                log.error("worker %s: entry %s cannot be dead-lettered: %s", self.worker_id, entry.entry_id,
+                          dl_exc)
+            return True
+
     def _process(self, entry, model: _ModelThread) -> bool:
         """Handle one entry. Returns False when the model thread is stuck (the worker must exit)."""
+        import redis
+
         from stream import wire
 
         q = self.settings.queue
@@ -243,10 +283,13 @@ class Worker:
             return True
         t0 = time.perf_counter()
         try:
-            frame = wire.decode_frame(entry.payload)
-            image = wire.frame_to_image(frame)
+            frame = wire.decode_frame(entry.payload, q.max_frame_pixels)
+            image = wire.frame_to_image(frame, q.max_frame_pixels)
         except PayloadError as exc:
             self._dead_letter(entry, f"payload: {exc.reason}", "payload")
+            return True
+        except Exception as exc:  # anything else a crafted payload provokes is still this entry's fault
+            self._dead_letter(entry, f"payload: {type(exc).__name__}: {exc}", "payload")
             return True
         decode_s = time.perf_counter() - t0
 
@@ -257,11 +300,7 @@ class Worker:
                 det = self._wait(future, q.job_timeout_s)
             except Exception as exc:
                 if future.done():  # the detector raised (even a TimeoutError of its own)
-                    self.failed += 1
-                    self.metrics.frames_failed.labels(line=self.line).inc()
-                    log.warning("worker %s: frame %s failed (delivery %d of %d), left for retry: %s: %s",
-                                self.worker_id, frame.frame_id, entry.deliveries, q.max_deliveries,
-                                type(exc).__name__, exc)
+                    self._failed(entry, frame.frame_id, "inspect", exc)
                     return True
                 self.qmetrics.job_timeouts.labels(line=self.line).inc()
                 log.error("worker %s: frame %s (entry %s) exceeded job_timeout_s=%.1f; leaving it pending "
@@ -284,13 +323,16 @@ class Worker:
                 processed_ts=time.time())
             payload = wire.encode_result(result)
         except Exception as exc:  # a malformed Detection: like a detector failure, retried then dead-lettered
-            self.failed += 1
-            self.metrics.frames_failed.labels(line=self.line).inc()
-            log.warning("worker %s: result of frame %s does not encode: %s: %s", self.worker_id,
-                        frame.frame_id, type(exc).__name__, exc)
+            self._failed(entry, frame.frame_id, "encode", exc)
             return True
 
-        published = self._complete(entry.entry_id, frame.frame_id, payload)
+        try:
+            published = self._complete(entry.entry_id, frame.frame_id, payload)
+        except (redis.ConnectionError, redis.TimeoutError, redis.OutOfMemoryError):
+            raise
+        except Exception as exc:  # e.g. a key Redis refuses: this entry cannot be published, ever
+            self._dead_letter(entry, f"publish: {type(exc).__name__}: {exc}", "publish")
+            return True
         if published is None:
             return True  # Redis gone: the entry stays pending and will be reclaimed
         publish_s = time.perf_counter() - t1 - timings["encode"]
@@ -388,9 +430,9 @@ class Worker:
                     self.redis_ok, self.redis_error = True, ""
                     backoff.reset()
                     for entry in entries:  # on SIGTERM the entries in hand are still finished (drain)
-                        if not self._process(entry, model):
+                        if not self._process_guarded(entry, model):
                             return EXIT_STUCK
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                except (redis.ConnectionError, redis.TimeoutError, redis.OutOfMemoryError) as exc:
                     self._redis_down(exc)
                     if stop.wait(backoff.next_delay()):
                         break
