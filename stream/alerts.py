@@ -777,7 +777,6 @@ class AlertService:
 
 def main(settings: Any, args: Any) -> int:
     """``lineinspect alerts --line L [--line L2]``: run the alert service until SIGTERM/SIGINT."""
-    import redis
     from prometheus_client import CollectorRegistry
 
     from stream.health import start_metrics_server
@@ -790,8 +789,9 @@ def main(settings: Any, args: Any) -> int:
         log.warning("alerts.enabled is false: nothing to do")
         return 0
     a = settings.alerts
-    client = redis.Redis.from_url(settings.redis.url, socket_timeout=settings.redis.socket_timeout_s + 2,
-                                  socket_connect_timeout=settings.redis.socket_timeout_s)
+    from stream.redisclient import make_client
+
+    client = make_client(settings.redis, socket_timeout=settings.redis.socket_timeout_s + 2)
     registry = CollectorRegistry()
     metrics = AlertMetrics(registry)
     try:

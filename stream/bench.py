@@ -247,7 +247,6 @@ def prompt_modes(args: argparse.Namespace) -> int:
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
-    import redis
 
     if getattr(args, "prompt_modes", False):
         return prompt_modes(args)
@@ -255,7 +254,9 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     width, height = int(getattr(args, "width", 1920)), int(getattr(args, "height", 1080))
     detector = getattr(args, "detector", "noop")
     quality = settings.cameras[0].jpeg_quality if settings.cameras else 90
-    client = redis.Redis.from_url(settings.redis.url, socket_timeout=30)
+    from stream.redisclient import make_client
+
+    client = make_client(settings.redis, socket_timeout=30)
     client.ping()
     prefix = f"libench{uuid.uuid4().hex[:8]}"
     jpeg = _encode_jpeg(bench_image(width, height), quality)

@@ -83,10 +83,9 @@ class _Health:
 
 
 def _redis_client(settings: Settings):
-    import redis
+    from stream.redisclient import make_client
 
-    timeout = settings.redis.socket_timeout_s
-    return redis.Redis.from_url(settings.redis.url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    return make_client(settings.redis)
 
 
 def run_ingest(settings: Settings, camera_id: str, stop: threading.Event | None = None, registry=None,

@@ -45,6 +45,7 @@ from stream.backoff import Backoff
 from stream.contracts import Frame, InspectionResult, LineInspectError, PayloadError, QueueUnavailableError
 from stream.keys import LineKeys, line_keys, lines_index
 from stream.queue import PAYLOAD_FIELD
+from stream.redisclient import tls_kwargs
 from stream.wire import decode_frame, decode_result, frame_to_image
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class PreviewOptions:
     block_ms: int = 1000
     max_viewers: int = 32
     socket_timeout_s: float = 5.0
+    redis_tls: tuple[tuple[str, str], ...] = ()  # redis-py TLS keyword arguments (stream.redisclient.tls_kwargs)
 
     def __post_init__(self) -> None:
         if not self.token:
@@ -107,7 +109,8 @@ class PreviewOptions:
                 extra["max_viewers"] = int(args.max_viewers)
         return cls(redis_url=settings.redis.url, key_prefix=settings.redis.key_prefix,
                    host=settings.preview.host, port=settings.preview.port, token=settings.preview.token,
-                   socket_timeout_s=settings.redis.socket_timeout_s, **extra)
+                   socket_timeout_s=settings.redis.socket_timeout_s,
+                   redis_tls=tuple(tls_kwargs(settings.redis).items()), **extra)
 
 
 def require_webrtc() -> None:
@@ -527,7 +530,8 @@ class PreviewServer:
         require_webrtc()
         self._track_cls = viewer_track_class()
         self.client = aioredis.Redis.from_url(self.options.redis_url,
-                                              socket_connect_timeout=self.options.socket_timeout_s)
+                                              socket_connect_timeout=self.options.socket_timeout_s,
+                                              **dict(self.options.redis_tls))
         try:
             await self.client.ping()
         except redis.RedisError as exc:

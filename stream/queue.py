@@ -103,9 +103,42 @@ class FrameQueue:
 
         try:
             self.client.xgroup_create(self.keys.frames, self.group, id="0", mkstream=True)
+        except redis.OutOfMemoryError:
+            # Redis full (maxmemory + noeviction) refuses XGROUP CREATE even when the group exists: a worker
+            # must still start then, since draining the stream is what frees memory
+            if not self._group_exists():
+                raise
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+
+    def _group_exists(self) -> bool:
+        import redis
+
+        try:
+            return any(_s(g.get("name", "")) == self.group for g in self.client.xinfo_groups(self.keys.frames))
+        except redis.ResponseError:  # no such key
+            return False
+
+    def check_access(self) -> None:
+        """Load the Lua scripts the worker needs, so a Redis user without ``@scripting`` (or another permission
+        the worker needs) is refused at start-up with a clear message, not on the first frame.
+
+        Raises :class:`~stream.contracts.QueueAccessError`.
+        """
+        import redis
+
+        from stream.contracts import QueueAccessError
+
+        self._scripts()
+        try:
+            for script in (self._complete, self._dead_letter):
+                script.sha = self.client.script_load(script.script)
+            self.client.xinfo_groups(self.keys.frames)
+        except redis.exceptions.NoPermissionError as exc:
+            raise QueueAccessError(
+                f"the Redis user lacks a permission the worker needs ({exc}); grant it +@stream +@scripting "
+                f"+set +publish +hset +hdel +ping on keys '{self.keys.prefix}:{self.keys.line}:*'") from None
 
     # ------------------------------------------------------------------------------------ reading
     def read(self, count: int | None = None, block_ms: int | None = None) -> list[QueueEntry]:

@@ -127,7 +127,9 @@ def write_overlay(out_dir: Path, result: InspectionResult, image: np.ndarray | N
 
 
 def main(settings: Settings, args) -> int:
-    client = redis.Redis.from_url(settings.redis.url, socket_timeout=settings.redis.socket_timeout_s + 5)
+    from stream.redisclient import make_client
+
+    client = make_client(settings.redis, socket_timeout=settings.redis.socket_timeout_s + 5)
     keys = line_keys(settings.redis.key_prefix, args.line)
     out = Path(args.overlays) if args.overlays else None
     follower = ResultFollower(client, keys, from_start=args.from_start or not args.follow, want_frames=out is not None)

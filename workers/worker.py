@@ -23,7 +23,8 @@ Result timings: ``decode`` (payload -> image), the detector's stages (``Detectio
 
 SIGTERM/SIGINT drain: the frames in hand are finished, published and acknowledged, then exit 0.
 
-Exit codes: 0 stopped/drained, 2 detector could not be loaded, 3 a job timed out (model thread stuck).
+Exit codes: 0 stopped/drained, 2 detector could not be loaded or the Redis user lacks a permission the
+worker needs (checked at start-up: :meth:`FrameQueue.check_access`), 3 a job timed out (model thread stuck).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 from config.settings import Settings
 from stream.backoff import Backoff
-from stream.contracts import InspectionResult, ModelLoadError, PayloadError
+from stream.contracts import InspectionResult, ModelLoadError, PayloadError, QueueAccessError
 from stream.keys import line_keys
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,8 @@ class Worker:
 
     # ------------------------------------------------------------------------------------ health
     def health(self) -> tuple[bool, str]:
+        if not self.redis_ok and self.redis_error not in ("", "not connected yet"):
+            return False, f"redis unreachable: {self.redis_error}"
         if self.detector is None:
             return False, f"model not loaded ({self.detector_name})"
         if not self.redis_ok:
@@ -169,9 +172,10 @@ class Worker:
         while not stop.is_set():
             try:
                 self.queue.ensure_group()
+                self.queue.check_access()
                 self.redis_ok, self.redis_error = True, ""
                 return True
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except (redis.ConnectionError, redis.TimeoutError, redis.OutOfMemoryError) as exc:
                 self._redis_down(exc)
                 if stop.wait(backoff.next_delay()):
                     break
@@ -404,8 +408,13 @@ class Worker:
                      "max_deliveries=%d job_timeout_s=%.1f", self.worker_id, self.line, self.keys.frames,
                      s.queue.group, self.detector_name, s.queue.claim_idle_ms, s.queue.max_deliveries,
                      s.queue.job_timeout_s)
-            if not self._connect(stop):  # the detector may need Redis (the line's memory)
-                return EXIT_OK
+            try:
+                if not self._connect(stop):  # the detector may need Redis (the line's memory)
+                    return EXIT_OK
+            except QueueAccessError as exc:
+                self.redis_error = str(exc)
+                log.error("worker %s cannot start: %s", self.worker_id, exc)
+                return EXIT_MODEL
             try:
                 self._load()
             except ModelLoadError as exc:
@@ -454,13 +463,12 @@ class Worker:
 
 
 def _redis_client(settings: Settings):
-    import redis
+    from stream.redisclient import make_client
 
     timeout = settings.redis.socket_timeout_s
     # XREADGROUP blocks up to queue.block_ms: the socket timeout must outlast it
     read_timeout = max(timeout, settings.queue.block_ms / 1000.0 + timeout)
-    return redis.Redis.from_url(settings.redis.url, socket_timeout=read_timeout,
-                                socket_connect_timeout=timeout)
+    return make_client(settings.redis, socket_timeout=read_timeout, connect_timeout=timeout)
 
 
 def run_worker(settings: Settings, line: str, worker_id: str | None = None, detector: str = "pipeline",
