@@ -27,6 +27,7 @@ import numpy as np
 from config.settings import Settings, to_dict
 from stream.keys import line_keys
 from stream.queue import PAYLOAD_FIELD
+from stream.redact import redact_url
 
 DEMO_IMAGE = Path(__file__).with_name("demo_data") / "hazelnut_toy" / "test" / "good" / "04.jpg"
 BENCH_LINE = "benchline"
@@ -261,7 +262,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     prefix = f"libench{uuid.uuid4().hex[:8]}"
     jpeg = _encode_jpeg(bench_image(width, height), quality)
     print(f"lineinspect bench: {width}x{height} JPEG q{quality} = {len(jpeg) / 1024:.0f} KiB, "
-          f"redis {settings.redis.url}, {frames} frames", flush=True)
+          f"redis {redact_url(settings.redis.url)}, {frames} frames", flush=True)
     try:
         # limits: best of 3 (other processes share this machine; a limit is what is possible)
         a = max(redis_rate(client, prefix, jpeg, frames) for _ in range(3))

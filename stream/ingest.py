@@ -28,6 +28,7 @@ from stream.backoff import Backoff
 from stream.contracts import Encoding, PayloadError, SourceConnectionError, SourceExhausted
 from stream.keys import line_keys, lines_index
 from stream.queue import PAYLOAD_FIELD
+from stream.redact import redact_text, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +115,14 @@ def run_ingest(settings: Settings, camera_id: str, stop: threading.Event | None 
 
     log.info("ingest start: camera=%s source=%s path=%s line=%s stream=%s maxlen=%d trim=%s policy=%s "
              "fps=%s encoding=%s session=%s", camera.id, camera.source,
-             camera.path if camera.source != "usb" else camera.device_index, camera.line, keys.frames,
+             redact_url(camera.path) if camera.source != "usb" else camera.device_index, camera.line, keys.frames,
              q.maxlen, q.trim, DROP_POLICY, camera.fps or "max", camera.encoding, session)
 
     try:  # initial health; failures are handled (and counted) per frame below
         client.ping()
         health.redis_ok, health.redis_error = True, ""
     except (redis.ConnectionError, redis.TimeoutError) as exc:
-        health.redis_error = str(exc)
+        health.redis_error = redact_text(exc)
         log.error("redis unreachable at start (%s): frames will be dropped until it answers", exc)
     server = None
     if settings.metrics.enabled:
@@ -215,7 +216,7 @@ def run_ingest(settings: Settings, camera_id: str, stop: threading.Event | None 
                 if health.redis_ok or health.redis_error == "not connected yet":
                     log.error("redis unreachable (%s): dropping frames, retrying every <= %.1fs", exc,
                               REDIS_RETRY_MAX_S)
-                health.redis_ok, health.redis_error = False, str(exc)
+                health.redis_ok, health.redis_error = False, redact_text(exc)
                 registered = False
                 redis_retry_at = time.monotonic() + redis_backoff.next_delay()
                 continue
@@ -258,7 +259,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         stats = run_ingest(settings, args.camera, stop=stop, max_frames=getattr(args, "max_frames", None))
     except (SettingsError, OSError) as exc:  # unknown camera id, metrics port taken
         log.error("ingest cannot start: %s", exc)
-        print(f"lineinspect ingest: {exc}", file=sys.stderr)
+        print(f"lineinspect ingest: {redact_text(exc)}", file=sys.stderr)
         return 2
     print(f"ingest {stats.camera_id}: captured={stats.frames_captured} enqueued={stats.frames_enqueued} "
           f"dropped_trimmed={stats.dropped_trimmed} dropped_redis={stats.dropped_redis} "

@@ -21,6 +21,7 @@ import redis
 from config.settings import Settings
 from stream.contracts import InspectionResult, PayloadError, Verdict
 from stream.keys import LineKeys, line_keys
+from stream.redact import redact_text, redact_url
 from stream.wire import decode_frame, decode_result, frame_to_image
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ def main(settings: Settings, args) -> int:
                 if done():
                     break
     except redis.RedisError as exc:
-        print(f"lineinspect results: Redis at {settings.redis.url} failed: {exc}")
+        print(f"lineinspect results: Redis at {redact_url(settings.redis.url)} failed: {redact_text(exc)}")
         return 1
     except KeyboardInterrupt:
         pass

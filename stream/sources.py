@@ -31,6 +31,7 @@ import numpy as np
 from config.settings import CameraSettings
 from stream.backoff import Backoff
 from stream.contracts import SourceConnectionError, SourceExhausted
+from stream.redact import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ class UrlSource(_CaptureSource):
         self.url = url
         self.open_timeout_ms = open_timeout_ms
         self.read_timeout_ms = read_timeout_ms
-        self.name = f"url:{_redact(url)}"
+        self.name = f"url:{redact_url(url)}"
 
     def _make_capture(self):
         cv2 = _cv2()
@@ -220,15 +221,6 @@ class UsbSource(_CaptureSource):
     def _make_capture(self):
         cv2 = _cv2()
         return cv2.VideoCapture(self.index)
-
-
-def _redact(url: str) -> str:
-    """Hide a password in a URL for logs."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.split("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
-    return url
 
 
 def make_source(camera: CameraSettings) -> FrameSource:

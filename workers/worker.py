@@ -43,6 +43,7 @@ from config.settings import Settings
 from stream.backoff import Backoff
 from stream.contracts import InspectionResult, ModelLoadError, PayloadError, QueueAccessError
 from stream.keys import line_keys
+from stream.redact import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ class Worker:
     def _redis_down(self, exc: Exception) -> None:
         if self.redis_ok or self.redis_error == "not connected yet":
             log.error("worker %s: redis unreachable: %s", self.worker_id, exc)
-        self.redis_ok, self.redis_error = False, str(exc)
+        self.redis_ok, self.redis_error = False, redact_text(exc)
         self.qmetrics.redis_errors.labels(line=self.line).inc()
 
     def _heartbeat(self, force: bool = False) -> None:
@@ -412,7 +413,7 @@ class Worker:
                 if not self._connect(stop):  # the detector may need Redis (the line's memory)
                     return EXIT_OK
             except QueueAccessError as exc:
-                self.redis_error = str(exc)
+                self.redis_error = redact_text(exc)
                 log.error("worker %s cannot start: %s", self.worker_id, exc)
                 return EXIT_MODEL
             try:
