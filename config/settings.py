@@ -77,10 +77,19 @@ class QueueSettings:
     claim_interval_s: float = 5.0
     max_deliveries: int = 3  # delivered more often than this -> dead-letter stream
     job_timeout_s: float = 120.0
-    result_ttl_s: int = 24 * 3600  # idempotency key per frame id
+    # idempotency key done:<frame id>: lives done_ttl_s = max(result_ttl_s, what a duplicate needs), see below
+    result_ttl_s: int = 300
     results_maxlen: int = 10000
     dead_letter_maxlen: int = 10000
     max_frame_pixels: int = 40_000_000  # H x W of a frame; larger ones are dead-lettered before decoding
+
+    @property
+    def done_ttl_s(self) -> int:
+        """Seconds a ``done:<frame id>`` key must live: a frame can be finished twice only while its entry is
+        pending, i.e. through at most ``max_deliveries + 1`` claims each ``claim_idle_ms`` (+ one claim
+        interval) apart, plus one job. ``result_ttl_s`` is the floor. (Was 24 h: ~260 MB a day per camera.)"""
+        needed = (self.claim_idle_ms / 1000.0 + self.claim_interval_s) * (self.max_deliveries + 1) + self.job_timeout_s
+        return int(max(self.result_ttl_s, math.ceil(needed)))
 
     def __post_init__(self) -> None:
         _positive("queue.max_frame_pixels", self.max_frame_pixels)

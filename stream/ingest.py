@@ -7,8 +7,13 @@ frames are dropped (policy DROP_OLDEST); XTRIM returns exactly how many, counted
 ``frames_dropped{reason="trimmed_oldest"}``.
 
 Other losses are counted too: ``unreadable`` (a file of a folder source that does not decode),
-``encode_error`` and ``redis_error`` (Redis unreachable: frames read meanwhile are dropped while the
-connection is retried with backoff).
+``encode_error``, ``redis_error`` (Redis unreachable: frames read meanwhile are dropped while the
+connection is retried with backoff) and ``redis_oom`` (Redis refused the XADD because ``maxmemory`` is reached
+with ``noeviction``: frames are dropped and counted while ingest backs off the same way; it never dies of it).
+
+Before its first frame (and after every reconnect) ingest creates the workers' consumer group
+(:func:`stream.queue.ensure_group`), so the group exists before Redis can fill up and workers can start and
+drain a full Redis.
 
 ``lineinspect ingest --camera ID`` calls :func:`main`; tests and the benchmark call :func:`run_ingest`.
 """
@@ -27,7 +32,7 @@ from config.settings import CameraSettings, Settings, SettingsError
 from stream.backoff import Backoff
 from stream.contracts import Encoding, PayloadError, SourceConnectionError, SourceExhausted
 from stream.keys import line_keys, lines_index
-from stream.queue import PAYLOAD_FIELD
+from stream.queue import PAYLOAD_FIELD, ensure_group
 from stream.redact import redact_text, redact_url
 
 log = logging.getLogger(__name__)
@@ -49,13 +54,15 @@ class IngestStats:
     dropped_redis: int  # frames lost while Redis was unreachable
     dropped_unreadable: int  # source files that did not decode
     dropped_encode: int  # frames that did not encode
+    dropped_oom: int  # frames Redis refused for maxmemory (OOM)
     reconnects: int  # camera reopen attempts
     stopped_by: str  # "stop" | "exhausted" | "camera_failed" | "max_frames"
     seconds: float
 
     @property
     def frames_dropped(self) -> int:
-        return self.dropped_trimmed + self.dropped_redis + self.dropped_unreadable + self.dropped_encode
+        return (self.dropped_trimmed + self.dropped_redis + self.dropped_unreadable + self.dropped_encode
+                + self.dropped_oom)
 
 
 class _Counts:
@@ -63,6 +70,7 @@ class _Counts:
 
     def __init__(self) -> None:
         self.captured = self.enqueued = self.trimmed = self.redis = self.unreadable = self.encode = 0
+        self.oom = 0
 
 
 class _Health:
@@ -70,11 +78,14 @@ class _Health:
         self.camera = camera
         self.redis_ok = False
         self.redis_error = "not connected yet"
+        self.oom_error = ""
         self.source = None
 
     def __call__(self) -> tuple[bool, str]:
         if not self.redis_ok:
             return False, f"redis unreachable: {self.redis_error}"
+        if self.oom_error:
+            return False, f"redis out of memory: {self.oom_error}"
         if self.source is None:
             return True, "ok (camera opening)"
         down = self.source.down_for()
@@ -87,6 +98,18 @@ def _redis_client(settings: Settings):
     from stream.redisclient import make_client
 
     return make_client(settings.redis)
+
+
+def _ensure_group(client, stream: str, group: str) -> None:
+    """The workers' group, created early (best effort: a user without XGROUP leaves it to the workers)."""
+    import redis
+
+    try:
+        ensure_group(client, stream, group)
+    except (redis.ConnectionError, redis.TimeoutError, redis.OutOfMemoryError):
+        raise
+    except redis.ResponseError as exc:
+        log.warning("ingest cannot create the consumer group %r on %s (%s): the workers will", group, stream, exc)
 
 
 def run_ingest(settings: Settings, camera_id: str, stop: threading.Event | None = None, registry=None,
@@ -141,6 +164,7 @@ def run_ingest(settings: Settings, camera_id: str, stop: threading.Event | None 
 
     registered = False
     redis_retry_at = 0.0
+    down_reason = "redis_error"  # what a frame dropped before redis_retry_at is counted as
     redis_backoff = Backoff(REDIS_RETRY_INITIAL_S, REDIS_RETRY_MAX_S)
     period = 1.0 / camera.fps if camera.fps > 0 else 0.0
     next_due = time.monotonic()
@@ -199,11 +223,16 @@ def run_ingest(settings: Settings, camera_id: str, stop: threading.Event | None 
             seq += 1
 
             now = time.monotonic()
-            if now < redis_retry_at:  # Redis known down: do not stall the camera, count the loss
-                counts.redis += 1
-                metrics.frames_dropped.labels(reason="redis_error", **lbl).inc()
+            if now < redis_retry_at:  # Redis known down or full: do not stall the camera, count the loss
+                if down_reason == "redis_oom":
+                    counts.oom += 1
+                else:
+                    counts.redis += 1
+                metrics.frames_dropped.labels(reason=down_reason, **lbl).inc()
                 continue
             try:
+                if not registered:
+                    _ensure_group(client, keys.frames, q.group)
                 pipe = client.pipeline(transaction=True)
                 pipe.xadd(keys.frames, {PAYLOAD_FIELD: payload})
                 pipe.xtrim(keys.frames, maxlen=q.maxlen, approximate=approximate)
@@ -218,8 +247,22 @@ def run_ingest(settings: Settings, camera_id: str, stop: threading.Event | None 
                               REDIS_RETRY_MAX_S)
                 health.redis_ok, health.redis_error = False, redact_text(exc)
                 registered = False
+                down_reason = "redis_error"
                 redis_retry_at = time.monotonic() + redis_backoff.next_delay()
                 continue
+            except redis.OutOfMemoryError as exc:  # maxmemory reached (noeviction): count, back off, go on
+                counts.oom += 1
+                metrics.frames_dropped.labels(reason="redis_oom", **lbl).inc()
+                if not health.oom_error:
+                    log.error("redis out of memory (%s): dropping frames (redis_oom), retrying every <= %.1fs",
+                              exc, REDIS_RETRY_MAX_S)
+                health.oom_error = redact_text(exc)
+                down_reason = "redis_oom"
+                redis_retry_at = time.monotonic() + redis_backoff.next_delay()
+                continue
+            if health.oom_error:
+                log.info("redis accepts frames again")
+                health.oom_error = ""
             if not health.redis_ok and health.redis_error != "not connected yet":
                 log.info("redis reachable again")
             health.redis_ok, health.redis_error = True, ""
@@ -240,6 +283,7 @@ def run_ingest(settings: Settings, camera_id: str, stop: threading.Event | None 
         camera_id=camera.id, line_id=camera.line, stream=keys.frames, session=session,
         frames_captured=counts.captured, frames_enqueued=counts.enqueued, dropped_trimmed=counts.trimmed,
         dropped_redis=counts.redis, dropped_unreadable=counts.unreadable, dropped_encode=counts.encode,
+        dropped_oom=counts.oom,
         reconnects=source.reconnects, stopped_by=stopped_by, seconds=time.monotonic() - t_start)
     log.info("ingest end: %s", stats)
     return stats
@@ -263,6 +307,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     print(f"ingest {stats.camera_id}: captured={stats.frames_captured} enqueued={stats.frames_enqueued} "
           f"dropped_trimmed={stats.dropped_trimmed} dropped_redis={stats.dropped_redis} "
-          f"dropped_unreadable={stats.dropped_unreadable} reconnects={stats.reconnects} "
+          f"dropped_unreadable={stats.dropped_unreadable} dropped_oom={stats.dropped_oom} "
+          f"reconnects={stats.reconnects} "
           f"stopped_by={stats.stopped_by}", flush=True)
     return 1 if stats.stopped_by == "camera_failed" else 0

@@ -75,6 +75,34 @@ def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def group_exists(client, stream: str, group: str) -> bool:
+    import redis
+
+    try:
+        return any(_s(g.get("name", "")) == group for g in client.xinfo_groups(stream))
+    except redis.ResponseError:  # no such key
+        return False
+
+
+def ensure_group(client, stream: str, group: str) -> None:
+    """Create ``group`` on ``stream`` (and the stream) at id 0 if missing. Ingest calls it too, before its first
+    frame, so the group exists before Redis can fill up.
+
+    Redis full (maxmemory + noeviction) refuses XGROUP CREATE with OOM: fine when the group exists (a worker
+    must start then: draining the stream is what frees memory); raised otherwise.
+    """
+    import redis
+
+    try:
+        client.xgroup_create(stream, group, id="0", mkstream=True)
+    except redis.OutOfMemoryError:
+        if not group_exists(client, stream, group):
+            raise
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
 class FrameQueue:
     """Consumer ``consumer`` of the line's worker group. Construct, then call :meth:`ensure_group`."""
 
@@ -99,26 +127,7 @@ class FrameQueue:
 
         The group starts at ``0``: frames queued before the first worker came are processed too.
         """
-        import redis
-
-        try:
-            self.client.xgroup_create(self.keys.frames, self.group, id="0", mkstream=True)
-        except redis.OutOfMemoryError:
-            # Redis full (maxmemory + noeviction) refuses XGROUP CREATE even when the group exists: a worker
-            # must still start then, since draining the stream is what frees memory
-            if not self._group_exists():
-                raise
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-
-    def _group_exists(self) -> bool:
-        import redis
-
-        try:
-            return any(_s(g.get("name", "")) == self.group for g in self.client.xinfo_groups(self.keys.frames))
-        except redis.ResponseError:  # no such key
-            return False
+        ensure_group(self.client, self.keys.frames, self.group)
 
     def check_access(self) -> None:
         """Load the Lua scripts the worker needs, so a Redis user without ``@scripting`` (or another permission
@@ -213,7 +222,7 @@ class FrameQueue:
         q = self.settings
         published = self._complete(
             keys=[self.keys.done(frame_id), self.keys.results, self.keys.frames],
-            args=[q.result_ttl_s, q.results_maxlen, result_payload, self.keys.results_channel, self.group,
+            args=[q.done_ttl_s, q.results_maxlen, result_payload, self.keys.results_channel, self.group,
                   entry_id, f"{self.consumer}:{entry_id}"])
         return bool(int(published))
 
@@ -229,6 +238,12 @@ class FrameQueue:
             args=[self.settings.dead_letter_maxlen, payload if payload is not None else b"", reason, entry_id,
                   int(deliveries), worker_id, f"{time.time():.3f}", self.group])
         return _s(dl_id)
+
+    def release(self, entry_id: str) -> None:
+        """Delete an entry's data but keep it pending (XDEL without XACK): frees its memory when Redis is out
+        of memory while the worker holds the entry's result. If this worker dies before publishing, a
+        reclaim reports the id as deleted and it is counted (``lineinspect_worker_frames_trimmed_total``)."""
+        self.client.xdel(self.keys.frames, entry_id)
 
     def ack_and_delete(self, *entry_ids: str) -> None:
         if entry_ids:

@@ -69,7 +69,7 @@ def test_complete_publishes_once_per_frame_id(redis_client, key_prefix):
     # both entries acknowledged and deleted; the idempotency key carries a TTL
     assert redis_client.xlen(keys.frames) == 0
     assert q.stats().pending == 0
-    assert 0 < redis_client.ttl(keys.done(frame_id)) <= QueueSettings().result_ttl_s
+    assert 0 < redis_client.ttl(keys.done(frame_id)) <= QueueSettings().done_ttl_s <= 3600
 
 
 def test_dead_letter_moves_entry_atomically(redis_client, key_prefix):

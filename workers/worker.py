@@ -44,6 +44,7 @@ from stream.backoff import Backoff
 from stream.contracts import InspectionResult, ModelLoadError, PayloadError, QueueAccessError
 from stream.keys import line_keys
 from stream.redact import redact_text
+from workers.held import HeldResults
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,9 @@ REDIS_RETRY_INITIAL_S = 0.2
 REDIS_RETRY_MAX_S = 5.0
 PUBLISH_ATTEMPTS = 5
 MAX_REASON_CHARS = 500
+HELD_RESULTS_LIMIT = 64  # results kept in the process while Redis is out of memory (workers.held)
+OOM_RETRY_S = 0.1
+DRAIN_HELD_S = 5.0
 
 
 class WorkerQueueMetrics:
@@ -72,6 +76,10 @@ class WorkerQueueMetrics:
             registry=registry)
         self.redis_errors = Counter(
             "lineinspect_worker_redis_errors_total", "Redis connection errors seen by the worker", ["line"],
+            registry=registry)
+        self.redis_oom = Counter(
+            "lineinspect_worker_redis_oom_total",
+            "Redis writes refused for maxmemory (OOM) seen by the worker (results held, frames freed)", ["line"],
             registry=registry)
 
 
@@ -149,6 +157,8 @@ class Worker:
         self.queue = None
         self.redis_ok = False
         self.redis_error = "not connected yet"
+        self.oom_error = ""  # set while Redis refuses writes for maxmemory; cleared by the next publish
+        self.held = None  # workers.held.HeldResults, once connected
         self.processed = self.duplicates = self.failed = self.dead_lettered = self.reclaimed = 0
         self._last_heartbeat = 0.0
 
@@ -156,6 +166,8 @@ class Worker:
     def health(self) -> tuple[bool, str]:
         if not self.redis_ok and self.redis_error not in ("", "not connected yet"):
             return False, f"redis unreachable: {self.redis_error}"
+        if self.oom_error:
+            return False, f"redis out of memory: {self.oom_error}"
         if self.detector is None:
             return False, f"model not loaded ({self.detector_name})"
         if not self.redis_ok:
@@ -169,6 +181,7 @@ class Worker:
         from stream.queue import FrameQueue
 
         self.queue = FrameQueue(self.client, self.keys, self.settings.queue, self.worker_id)
+        self.held = HeldResults(self.queue, limit=HELD_RESULTS_LIMIT)
         backoff = Backoff(REDIS_RETRY_INITIAL_S, REDIS_RETRY_MAX_S)
         while not stop.is_set():
             try:
@@ -203,16 +216,56 @@ class Worker:
 
     # ------------------------------------------------------------------------------------ loop
     def _redis_down(self, exc: Exception) -> None:
+        import redis
+
+        if isinstance(exc, redis.OutOfMemoryError):
+            self._oom(exc)
+            return
         if self.redis_ok or self.redis_error == "not connected yet":
             log.error("worker %s: redis unreachable: %s", self.worker_id, exc)
         self.redis_ok, self.redis_error = False, redact_text(exc)
         self.qmetrics.redis_errors.labels(line=self.line).inc()
 
+    def _oom(self, exc: Exception) -> None:
+        if not self.oom_error:
+            log.error("worker %s: redis out of memory (%s): holding results, freeing frames", self.worker_id, exc)
+        self.oom_error = redact_text(exc)
+        self.qmetrics.redis_oom.labels(line=self.line).inc()
+
     def _heartbeat(self, force: bool = False) -> None:
+        import redis
+
         now = time.monotonic()
         if force or now - self._last_heartbeat >= HEARTBEAT_INTERVAL_S:
-            self.queue.heartbeat(self.worker_id)
             self._last_heartbeat = now
+            try:
+                self.queue.heartbeat(self.worker_id)
+            except redis.OutOfMemoryError as exc:  # not a reason to stop draining
+                self._oom(exc)
+                return
+            if self.oom_error and not self.held:  # a write went through: Redis has memory again
+                self.oom_error = ""
+
+    def _drain_held(self) -> None:
+        """On stop: try to publish held results for a few seconds; what stays held is counted by a reclaim."""
+        import redis
+
+        deadline = time.monotonic() + DRAIN_HELD_S
+        while self.held and time.monotonic() < deadline:
+            try:
+                self._flush_held()
+            except redis.RedisError:
+                pass
+            if self.held:
+                time.sleep(OOM_RETRY_S)
+        if self.held:
+            log.error("worker %s: %d result(s) held for Redis memory not published; their entries stay pending "
+                      "(data freed) and a reclaim counts them", self.worker_id, len(self.held))
+
+    def _flush_held(self) -> None:
+        if self.held and self.held.flush() and not self.held:
+            self.oom_error = ""
+            log.info("worker %s: redis accepts writes again; held results published", self.worker_id)
 
     def _reclaim(self) -> list:
         claim = self.queue.reclaim()
@@ -331,16 +384,30 @@ class Worker:
             self._failed(entry, frame.frame_id, "encode", exc)
             return True
 
+        from workers.held import HeldResult
+
+        def _finished(published: bool) -> None:
+            self._finished(result, timings, time.perf_counter() - t1 - timings["encode"], published)
+
         try:
             published = self._complete(entry.entry_id, frame.frame_id, payload)
-        except (redis.ConnectionError, redis.TimeoutError, redis.OutOfMemoryError):
+        except redis.OutOfMemoryError as exc:  # keep the result, free the frame, go on (workers.held)
+            self._oom(exc)
+            self.held.hold(HeldResult(entry.entry_id, frame.frame_id, payload, _finished))
+            return True
+        except (redis.ConnectionError, redis.TimeoutError):
             raise
         except Exception as exc:  # e.g. a key Redis refuses: this entry cannot be published, ever
             self._dead_letter(entry, f"publish: {type(exc).__name__}: {exc}", "publish")
             return True
         if published is None:
             return True  # Redis gone: the entry stays pending and will be reclaimed
-        publish_s = time.perf_counter() - t1 - timings["encode"]
+        self.oom_error = ""
+        _finished(published)
+        return True
+
+    def _finished(self, result: InspectionResult, timings: dict, publish_s: float, published: bool) -> None:
+        """Metrics of a frame whose result was published (or found published already)."""
         m = self.metrics
         for stage, seconds in {**timings, "publish": publish_s}.items():
             m.stage_seconds.labels(line=self.line, stage=stage).observe(seconds)
@@ -350,13 +417,12 @@ class Worker:
             m.verdicts.labels(line=self.line, verdict=result.verdict.value).inc()
             if result.defects:
                 m.defects.labels(line=self.line).inc(len(result.defects))
-            m.end_to_end_seconds.labels(line=self.line).observe(max(0.0, time.time() - frame.capture_ts))
+            m.end_to_end_seconds.labels(line=self.line).observe(max(0.0, time.time() - result.capture_ts))
         else:
             self.duplicates += 1
             m.duplicates_skipped.labels(line=self.line).inc()
             log.info("worker %s: frame %s already had a result; acknowledged without publishing",
-                     self.worker_id, frame.frame_id)
-        return True
+                     self.worker_id, result.frame_id)
 
     def _wait(self, future: Future, timeout_s: float):
         """The detector's result; heartbeats go on while a long inspection runs (FutureTimeout after timeout_s)."""
@@ -430,6 +496,11 @@ class Worker:
             while not stop.is_set():
                 try:
                     self._heartbeat()
+                    self._flush_held()
+                    if self.held.full():  # Redis still full: publish what is held before reading more
+                        if stop.wait(OOM_RETRY_S):
+                            break
+                        continue
                     entries = []
                     if time.monotonic() - last_claim >= s.queue.claim_interval_s:
                         entries = self._reclaim()
@@ -446,6 +517,7 @@ class Worker:
                     self._redis_down(exc)
                     if stop.wait(backoff.next_delay()):
                         break
+            self._drain_held()
             log.info("worker %s: stopping (drained)", self.worker_id)
             return EXIT_OK
         finally:
