@@ -3,12 +3,14 @@
 Per frame: read from the (reconnecting) source, pace to ``camera.fps``, encode (JPEG or raw), wrap in a
 :class:`~stream.contracts.Frame` and in ONE round trip (MULTI/EXEC pipeline) ``XADD`` it to the line's frames
 stream and ``XTRIM MAXLEN [~] queue.maxlen``. The stream is bounded: when workers fall behind the oldest
-frames are dropped (policy DROP_OLDEST); XTRIM returns exactly how many, counted as
-``frames_dropped{reason="trimmed_oldest"}``.
+frames are dropped (policy DROP_OLDEST); those no worker had been given are counted as
+``frames_dropped{reason="trimmed_oldest"}`` (the rule, and the stream identity that detects a Redis that
+lost the stream, ``redis_lost``: :mod:`stream.enqueue`).
 
 Other losses are counted too: ``unreadable`` (a file of a folder source that does not decode),
 ``encode_error``, ``redis_error`` (Redis unreachable: frames read meanwhile are dropped while the
-connection is retried with backoff) and ``redis_oom`` (Redis refused the XADD because ``maxmemory`` is reached
+connection is retried with backoff), ``redis_unconfirmed`` (the XADD was sent but not answered, a timeout or a
+connection closed mid-command: the outcome is unknown, a frozen Redis may still add it later) and ``redis_oom`` (Redis refused the XADD because ``maxmemory`` is reached
 with ``noeviction``: frames are dropped and counted while ingest backs off the same way; it never dies of it).
 
 Before its first frame (and after every reconnect) ingest creates the workers' consumer group
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 from config.settings import CameraSettings, Settings, SettingsError
 from stream.backoff import Backoff
 from stream.contracts import Encoding, PayloadError, SourceConnectionError, SourceExhausted
+from stream.enqueue import Enqueuer
 from stream.keys import line_keys, lines_index
 from stream.queue import PAYLOAD_FIELD, ensure_group
 from stream.redact import redact_text, redact_url
@@ -55,6 +58,9 @@ class IngestStats:
     dropped_unreadable: int  # source files that did not decode
     dropped_encode: int  # frames that did not encode
     dropped_oom: int  # frames Redis refused for maxmemory (OOM)
+    dropped_unconfirmed: int  # sent, not answered (timeout, connection closed): may be queued all the same
+    dropped_lost: int  # queued frames lost when Redis came back without the stream (restart without AOF)
+    trimmed_delivered: int  # trimmed while a worker held them: not a loss here (see stream.enqueue)
     reconnects: int  # camera reopen attempts
     stopped_by: str  # "stop" | "exhausted" | "camera_failed" | "max_frames"
     seconds: float
@@ -62,7 +68,7 @@ class IngestStats:
     @property
     def frames_dropped(self) -> int:
         return (self.dropped_trimmed + self.dropped_redis + self.dropped_unreadable + self.dropped_encode
-                + self.dropped_oom)
+                + self.dropped_oom + self.dropped_unconfirmed + self.dropped_lost)
 
 
 class _Counts:
@@ -70,7 +76,7 @@ class _Counts:
 
     def __init__(self) -> None:
         self.captured = self.enqueued = self.trimmed = self.redis = self.unreadable = self.encode = 0
-        self.oom = 0
+        self.oom = self.timeout = self.lost = self.trimmed_delivered = 0
 
 
 class _Health:
@@ -98,6 +104,12 @@ def _redis_client(settings: Settings):
     from stream.redisclient import make_client
 
     return make_client(settings.redis)
+
+
+def _unconfirmed(exc: Exception) -> bool:
+    """Whether a Redis error came after the command was sent (outcome unknown), not while connecting."""
+    text = str(exc)
+    return not ("connecting to" in text or "Timeout connecting" in text or "Connection refused" in text)
 
 
 def _ensure_group(client, stream: str, group: str) -> None:
@@ -164,6 +176,9 @@ def run_ingest(settings: Settings, camera_id: str, stop: threading.Event | None 
 
     registered = False
     redis_retry_at = 0.0
+    last_backlog = 0  # undelivered frames in the stream after the last frame added (redis_lost on a restart)
+    enqueuer = Enqueuer(client, keys, lines_index(settings.redis.key_prefix), maxlen=q.maxlen,
+                        approximate=approximate, group=q.group, payload_field=PAYLOAD_FIELD)
     down_reason = "redis_error"  # what a frame dropped before redis_retry_at is counted as
     redis_backoff = Backoff(REDIS_RETRY_INITIAL_S, REDIS_RETRY_MAX_S)
     period = 1.0 / camera.fps if camera.fps > 0 else 0.0
@@ -233,15 +248,16 @@ def run_ingest(settings: Settings, camera_id: str, stop: threading.Event | None 
             try:
                 if not registered:
                     _ensure_group(client, keys.frames, q.group)
-                pipe = client.pipeline(transaction=True)
-                pipe.xadd(keys.frames, {PAYLOAD_FIELD: payload})
-                pipe.xtrim(keys.frames, maxlen=q.maxlen, approximate=approximate)
-                if not registered:
-                    pipe.sadd(lines_index(settings.redis.key_prefix), camera.line)
-                replies = pipe.execute()
+                reply = enqueuer.add(payload, register=not registered)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                counts.redis += 1
-                metrics.frames_dropped.labels(reason="redis_error", **lbl).inc()
+                # sent but not answered (a timeout, a connection closed mid-command): the outcome is unknown,
+                # a frozen Redis may still run the XADD; its own reason, redis_unconfirmed
+                reason = "redis_unconfirmed" if _unconfirmed(exc) else "redis_error"
+                if reason == "redis_unconfirmed":
+                    counts.timeout += 1
+                else:
+                    counts.redis += 1
+                metrics.frames_dropped.labels(reason=reason, **lbl).inc()
                 if health.redis_ok or health.redis_error == "not connected yet":
                     log.error("redis unreachable (%s): dropping frames, retrying every <= %.1fs", exc,
                               REDIS_RETRY_MAX_S)
@@ -270,10 +286,16 @@ def run_ingest(settings: Settings, camera_id: str, stop: threading.Event | None 
             registered = True
             counts.enqueued += 1
             metrics.frames_enqueued.labels(**lbl).inc()
-            trimmed = int(replies[1])
-            if trimmed:
-                counts.trimmed += trimmed
-                metrics.frames_dropped.labels(reason="trimmed_oldest", **lbl).inc(trimmed)
+            if reply.trimmed_undelivered:
+                counts.trimmed += reply.trimmed_undelivered
+                metrics.frames_dropped.labels(reason="trimmed_oldest", **lbl).inc(reply.trimmed_undelivered)
+            counts.trimmed_delivered += reply.trimmed - reply.trimmed_undelivered
+            if reply.identity_created and last_backlog:  # Redis came back without the stream
+                counts.lost += last_backlog
+                metrics.frames_dropped.labels(reason="redis_lost", **lbl).inc(last_backlog)
+                log.error("redis lost the stream %s (restarted without its data?): %d queued frame(s) lost, "
+                          "counted as redis_lost", keys.frames, last_backlog)
+            last_backlog = reply.backlog
     finally:
         source.close()
         metrics.camera_up.labels(**lbl).set(0)
@@ -283,7 +305,8 @@ def run_ingest(settings: Settings, camera_id: str, stop: threading.Event | None 
         camera_id=camera.id, line_id=camera.line, stream=keys.frames, session=session,
         frames_captured=counts.captured, frames_enqueued=counts.enqueued, dropped_trimmed=counts.trimmed,
         dropped_redis=counts.redis, dropped_unreadable=counts.unreadable, dropped_encode=counts.encode,
-        dropped_oom=counts.oom,
+        dropped_oom=counts.oom, dropped_unconfirmed=counts.timeout, dropped_lost=counts.lost,
+        trimmed_delivered=counts.trimmed_delivered,
         reconnects=source.reconnects, stopped_by=stopped_by, seconds=time.monotonic() - t_start)
     log.info("ingest end: %s", stats)
     return stats
@@ -308,6 +331,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     print(f"ingest {stats.camera_id}: captured={stats.frames_captured} enqueued={stats.frames_enqueued} "
           f"dropped_trimmed={stats.dropped_trimmed} dropped_redis={stats.dropped_redis} "
           f"dropped_unreadable={stats.dropped_unreadable} dropped_oom={stats.dropped_oom} "
+          f"dropped_unconfirmed={stats.dropped_unconfirmed} dropped_lost={stats.dropped_lost} "
           f"reconnects={stats.reconnects} "
           f"stopped_by={stats.stopped_by}", flush=True)
     return 1 if stats.stopped_by == "camera_failed" else 0

@@ -239,6 +239,22 @@ class FrameQueue:
                   int(deliveries), worker_id, f"{time.time():.3f}", self.group])
         return _s(dl_id)
 
+    def note_failure(self, entry_id: str, reason: str) -> None:
+        """Remember why a pending entry failed (a job timeout, a detector error), so that the worker which
+        finally dead-letters it after ``max_deliveries`` can name the real reason. Kept ``done_ttl_s``."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(self.keys.failures, entry_id, reason)
+        pipe.expire(self.keys.failures, self.settings.done_ttl_s)
+        pipe.execute()
+
+    def last_failure(self, entry_id: str) -> str:
+        """The failure noted for ``entry_id`` ("" when none); the note is removed."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hget(self.keys.failures, entry_id)
+        pipe.hdel(self.keys.failures, entry_id)
+        value, _ = pipe.execute()
+        return _s(value) if value is not None else ""
+
     def release(self, entry_id: str) -> None:
         """Delete an entry's data but keep it pending (XDEL without XACK): frees its memory when Redis is out
         of memory while the worker holds the entry's result. If this worker dies before publishing, a

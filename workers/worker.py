@@ -302,8 +302,17 @@ class Worker:
         if entry.deliveries >= q.max_deliveries:
             self._dead_letter(entry, f"{reason} (delivery {entry.deliveries} of {q.max_deliveries})", stage)
             return
+        self._note_failure(entry, reason)
         log.warning("worker %s: frame %s failed (delivery %d of %d), left for retry: %s", self.worker_id,
                     frame_id, entry.deliveries, q.max_deliveries, reason)
+
+    def _note_failure(self, entry, reason: str) -> None:
+        import redis
+
+        try:
+            self.queue.note_failure(entry.entry_id, reason[:MAX_REASON_CHARS])
+        except redis.RedisError as exc:  # only a better dead-letter reason is lost
+            log.warning("worker %s: failure of entry %s not noted: %s", self.worker_id, entry.entry_id, exc)
 
     def _process_guarded(self, entry, model: _ModelThread) -> bool:
         """:meth:`_process`, where an unexpected error of one entry dead-letters it and the worker goes on.
@@ -333,8 +342,10 @@ class Worker:
 
         q = self.settings.queue
         if entry.deliveries > q.max_deliveries:
-            self._dead_letter(entry, f"max_deliveries: delivered {entry.deliveries} times "
-                                     f"(limit {q.max_deliveries})", "max_deliveries")
+            last = self.queue.last_failure(entry.entry_id)  # e.g. a job timeout of the worker that died
+            label = "job_timeout" if last.startswith("job_timeout") else "max_deliveries"
+            self._dead_letter(entry, f"{label}: delivered {entry.deliveries} times (limit {q.max_deliveries})"
+                                     + (f"; last failure: {last}" if last else ""), label)
             return True
         if entry.payload is None:
             self._dead_letter(entry, "payload: entry has no 'p' field", "payload")
@@ -361,6 +372,8 @@ class Worker:
                     self._failed(entry, frame.frame_id, "inspect", exc)
                     return True
                 self.qmetrics.job_timeouts.labels(line=self.line).inc()
+                self._note_failure(entry, f"job_timeout: exceeded job_timeout_s={q.job_timeout_s:g} "
+                                          f"(worker {self.worker_id}, delivery {entry.deliveries})")
                 log.error("worker %s: frame %s (entry %s) exceeded job_timeout_s=%.1f; leaving it pending "
                           "for another worker and exiting (model thread stuck)", self.worker_id,
                           frame.frame_id, entry.entry_id, q.job_timeout_s)
