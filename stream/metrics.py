@@ -21,7 +21,8 @@ class IngestMetrics:
             ["line", "camera"], registry=registry)
         self.frames_dropped = Counter(
             "lineinspect_frames_dropped_total",
-            "Frames lost before inspection, by reason (unreadable, encode_error, trimmed_oldest, redis_error, redis_oom)",
+            "Frames lost before inspection, by reason (unreadable, encode_error, trimmed_oldest, redis_error, "
+            "redis_unconfirmed, redis_oom, redis_lost)",
             ["line", "camera", "reason"], registry=registry)
         self.camera_reconnects = Counter(
             "lineinspect_camera_reconnects_total", "Times the camera source was reopened",

@@ -52,8 +52,10 @@ EXIT_OK = 0
 EXIT_MODEL = 2
 EXIT_STUCK = 3
 HEARTBEAT_INTERVAL_S = 2.0
-REDIS_RETRY_INITIAL_S = 0.2
-REDIS_RETRY_MAX_S = 5.0
+# retry waits while Redis is unreachable: capped at 0.5 s so that work resumes within 1 s of Redis answering
+# again (a refused connection costs nothing; a frozen Redis is bounded by redis.socket_timeout_s instead)
+REDIS_RETRY_INITIAL_S = 0.1
+REDIS_RETRY_MAX_S = 0.5
 PUBLISH_ATTEMPTS = 5
 MAX_REASON_CHARS = 500
 HELD_RESULTS_LIMIT = 64  # results kept in the process while Redis is out of memory (workers.held)
