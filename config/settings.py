@@ -82,6 +82,9 @@ class QueueSettings:
     results_maxlen: int = 10000
     dead_letter_maxlen: int = 10000
     max_frame_pixels: int = 40_000_000  # H x W of a frame; larger ones are dead-lettered before decoding
+    # a consumer idle this long with nothing pending (a killed worker) is removed from the group, and a
+    # heartbeat this old from the workers hash
+    dead_consumer_idle_s: float = 300.0
 
     @property
     def done_ttl_s(self) -> int:
@@ -103,6 +106,7 @@ class QueueSettings:
         _positive("queue.result_ttl_s", self.result_ttl_s)
         _positive("queue.results_maxlen", self.results_maxlen)
         _positive("queue.dead_letter_maxlen", self.dead_letter_maxlen)
+        _range("queue.dead_consumer_idle_s", self.dead_consumer_idle_s, lo=0.1, hi=86400 * 30)
         if not self.group or any(c in self.group for c in " \t\n"):
             raise SettingsError("queue.group", f"{self.group!r}: must be non-empty, without spaces")
 

@@ -49,6 +49,36 @@ return id
 """
 
 
+# KEYS: frames stream, heartbeat hash
+# ARGV: group, idle ms, this consumer, now (unix s), heartbeat age limit (s)
+_PRUNE_LUA = """
+local removed = {}
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local consumers = redis.pcall('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+  if type(consumers) == 'table' and not consumers.err then
+    for _, c in ipairs(consumers) do
+      local m = {}
+      for i = 1, #c, 2 do m[c[i]] = c[i + 1] end
+      if m['name'] ~= ARGV[3] and tonumber(m['pending']) == 0 and tonumber(m['idle']) > tonumber(ARGV[2]) then
+        redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], m['name'])
+        table.insert(removed, m['name'])
+      end
+    end
+  end
+end
+local stale = {}
+local hb = redis.call('HGETALL', KEYS[2])
+for i = 1, #hb, 2 do
+  local ts = tonumber(hb[i + 1])
+  if hb[i] ~= ARGV[3] and (ts == nil or ts < tonumber(ARGV[4]) - tonumber(ARGV[5])) then
+    redis.call('HDEL', KEYS[2], hb[i])
+    table.insert(stale, hb[i])
+  end
+end
+return {removed, stale}
+"""
+
+
 @dataclass(frozen=True)
 class QueueEntry:
     """One entry of the frames stream as delivered to this consumer."""
@@ -115,6 +145,7 @@ class FrameQueue:
         self._claim_cursor = "0-0"
         self._complete = None
         self._dead_letter = None
+        self._prune = None
 
     def _scripts(self) -> None:
         if self._complete is None:
@@ -254,6 +285,22 @@ class FrameQueue:
         pipe.hdel(self.keys.failures, entry_id)
         value, _ = pipe.execute()
         return _s(value) if value is not None else ""
+
+    def prune(self, idle_s: float | None = None, now: float | None = None) -> tuple[list[str], list[str]]:
+        """Remove dead consumers and stale heartbeats, atomically (one script); returns their names.
+
+        A consumer other than this one that is idle longer than ``idle_s`` (``queue.dead_consumer_idle_s``)
+        and has nothing pending is deleted (``XGROUP DELCONSUMER``: safe, it holds no entry); a consumer with
+        pending entries is left to ``XAUTOCLAIM`` first. Heartbeats older than ``idle_s`` are deleted.
+        """
+        idle_s = self.settings.dead_consumer_idle_s if idle_s is None else idle_s
+        if self._prune is None:
+            self._prune = self.client.register_script(_PRUNE_LUA)
+        removed, stale = self._prune(
+            keys=[self.keys.frames, self.keys.heartbeat],
+            args=[self.group, int(idle_s * 1000), self.consumer, f"{time.time() if now is None else now:.3f}",
+                  idle_s])
+        return [_s(n) for n in removed], [_s(n) for n in stale]
 
     def release(self, entry_id: str) -> None:
         """Delete an entry's data but keep it pending (XDEL without XACK): frees its memory when Redis is out

@@ -163,6 +163,7 @@ class Worker:
         self.held = None  # workers.held.HeldResults, once connected
         self.processed = self.duplicates = self.failed = self.dead_lettered = self.reclaimed = 0
         self._last_heartbeat = 0.0
+        self._last_prune = float("-inf")
 
     # ------------------------------------------------------------------------------------ health
     def health(self) -> tuple[bool, str]:
@@ -269,7 +270,28 @@ class Worker:
             self.oom_error = ""
             log.info("worker %s: redis accepts writes again; held results published", self.worker_id)
 
+    def _prune(self) -> None:
+        """Every ``dead_consumer_idle_s / 2`` (at most a minute): remove dead consumers and stale heartbeats."""
+        import redis
+
+        idle_s = self.settings.queue.dead_consumer_idle_s
+        now = time.monotonic()
+        if now - self._last_prune < min(60.0, idle_s / 2):
+            return
+        self._last_prune = now
+        try:
+            removed, stale = self.queue.prune(idle_s)
+        except (redis.ConnectionError, redis.TimeoutError, redis.OutOfMemoryError):
+            raise
+        except redis.ResponseError as exc:  # e.g. no permission for XGROUP DELCONSUMER: housekeeping only
+            log.warning("worker %s: cannot remove dead consumers: %s", self.worker_id, exc)
+            return
+        if removed or stale:
+            log.info("worker %s: removed %d dead consumer(s) %s and %d stale heartbeat(s)", self.worker_id,
+                     len(removed), removed[:5], len(stale))
+
     def _reclaim(self) -> list:
+        self._prune()
         claim = self.queue.reclaim()
         if claim.deleted_ids:
             n = len(claim.deleted_ids)
