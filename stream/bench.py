@@ -251,6 +251,10 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
 
     if getattr(args, "prompt_modes", False):
         return prompt_modes(args)
+    if getattr(args, "chaos", False):
+        from stream.chaos import main as chaos_main
+
+        return chaos_main(args)
     frames = int(getattr(args, "frames", 200))
     width, height = int(getattr(args, "width", 1920)), int(getattr(args, "height", 1080))
     detector = getattr(args, "detector", "noop")

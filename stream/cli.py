@@ -140,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--clip-size", type=int, default=224, help="with --prompt-modes: input size")
     s.add_argument("--clip-pretrained", default="random",
                    help="with --prompt-modes: weights (random = timing only, here no CLIP weights exist)")
+    s.add_argument("--chaos", action="store_true",
+                   help="instead: the chaos benchmark (real processes, private Redis, faults; one accounting table)")
+    s.add_argument("--scenarios", default="",
+                   help="with --chaos: comma-separated subset of crash_loop,restart_no_aof,restart_aof,redis_full,"
+                        "frozen,fuzz")
+    s.add_argument("--chaos-seconds", type=float, default=12.0, help="with --chaos: seconds per fault scenario")
+    s.add_argument("--kill-every", type=float, default=5.0, help="with --chaos: crash loop kill period")
+    s.add_argument("--fuzz", type=int, default=100_000, help="with --chaos: crafted payloads in the fuzz scenario")
 
     sub.add_parser("config", help="print the effective settings (after files and environment) and exit")
     return p

@@ -32,9 +32,9 @@ if redis.call('SET', KEYS[1], ARGV[7], 'NX', 'EX', tonumber(ARGV[1])) then
   redis.call('PUBLISH', ARGV[4], ARGV[3])
   published = 1
 end
-redis.call('XACK', KEYS[3], ARGV[5], ARGV[6])
+local acked = redis.call('XACK', KEYS[3], ARGV[5], ARGV[6])
 redis.call('XDEL', KEYS[3], ARGV[6])
-return published
+return {published, acked}
 """
 
 # KEYS: dead-letter stream, frames stream
@@ -143,6 +143,9 @@ class FrameQueue:
         self.group = queue.group
         self.consumer = consumer
         self._claim_cursor = "0-0"
+        # results published for entries the group no longer had pending (Redis lost the stream, or the entry
+        # was trimmed and a reclaim already counted it): counted elsewhere as lost, yet answered
+        self.orphaned = 0
         self._complete = None
         self._dead_letter = None
         self._prune = None
@@ -251,11 +254,14 @@ class FrameQueue:
         """
         self._scripts()
         q = self.settings
-        published = self._complete(
+        reply = self._complete(
             keys=[self.keys.done(frame_id), self.keys.results, self.keys.frames],
             args=[q.done_ttl_s, q.results_maxlen, result_payload, self.keys.results_channel, self.group,
                   entry_id, f"{self.consumer}:{entry_id}"])
-        return bool(int(published))
+        published, acked = (int(x) for x in reply)
+        if published and not acked:
+            self.orphaned += 1
+        return bool(published)
 
     def dead_letter(self, entry_id: str, payload: bytes | None, reason: str, deliveries: int,
                     worker_id: str) -> str:

@@ -66,6 +66,10 @@ def test_trimmed_oldest_counts_only_frames_no_worker_was_given(redis_client, key
     assert sorted(claim.deleted_ids) == sorted(e.entry_id for e in given[1:])
     # 9 added = 1 result + 2 trimmed while held + 1 trimmed_oldest + 5 still queued
     assert 9 == redis_client.xlen(keys.results) + len(claim.deleted_ids) + 1 + redis_client.xlen(keys.frames)
+    assert worker.orphaned == 0
+    # the holder finishes a frame the reclaim already counted: answered, and flagged as an orphan result
+    assert worker.complete(given[1].entry_id, "c:1:1", b"result") is True
+    assert worker.orphaned == 1
 
 
 def _ingest_settings(url, folder, **extra):
@@ -184,3 +188,32 @@ def test_job_timeout_is_named_when_the_frame_is_dead_lettered(redis_url, key_pre
     assert registry.get_sample_value("lineinspect_frames_dead_lettered_total",
                                      {"line": "L1", "reason": "job_timeout"}) == 1
     assert not client.hexists(keys.failures, entry_id)
+
+
+@pytest.mark.timeout(90)
+def test_result_inspected_before_a_restart_that_lost_the_stream_is_still_published(own_redis):
+    settings = Settings.load(env={}, overrides={
+        "redis.url": own_redis.url, "redis.key_prefix": "loss", "redis.socket_timeout_s": 0.5,
+        "metrics.enabled": False, "queue.block_ms": 50, "queue.claim_interval_s": 0.1})
+    keys = line_keys("loss", "L1")
+    client = redis.Redis.from_url(own_redis.url)
+    ensure_group(client, keys.frames, "workers")
+    client.xadd(keys.frames, {PAYLOAD_FIELD: _frame(5)})
+    registry = CollectorRegistry()
+    worker = Worker(settings, "L1", "w1", "slow:1.5", registry, _redis_client(settings))
+    stop = threading.Event()
+    t = threading.Thread(target=worker.run, args=(stop,))
+    t.start()
+    try:
+        _wait(lambda: client.xpending(keys.frames, "workers")["pending"] == 1, 30, "the frame in the worker's hands")
+        own_redis.stop()  # the worker's publish fails: it holds the result
+        _wait(lambda: len(worker.held or ()) == 1, 30, "the result held")
+        own_redis.start()  # empty: stream, group and entry are gone
+        client = redis.Redis.from_url(own_redis.url)
+        _wait(lambda: client.exists(keys.results) and client.xlen(keys.results) == 1, 10, "the held result")
+    finally:
+        stop.set()
+        t.join(20)
+    (_, fields), = client.xrange(keys.results)
+    assert wire.decode_result(fields[PAYLOAD_FIELD]).seq == 5
+    assert registry.get_sample_value("lineinspect_worker_orphan_results_total", {"line": "L1"}) == 1

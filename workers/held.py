@@ -43,14 +43,20 @@ class HeldResults:
     def full(self) -> bool:
         return len(self.items) >= self.limit
 
-    def hold(self, item: HeldResult) -> None:
-        """Keep ``item`` and free its frame's memory (the entry stays pending)."""
+    def hold(self, item: HeldResult, *, release: bool = True) -> None:
+        """Keep ``item``; with ``release`` (out of memory) free its frame's memory (the entry stays pending).
+
+        Without ``release``: Redis was unreachable while publishing. The result is kept until Redis answers
+        again, so that a restart that lost the stream does not lose a frame a worker had already inspected
+        (its result then reaches the new server; the group no longer knows the entry: an orphan result).
+        """
         import redis
 
-        try:
-            self.queue.release(item.entry_id)
-        except redis.RedisError as exc:  # not freed now; the entry is still pending and the result held
-            log.warning("entry %s: XDEL while out of memory failed: %s", item.entry_id, exc)
+        if release:
+            try:
+                self.queue.release(item.entry_id)
+            except redis.RedisError as exc:  # not freed now; the entry is still pending and the result held
+                log.warning("entry %s: XDEL while out of memory failed: %s", item.entry_id, exc)
         self.items.append(item)
 
     def flush(self) -> int:

@@ -52,10 +52,10 @@ EXIT_OK = 0
 EXIT_MODEL = 2
 EXIT_STUCK = 3
 HEARTBEAT_INTERVAL_S = 2.0
-# retry waits while Redis is unreachable: capped at 0.5 s so that work resumes within 1 s of Redis answering
+# retry waits while Redis is unreachable: capped at 0.1 s so that work resumes within 1 s of Redis answering
 # again (a refused connection costs nothing; a frozen Redis is bounded by redis.socket_timeout_s instead)
-REDIS_RETRY_INITIAL_S = 0.1
-REDIS_RETRY_MAX_S = 0.5
+REDIS_RETRY_INITIAL_S = 0.05
+REDIS_RETRY_MAX_S = 0.1
 PUBLISH_ATTEMPTS = 5
 MAX_REASON_CHARS = 500
 HELD_RESULTS_LIMIT = 64  # results kept in the process while Redis is out of memory (workers.held)
@@ -78,6 +78,11 @@ class WorkerQueueMetrics:
             registry=registry)
         self.redis_errors = Counter(
             "lineinspect_worker_redis_errors_total", "Redis connection errors seen by the worker", ["line"],
+            registry=registry)
+        self.orphan_results = Counter(
+            "lineinspect_worker_orphan_results_total",
+            "Results published for frames whose entry the group no longer had (Redis lost the stream, or the "
+            "entry was trimmed and counted): answered although counted as lost elsewhere", ["line"],
             registry=registry)
         self.redis_oom = Counter(
             "lineinspect_worker_redis_oom_total",
@@ -164,6 +169,7 @@ class Worker:
         self.processed = self.duplicates = self.failed = self.dead_lettered = self.reclaimed = 0
         self._last_heartbeat = 0.0
         self._last_prune = float("-inf")
+        self._orphans_seen = 0
 
     # ------------------------------------------------------------------------------------ health
     def health(self) -> tuple[bool, str]:
@@ -437,8 +443,9 @@ class Worker:
         except Exception as exc:  # e.g. a key Redis refuses: this entry cannot be published, ever
             self._dead_letter(entry, f"publish: {type(exc).__name__}: {exc}", "publish")
             return True
-        if published is None:
-            return True  # Redis gone: the entry stays pending and will be reclaimed
+        if published is None:  # Redis gone: keep the result and publish it when Redis answers (workers.held)
+            self.held.hold(HeldResult(entry.entry_id, frame.frame_id, payload, _finished), release=False)
+            return True
         self.oom_error = ""
         _finished(published)
         return True
@@ -446,6 +453,11 @@ class Worker:
     def _finished(self, result: InspectionResult, timings: dict, publish_s: float, published: bool) -> None:
         """Metrics of a frame whose result was published (or found published already)."""
         m = self.metrics
+        if self.queue.orphaned > self._orphans_seen:
+            n, self._orphans_seen = self.queue.orphaned - self._orphans_seen, self.queue.orphaned
+            self.qmetrics.orphan_results.labels(line=self.line).inc(n)
+            log.warning("worker %s: %d orphan result(s): frame %s answered, its entry was no longer pending "
+                        "(Redis lost the stream, or it was trimmed and counted)", self.worker_id, n, result.frame_id)
         for stage, seconds in {**timings, "publish": publish_s}.items():
             m.stage_seconds.labels(line=self.line, stage=stage).observe(seconds)
         if published:
@@ -494,7 +506,7 @@ class Worker:
                 self._redis_down(exc)
                 if attempt + 1 < PUBLISH_ATTEMPTS:
                     time.sleep(backoff.next_delay())
-        log.error("worker %s: could not publish frame %s; it stays pending", self.worker_id, frame_id)
+        log.error("worker %s: could not publish frame %s yet; holding its result", self.worker_id, frame_id)
         return None
 
     def run(self, stop: threading.Event) -> int:
