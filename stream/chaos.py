@@ -5,7 +5,7 @@ Scenarios (each on its own ``redis-server`` on a free port, 2 noop workers unles
 - ``crash_loop``: ingest at 25 fps; every ``--kill-every`` seconds one worker is SIGKILLed and a new one started;
 - ``restart_no_aof`` / ``restart_aof``: 1 slow worker (a backlog builds up), Redis restarted (SIGTERM) with
   and without an append-only file;
-- ``redis_full``: ``maxmemory`` a few MB above what Redis holds at start (noeviction), 1 slow worker;
+- ``redis_full``: ``maxmemory`` 1 MB above what the empty Redis uses (noeviction), 1 slow worker;
 - ``frozen``: Redis stopped with SIGSTOP for 2 s, then SIGCONT;
 - ``fuzz``: ``--fuzz`` crafted payloads (random bytes, random headers with NaN, huge integers, deep nesting,
   lone surrogates, bit flips of valid frames) with a good frame every 1000, straight into the stream.
@@ -160,12 +160,15 @@ def _account(row: Row, redis_: PrivateRedis, procs: Procs, tail: Tail, ingest_te
     return row
 
 
-def _run(name: str, workdir: Path, body, *, aof: bool = False, maxmemory: str = "0", fps: float = 25.0,
+def _run(name: str, workdir: Path, body, *, aof: bool = False, headroom: int = 0, fps: float = 25.0,
          workers: int = 2, detector: str = "noop") -> Row:
     wd = workdir / name
     wd.mkdir(parents=True)
-    redis_ = PrivateRedis(wd, aof=aof, maxmemory=maxmemory)
+    redis_ = PrivateRedis(wd, aof=aof)
     redis_.start()
+    if headroom:  # maxmemory (noeviction) this many bytes above what the empty server uses
+        c = redis_.client()
+        c.config_set("maxmemory", str(int(c.info("memory")["used_memory"]) + headroom))
     procs = Procs(wd, _config(redis_, _images(wd / "images"), fps))
     tail = Tail(redis_)
     tail.start()
@@ -341,7 +344,7 @@ def run_chaos(scenarios: list[str], *, seconds: float = 12.0, kill_every: float 
         elif name in ("restart_no_aof", "restart_aof"):
             row = _run(name, workdir, restart(seconds), aof=name == "restart_aof", workers=1, detector="slow:0.08")
         elif name == "redis_full":
-            row = _run(name, workdir, full(seconds), maxmemory="4mb", workers=1, detector="slow:0.08")
+            row = _run(name, workdir, full(seconds), headroom=1_000_000, workers=1, detector="slow:0.08")
         elif name == "frozen":
             row = _run(name, workdir, frozen(seconds))
         elif name == "fuzz":

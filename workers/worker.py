@@ -256,7 +256,7 @@ class Worker:
                 self.oom_error = ""
 
     def _drain_held(self) -> None:
-        """On stop: try to publish held results for a few seconds; what stays held is counted by a reclaim."""
+        """On stop: try to publish held results for a few seconds; what stays held is left to a reclaim."""
         import redis
 
         deadline = time.monotonic() + DRAIN_HELD_S
@@ -268,8 +268,9 @@ class Worker:
             if self.held:
                 time.sleep(OOM_RETRY_S)
         if self.held:
-            log.error("worker %s: %d result(s) held for Redis memory not published; their entries stay pending "
-                      "(data freed) and a reclaim counts them", self.worker_id, len(self.held))
+            log.error("worker %s: %d held result(s) not published; their entries stay pending: another worker "
+                      "reclaims them (or counts them as trimmed when their data was freed)", self.worker_id,
+                      len(self.held))
 
     def _flush_held(self) -> None:
         if self.held and self.held.flush() and not self.held:
