@@ -63,6 +63,7 @@ class IngestStats:
     dropped_unconfirmed: int  # sent, not answered (timeout, connection closed): may be queued all the same
     dropped_lost: int  # queued frames lost when Redis came back without the stream (restart without AOF)
     trimmed_delivered: int  # trimmed while a worker held them: not a loss here (see stream.enqueue)
+    frames_missed: int  # frame slots at camera.fps that passed while ingest was blocked (never captured)
     reconnects: int  # camera reopen attempts
     stopped_by: str  # "stop" | "exhausted" | "camera_failed" | "max_frames"
     seconds: float
@@ -78,7 +79,7 @@ class _Counts:
 
     def __init__(self) -> None:
         self.captured = self.enqueued = self.trimmed = self.redis = self.unreadable = self.encode = 0
-        self.oom = self.timeout = self.lost = self.trimmed_delivered = 0
+        self.oom = self.timeout = self.lost = self.trimmed_delivered = self.missed = 0
 
 
 class _Health:
@@ -198,7 +199,13 @@ def run_ingest(settings: Settings, camera_id: str, stop: threading.Event | None 
                 wait = next_due - time.monotonic()
                 if wait > 0 and stop.wait(wait):
                     break
-                # never burst to catch up: a late frame resets the schedule
+                # never burst to catch up: a late frame resets the schedule; whole periods that passed while
+                # ingest was blocked (a frozen Redis holds it up to redis.socket_timeout_s) are counted as missed
+                behind = time.monotonic() - next_due
+                if behind >= period:
+                    missed = int(behind // period)
+                    counts.missed += missed
+                    metrics.frames_missed.labels(**lbl).inc(missed)
                 next_due = max(next_due + period, time.monotonic())
             try:
                 image = source.read()
@@ -308,7 +315,7 @@ def run_ingest(settings: Settings, camera_id: str, stop: threading.Event | None 
         frames_captured=counts.captured, frames_enqueued=counts.enqueued, dropped_trimmed=counts.trimmed,
         dropped_redis=counts.redis, dropped_unreadable=counts.unreadable, dropped_encode=counts.encode,
         dropped_oom=counts.oom, dropped_unconfirmed=counts.timeout, dropped_lost=counts.lost,
-        trimmed_delivered=counts.trimmed_delivered,
+        trimmed_delivered=counts.trimmed_delivered, frames_missed=counts.missed,
         reconnects=source.reconnects, stopped_by=stopped_by, seconds=time.monotonic() - t_start)
     log.info("ingest end: %s", stats)
     return stats
@@ -334,6 +341,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
           f"dropped_trimmed={stats.dropped_trimmed} dropped_redis={stats.dropped_redis} "
           f"dropped_unreadable={stats.dropped_unreadable} dropped_oom={stats.dropped_oom} "
           f"dropped_unconfirmed={stats.dropped_unconfirmed} dropped_lost={stats.dropped_lost} "
+          f"missed={stats.frames_missed} "
           f"reconnects={stats.reconnects} "
           f"stopped_by={stats.stopped_by}", flush=True)
     return 1 if stats.stopped_by == "camera_failed" else 0

@@ -16,6 +16,11 @@ class IngestMetrics:
         self.frames_captured = Counter(
             "lineinspect_frames_captured_total", "Frames read from the camera source",
             ["line", "camera"], registry=registry)
+        self.frames_missed = Counter(
+            "lineinspect_frames_missed_total",
+            "Frame slots at camera.fps that passed while ingest was blocked (e.g. on a frozen Redis): frames a "
+            "live camera produced and nobody read (not captured, so not in frames_dropped)",
+            ["line", "camera"], registry=registry)
         self.frames_enqueued = Counter(
             "lineinspect_frames_enqueued_total", "Frames added to the line's Redis stream",
             ["line", "camera"], registry=registry)

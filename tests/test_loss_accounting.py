@@ -153,6 +153,9 @@ def test_frozen_redis_unconfirmeds_have_their_own_reason(own_redis, tmp_path):
     stats = out[0]
     assert stats.dropped_unconfirmed >= 1 and _dropped(registry, "redis_unconfirmed") == stats.dropped_unconfirmed
     assert stats.dropped_redis == _dropped(registry, "redis_error")
+    # while ingest waited on the frozen Redis (socket timeout 0.3 s at 50 fps) camera frame slots passed
+    assert stats.frames_missed >= 10 and registry.get_sample_value(
+        "lineinspect_frames_missed_total", {"line": "L1", "camera": "c"}) == stats.frames_missed
     queued = client.xlen(keys.frames)
     # a timed-out XADD may have run once Redis thawed: the frame is then queued AND counted redis_unconfirmed
     ran_late = queued - stats.frames_enqueued
