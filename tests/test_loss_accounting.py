@@ -133,7 +133,7 @@ def test_redis_restart_that_lost_the_stream_is_counted(own_redis, tmp_path, aof)
 
 
 @pytest.mark.timeout(90)
-def test_frozen_redis_unconfirmeds_have_their_own_reason(own_redis, tmp_path):
+def test_frozen_redis_unanswered_frames_have_their_own_reason(own_redis, tmp_path):
     settings = _ingest_settings(own_redis.url, _images(tmp_path / "imgs"))
     keys = line_keys("loss", "L1")
     registry = CollectorRegistry()
