@@ -13,6 +13,7 @@ Every value is checked against the dataclass field types below. A wrong value ra
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -44,11 +45,23 @@ class RedisSettings:
     url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "li"
     socket_timeout_s: float = 5.0
+    # TLS (with a rediss:// url): files passed to redis-py as ssl_ca_certs / ssl_certfile / ssl_keyfile
+    tls_ca_file: str = ""  # CA bundle that signed the server's certificate ("" = the system's)
+    tls_cert_file: str = ""  # client certificate (mutual TLS), together with tls_key_file
+    tls_key_file: str = ""
 
     def __post_init__(self) -> None:
         parsed = urlparse(self.url)
         if parsed.scheme not in ("redis", "rediss", "unix"):
-            raise SettingsError("redis.url", f"{self.url!r}: scheme must be one of redis://, rediss://, unix://")
+            # the url may hold a password: only the scheme is named
+            raise SettingsError("redis.url", f"scheme {parsed.scheme!r}: must be one of redis://, rediss://, unix://")
+        _range("redis.socket_timeout_s", self.socket_timeout_s, lo=0.01, hi=3600)
+        for key in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+            if getattr(self, key) and parsed.scheme != "rediss":
+                raise SettingsError(f"redis.{key}", "TLS files need a rediss:// url")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise SettingsError("redis.tls_key_file" if self.tls_cert_file else "redis.tls_cert_file",
+                                "tls_cert_file and tls_key_file go together")
         if not self.key_prefix or ":" in self.key_prefix:
             raise SettingsError("redis.key_prefix", "must be a non-empty string without ':'")
 
@@ -64,16 +77,38 @@ class QueueSettings:
     claim_interval_s: float = 5.0
     max_deliveries: int = 3  # delivered more often than this -> dead-letter stream
     job_timeout_s: float = 120.0
-    result_ttl_s: int = 24 * 3600  # idempotency key per frame id
+    # idempotency key done:<frame id>: lives done_ttl_s = max(result_ttl_s, what a duplicate needs), see below
+    result_ttl_s: int = 300
     results_maxlen: int = 10000
     dead_letter_maxlen: int = 10000
+    max_frame_pixels: int = 40_000_000  # H x W of a frame; larger ones are dead-lettered before decoding
+    # a consumer idle this long with nothing pending (a killed worker) is removed from the group, and a
+    # heartbeat this old from the workers hash
+    dead_consumer_idle_s: float = 300.0
+
+    @property
+    def done_ttl_s(self) -> int:
+        """Seconds a ``done:<frame id>`` key must live: a frame can be finished twice only while its entry is
+        pending, i.e. through at most ``max_deliveries + 1`` claims each ``claim_idle_ms`` (+ one claim
+        interval) apart, plus one job. ``result_ttl_s`` is the floor. (Was 24 h: ~260 MB a day per camera.)"""
+        needed = (self.claim_idle_ms / 1000.0 + self.claim_interval_s) * (self.max_deliveries + 1) + self.job_timeout_s
+        return int(max(self.result_ttl_s, math.ceil(needed)))
 
     def __post_init__(self) -> None:
+        _positive("queue.max_frame_pixels", self.max_frame_pixels)
         _positive("queue.maxlen", self.maxlen)
-        _positive("queue.batch", self.batch)
+        _range("queue.batch", self.batch, lo=1, hi=10000)
         _positive("queue.max_deliveries", self.max_deliveries)
         _positive("queue.claim_idle_ms", self.claim_idle_ms)
         _positive("queue.job_timeout_s", self.job_timeout_s)
+        _range("queue.block_ms", self.block_ms, lo=10, hi=60000)  # 0 would make an idle worker spin
+        _range("queue.claim_interval_s", self.claim_interval_s, lo=0.01, hi=3600)
+        _positive("queue.result_ttl_s", self.result_ttl_s)
+        _positive("queue.results_maxlen", self.results_maxlen)
+        _positive("queue.dead_letter_maxlen", self.dead_letter_maxlen)
+        _range("queue.dead_consumer_idle_s", self.dead_consumer_idle_s, lo=0.1, hi=86400 * 30)
+        if not self.group or any(c in self.group for c in " \t\n"):
+            raise SettingsError("queue.group", f"{self.group!r}: must be non-empty, without spaces")
 
 
 @dataclass(frozen=True)
@@ -99,6 +134,11 @@ class CameraSettings:
             raise SettingsError("camera.jpeg_quality", f"{self.jpeg_quality}: allowed 1..100")
         if self.fps < 0:
             raise SettingsError("camera.fps", f"{self.fps}: must be >= 0")
+        _range("camera.device_index", self.device_index, lo=0, hi=1024)
+        _positive("camera.reconnect_initial_s", self.reconnect_initial_s)
+        _range("camera.reconnect_max_s", self.reconnect_max_s, lo=self.reconnect_initial_s, hi=86400)
+        _range("camera.max_reconnects", self.max_reconnects, lo=-1, hi=10**9)
+        _positive("camera.down_grace_s", self.down_grace_s)
 
 
 @dataclass(frozen=True)
@@ -135,6 +175,11 @@ class ClipSettings:
     smoothing_sigma: float = 4.0
     device: str = "cpu"
     allow_random_weights: bool = False  # tests only
+
+    def __post_init__(self) -> None:
+        _positive("clip.image_size", self.image_size)
+        _range("clip.vv_blocks", self.vv_blocks, lo=0, hi=1000)
+        _range("clip.smoothing_sigma", self.smoothing_sigma, lo=0, hi=1000)
 
 
 @dataclass(frozen=True)
@@ -177,6 +222,8 @@ class MemorySettings:
             raise SettingsError("memory.neighbourhood", f"{self.neighbourhood}: must be an odd number >= 1")
         if not 0.0 < self.calibration_quantile <= 1.0:
             raise SettingsError("memory.calibration_quantile", "allowed 0 < q <= 1")
+        _range("memory.warmup_frames", self.warmup_frames, lo=0, hi=10**9)
+        _positive("memory.online_margin", self.online_margin)
 
 
 @dataclass(frozen=True)
@@ -191,6 +238,15 @@ class PpgSettings:
     negatives: int = 3
     min_region_area: float = 0.0005  # fraction of the image; smaller regions are ignored
     max_regions: int = 5
+
+    def __post_init__(self) -> None:
+        _positive("ppg.threshold", self.threshold)
+        _range("ppg.top_k", self.top_k, lo=0, hi=1000)
+        _range("ppg.min_spacing", self.min_spacing, lo=0, hi=1)
+        _range("ppg.kernel_size", self.kernel_size, lo=1, hi=10000)
+        _range("ppg.negatives", self.negatives, lo=0, hi=1000)
+        _range("ppg.min_region_area", self.min_region_area, lo=0, hi=1)
+        _range("ppg.max_regions", self.max_regions, lo=0, hi=1000)
 
 
 @dataclass(frozen=True)
@@ -230,13 +286,22 @@ class DetectorSettings:
             raise SettingsError("detector.cps_stages", f"{self.cps_stages}: allowed 0, 1, 2, 3")
         if not 0.0 <= self.fusion_weight_clip <= 1.0:
             raise SettingsError("detector.fusion_weight_clip", "allowed 0..1")
+        _range("detector.image_threshold", self.image_threshold, lo=0, hi=1e12)
+        _range("detector.pixel_threshold", self.pixel_threshold, lo=0, hi=1e12)
+        _range("detector.mask_boost", self.mask_boost, lo=0, hi=1e6)
 
 
 @dataclass(frozen=True)
 class MetricsSettings:
     enabled: bool = True
-    host: str = "0.0.0.0"
+    # /metrics and /healthz listen here; 127.0.0.1 by default (container images and manifests set 0.0.0.0)
+    host: str = "127.0.0.1"
     port: int = 9400  # 0 = an ephemeral port (tests)
+
+    def __post_init__(self) -> None:
+        _range("metrics.port", self.port, lo=0, hi=65535)
+        if not self.host:
+            raise SettingsError("metrics.host", "must be an address to listen on, e.g. 127.0.0.1 or 0.0.0.0")
 
 
 @dataclass(frozen=True)
@@ -252,12 +317,24 @@ class AlertSettings:
     retry_max_s: float = 60.0
     max_retries: int = 5
 
+    def __post_init__(self) -> None:
+        _range("alerts.debounce_count", self.debounce_count, lo=1, hi=10**6)
+        _range("alerts.debounce_window_s", self.debounce_window_s, lo=0, hi=86400 * 7)
+        _range("alerts.cooldown_s", self.cooldown_s, lo=0, hi=86400 * 7)
+        _positive("alerts.webhook_timeout_s", self.webhook_timeout_s)
+        _positive("alerts.retry_initial_s", self.retry_initial_s)
+        _range("alerts.retry_max_s", self.retry_max_s, lo=self.retry_initial_s, hi=86400)
+        _range("alerts.max_retries", self.max_retries, lo=0, hi=10**6)
+
 
 @dataclass(frozen=True)
 class PreviewSettings:
     host: str = "127.0.0.1"
     port: int = 8088
     token: str = ""  # required; the preview refuses to start without one
+
+    def __post_init__(self) -> None:
+        _range("preview.port", self.port, lo=0, hi=65535)
 
 
 @dataclass(frozen=True)
@@ -309,8 +386,13 @@ class Settings:
 
 
 def _positive(key: str, value: float) -> None:
-    if value <= 0:
+    if not value > 0:  # NaN fails too
         raise SettingsError(key, f"{value}: must be > 0")
+
+
+def _range(key: str, value: float, *, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:  # NaN fails too
+        raise SettingsError(key, f"{value}: allowed {lo:g}..{hi:g}")
 
 
 def _ident(key: str, value: str) -> None:
@@ -411,9 +493,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             return value
         raise SettingsError(key, f"{value!r}: expected an integer")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
-        raise SettingsError(key, f"{value!r}: expected a number")
+        raise SettingsError(key, f"{value!r}: expected a finite number")
     if tp is str:
         if isinstance(value, str):
             return value

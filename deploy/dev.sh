@@ -61,7 +61,10 @@ setup_redis() {
     if command -v redis-server >/dev/null; then
       log "no Redis answers on 127.0.0.1:6379: starting one"
       mkdir -p /tmp/lineinspect-redis
-      redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+      # as deployed: AOF every second, bounded memory, no eviction (tests that fill or kill Redis use their
+      # own server on a free port; 1gb leaves the shared test keys plenty of room)
+      redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly yes \
+        --appendfsync everysec --maxmemory 1gb --maxmemory-policy noeviction \
         --dir /tmp/lineinspect-redis --logfile /tmp/lineinspect-redis/redis.log
       for _ in $(seq 50); do redis-cli -p 6379 ping >/dev/null 2>&1 && break; sleep 0.1; done
     else

@@ -56,6 +56,7 @@ from stream.backoff import Backoff
 from stream.contracts import Defect, Frame, InspectionResult, LineInspectError, PayloadError, Verdict
 from stream.keys import line_keys
 from stream.metrics import AlertMetrics
+from stream.redact import redact_url
 from stream.wire import MAGIC, decode_frame, decode_result, frame_to_image, result_mask
 
 log = logging.getLogger(__name__)
@@ -352,7 +353,7 @@ class WebhookSink:
 
     def __init__(self, url: str, timeout_s: float = 5.0, name: str = "webhook"):
         if urlparse(url).scheme not in ("http", "https"):
-            raise ValueError(f"alerts.webhook_url must be http(s)://, got {url!r}")
+            raise ValueError(f"alerts.webhook_url must be http(s)://, got {redact_url(url)!r}")
         self.name = name
         self.url = url
         self.timeout_s = timeout_s
@@ -419,7 +420,7 @@ def parse_mqtt_url(url: str) -> MqttTarget:
     and defaults to ``lineinspect/alerts/{line}``."""
     p = urlparse(url)
     if p.scheme not in ("mqtt", "mqtts") or not p.hostname:
-        raise ValueError(f"alerts.mqtt_url must look like mqtt://host:port/topic, got {url!r}")
+        raise ValueError(f"alerts.mqtt_url must look like mqtt://host:port/topic, got {redact_url(url)!r}")
     tls = p.scheme == "mqtts"
     topic = unquote(p.path.lstrip("/")) or "lineinspect/alerts/{line}"
     return MqttTarget(host=p.hostname, port=p.port or (8883 if tls else 1883), topic=topic, tls=tls,
@@ -777,7 +778,6 @@ class AlertService:
 
 def main(settings: Any, args: Any) -> int:
     """``lineinspect alerts --line L [--line L2]``: run the alert service until SIGTERM/SIGINT."""
-    import redis
     from prometheus_client import CollectorRegistry
 
     from stream.health import start_metrics_server
@@ -790,8 +790,9 @@ def main(settings: Any, args: Any) -> int:
         log.warning("alerts.enabled is false: nothing to do")
         return 0
     a = settings.alerts
-    client = redis.Redis.from_url(settings.redis.url, socket_timeout=settings.redis.socket_timeout_s + 2,
-                                  socket_connect_timeout=settings.redis.socket_timeout_s)
+    from stream.redisclient import make_client
+
+    client = make_client(settings.redis, socket_timeout=settings.redis.socket_timeout_s + 2)
     registry = CollectorRegistry()
     metrics = AlertMetrics(registry)
     try:

@@ -27,6 +27,7 @@ import numpy as np
 from config.settings import Settings, to_dict
 from stream.keys import line_keys
 from stream.queue import PAYLOAD_FIELD
+from stream.redact import redact_url
 
 DEMO_IMAGE = Path(__file__).with_name("demo_data") / "hazelnut_toy" / "test" / "good" / "04.jpg"
 BENCH_LINE = "benchline"
@@ -247,20 +248,25 @@ def prompt_modes(args: argparse.Namespace) -> int:
 
 
 def main(settings: Settings, args: argparse.Namespace) -> int:
-    import redis
 
     if getattr(args, "prompt_modes", False):
         return prompt_modes(args)
+    if getattr(args, "chaos", False):
+        from stream.chaos import main as chaos_main
+
+        return chaos_main(args)
     frames = int(getattr(args, "frames", 200))
     width, height = int(getattr(args, "width", 1920)), int(getattr(args, "height", 1080))
     detector = getattr(args, "detector", "noop")
     quality = settings.cameras[0].jpeg_quality if settings.cameras else 90
-    client = redis.Redis.from_url(settings.redis.url, socket_timeout=30)
+    from stream.redisclient import make_client
+
+    client = make_client(settings.redis, socket_timeout=30)
     client.ping()
     prefix = f"libench{uuid.uuid4().hex[:8]}"
     jpeg = _encode_jpeg(bench_image(width, height), quality)
     print(f"lineinspect bench: {width}x{height} JPEG q{quality} = {len(jpeg) / 1024:.0f} KiB, "
-          f"redis {settings.redis.url}, {frames} frames", flush=True)
+          f"redis {redact_url(settings.redis.url)}, {frames} frames", flush=True)
     try:
         # limits: best of 3 (other processes share this machine; a limit is what is possible)
         a = max(redis_rate(client, prefix, jpeg, frames) for _ in range(3))

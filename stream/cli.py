@@ -10,11 +10,13 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 
 import yaml
 
 from config.settings import Settings, SettingsError, to_dict
+from stream.redact import install_log_redaction, redact_settings, redact_text
 
 # subcommand -> module whose main(settings, args) runs it
 COMMANDS: dict[str, str] = {
@@ -144,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--clip-size", type=int, default=224, help="with --prompt-modes: input size")
     s.add_argument("--clip-pretrained", default="random",
                    help="with --prompt-modes: weights (random = timing only, here no CLIP weights exist)")
+    s.add_argument("--chaos", action="store_true",
+                   help="instead: the chaos benchmark (real processes, private Redis, faults; one accounting table)")
+    s.add_argument("--scenarios", default="",
+                   help="with --chaos: comma-separated subset of crash_loop,restart_no_aof,restart_aof,redis_full,"
+                        "frozen,fuzz")
+    s.add_argument("--chaos-seconds", type=float, default=12.0, help="with --chaos: seconds per fault scenario")
+    s.add_argument("--kill-every", type=float, default=5.0, help="with --chaos: crash loop kill period")
+    s.add_argument("--fuzz", type=int, default=100_000, help="with --chaos: crafted payloads in the fuzz scenario")
 
     sub.add_parser("config", help="print the effective settings (after files and environment) and exit")
     return p
@@ -158,18 +168,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(args)
     except SettingsError as exc:
-        print(f"lineinspect: {exc}", file=sys.stderr)
+        print(f"lineinspect: {redact_text(exc)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
-    if args.command == "config":
-        yaml.safe_dump(to_dict(settings), sys.stdout, sort_keys=False)
+    install_log_redaction()  # every log line of every subcommand: URL passwords masked
+    if args.command == "config":  # passwords in URLs and secret keys (preview.token) masked
+        yaml.safe_dump(redact_settings(to_dict(settings)), sys.stdout, sort_keys=False)
         return 0
     module = importlib.import_module(COMMANDS[args.command])
     try:
         return int(module.main(settings, args) or 0)
     except KeyboardInterrupt:
         return 130
+    except Exception:  # an unexpected error: its traceback, with URL passwords masked
+        print(redact_text(traceback.format_exc()), file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -46,6 +46,10 @@ class QueueUnavailableError(LineInspectError):
     """Redis cannot be reached."""
 
 
+class QueueAccessError(LineInspectError):
+    """Redis answers but refuses a command a process needs (ACL permissions)."""
+
+
 class ModelLoadError(LineInspectError):
     """A model or its weights cannot be loaded; the process must not emit verdicts."""
 

@@ -29,6 +29,7 @@ from config.settings import Settings, to_dict
 from stream.contracts import InspectionResult, Verdict
 from stream.keys import line_keys
 from stream.localredis import ensure_redis
+from stream.redact import redact_url
 from stream.results import ResultFollower, format_result, write_overlay
 
 DEMO_DATA = Path(__file__).with_name("demo_data") / "hazelnut_toy"
@@ -138,7 +139,7 @@ def main(settings: Settings, args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     local = ensure_redis(settings.redis.url)
-    print(f"Redis: {local.url} ({'private server started by the demo' if local.started else 'configured'})")
+    print(f"Redis: {redact_url(local.url)} ({'private server started by the demo' if local.started else 'configured'})")
     prefix = f"demo{int(time.time() * 1000)}"
     procs: list[subprocess.Popen] = []
     client = redis.Redis.from_url(local.url)

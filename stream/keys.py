@@ -40,6 +40,14 @@ class LineKeys:
         return self._k("memory", part)
 
     @property
+    def failures(self) -> str:  # hash: entry id -> the last failure of a pending entry (job_timeout, inspect)
+        return self._k("failures")
+
+    @property
+    def identity(self) -> str:  # token made when the stream was first written (a restart that lost it: new token)
+        return self._k("identity")
+
+    @property
     def heartbeat(self) -> str:  # hash: worker id -> last heartbeat unix time
         return self._k("workers")
 

@@ -16,12 +16,18 @@ class IngestMetrics:
         self.frames_captured = Counter(
             "lineinspect_frames_captured_total", "Frames read from the camera source",
             ["line", "camera"], registry=registry)
+        self.frames_missed = Counter(
+            "lineinspect_frames_missed_total",
+            "Frame slots at camera.fps that passed while ingest was blocked (e.g. on a frozen Redis): frames a "
+            "live camera produced and nobody read (not captured, so not in frames_dropped)",
+            ["line", "camera"], registry=registry)
         self.frames_enqueued = Counter(
             "lineinspect_frames_enqueued_total", "Frames added to the line's Redis stream",
             ["line", "camera"], registry=registry)
         self.frames_dropped = Counter(
             "lineinspect_frames_dropped_total",
-            "Frames lost before inspection, by reason (unreadable, encode_error, trimmed_oldest, redis_error)",
+            "Frames lost before inspection, by reason (unreadable, encode_error, trimmed_oldest, redis_error, "
+            "redis_unconfirmed, redis_oom, redis_lost)",
             ["line", "camera", "reason"], registry=registry)
         self.camera_reconnects = Counter(
             "lineinspect_camera_reconnects_total", "Times the camera source was reopened",

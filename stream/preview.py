@@ -45,6 +45,8 @@ from stream.backoff import Backoff
 from stream.contracts import Frame, InspectionResult, LineInspectError, PayloadError, QueueUnavailableError
 from stream.keys import LineKeys, line_keys, lines_index
 from stream.queue import PAYLOAD_FIELD
+from stream.redact import redact_text, redact_url
+from stream.redisclient import tls_kwargs
 from stream.wire import decode_frame, decode_result, frame_to_image
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,7 @@ class PreviewOptions:
     block_ms: int = 1000
     max_viewers: int = 32
     socket_timeout_s: float = 5.0
+    redis_tls: tuple[tuple[str, str], ...] = ()  # redis-py TLS keyword arguments (stream.redisclient.tls_kwargs)
 
     def __post_init__(self) -> None:
         if not self.token:
@@ -93,7 +96,9 @@ class PreviewOptions:
                 "preview.token is empty: set one (e.g. LINEINSPECT__PREVIEW__TOKEN=$(openssl rand -hex 16)); "
                 "the preview refuses to start without a token")
         if self.max_side < 0 or self.result_wait_s < 0 or self.block_ms <= 0 or self.max_viewers <= 0:
-            raise PreviewConfigError(f"bad preview options: {self}")
+            raise PreviewConfigError(
+                f"bad preview options: max_side={self.max_side} result_wait_s={self.result_wait_s} "
+                f"block_ms={self.block_ms} max_viewers={self.max_viewers}")
 
     @classmethod
     def from_settings(cls, settings: Settings, args: argparse.Namespace | None = None) -> PreviewOptions:
@@ -107,7 +112,8 @@ class PreviewOptions:
                 extra["max_viewers"] = int(args.max_viewers)
         return cls(redis_url=settings.redis.url, key_prefix=settings.redis.key_prefix,
                    host=settings.preview.host, port=settings.preview.port, token=settings.preview.token,
-                   socket_timeout_s=settings.redis.socket_timeout_s, **extra)
+                   socket_timeout_s=settings.redis.socket_timeout_s,
+                   redis_tls=tuple(tls_kwargs(settings.redis).items()), **extra)
 
 
 def require_webrtc() -> None:
@@ -527,12 +533,14 @@ class PreviewServer:
         require_webrtc()
         self._track_cls = viewer_track_class()
         self.client = aioredis.Redis.from_url(self.options.redis_url,
-                                              socket_connect_timeout=self.options.socket_timeout_s)
+                                              socket_connect_timeout=self.options.socket_timeout_s,
+                                              **dict(self.options.redis_tls))
         try:
             await self.client.ping()
         except redis.RedisError as exc:
             await self.client.aclose()
-            raise QueueUnavailableError(f"preview: Redis at {self.options.redis_url} does not answer: {exc}") \
+            raise QueueUnavailableError(f"preview: Redis at {redact_url(self.options.redis_url)} does not answer: "
+                                        f"{redact_text(exc)}") \
                 from None
         self._runner = web.AppRunner(self.build_app(), access_log=None)
         await self._runner.setup()
@@ -694,7 +702,7 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     try:
         asyncio.run(serve(options))
     except QueueUnavailableError as exc:
-        print(f"lineinspect preview: {exc}", file=sys.stderr)
+        print(f"lineinspect preview: {redact_text(exc)}", file=sys.stderr)
         return 1
     except OSError as exc:  # port in use, address not available
         print(f"lineinspect preview: cannot serve on {options.host}:{options.port}: {exc}", file=sys.stderr)

@@ -32,9 +32,9 @@ if redis.call('SET', KEYS[1], ARGV[7], 'NX', 'EX', tonumber(ARGV[1])) then
   redis.call('PUBLISH', ARGV[4], ARGV[3])
   published = 1
 end
-redis.call('XACK', KEYS[3], ARGV[5], ARGV[6])
+local acked = redis.call('XACK', KEYS[3], ARGV[5], ARGV[6])
 redis.call('XDEL', KEYS[3], ARGV[6])
-return published
+return {published, acked}
 """
 
 # KEYS: dead-letter stream, frames stream
@@ -46,6 +46,36 @@ local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', tonumber(ARGV[1]), '*',
 redis.call('XACK', KEYS[2], ARGV[8], ARGV[4])
 redis.call('XDEL', KEYS[2], ARGV[4])
 return id
+"""
+
+
+# KEYS: frames stream, heartbeat hash
+# ARGV: group, idle ms, this consumer, now (unix s), heartbeat age limit (s)
+_PRUNE_LUA = """
+local removed = {}
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local consumers = redis.pcall('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+  if type(consumers) == 'table' and not consumers.err then
+    for _, c in ipairs(consumers) do
+      local m = {}
+      for i = 1, #c, 2 do m[c[i]] = c[i + 1] end
+      if m['name'] ~= ARGV[3] and tonumber(m['pending']) == 0 and tonumber(m['idle']) > tonumber(ARGV[2]) then
+        redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], m['name'])
+        table.insert(removed, m['name'])
+      end
+    end
+  end
+end
+local stale = {}
+local hb = redis.call('HGETALL', KEYS[2])
+for i = 1, #hb, 2 do
+  local ts = tonumber(hb[i + 1])
+  if hb[i] ~= ARGV[3] and (ts == nil or ts < tonumber(ARGV[4]) - tonumber(ARGV[5])) then
+    redis.call('HDEL', KEYS[2], hb[i])
+    table.insert(stale, hb[i])
+  end
+end
+return {removed, stale}
 """
 
 
@@ -75,6 +105,34 @@ def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def group_exists(client, stream: str, group: str) -> bool:
+    import redis
+
+    try:
+        return any(_s(g.get("name", "")) == group for g in client.xinfo_groups(stream))
+    except redis.ResponseError:  # no such key
+        return False
+
+
+def ensure_group(client, stream: str, group: str) -> None:
+    """Create ``group`` on ``stream`` (and the stream) at id 0 if missing. Ingest calls it too, before its first
+    frame, so the group exists before Redis can fill up.
+
+    Redis full (maxmemory + noeviction) refuses XGROUP CREATE with OOM: fine when the group exists (a worker
+    must start then: draining the stream is what frees memory); raised otherwise.
+    """
+    import redis
+
+    try:
+        client.xgroup_create(stream, group, id="0", mkstream=True)
+    except redis.OutOfMemoryError:
+        if not group_exists(client, stream, group):
+            raise
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
 class FrameQueue:
     """Consumer ``consumer`` of the line's worker group. Construct, then call :meth:`ensure_group`."""
 
@@ -85,8 +143,12 @@ class FrameQueue:
         self.group = queue.group
         self.consumer = consumer
         self._claim_cursor = "0-0"
+        # results published for entries the group no longer had pending (Redis lost the stream, or the entry
+        # was trimmed and a reclaim already counted it): counted elsewhere as lost, yet answered
+        self.orphaned = 0
         self._complete = None
         self._dead_letter = None
+        self._prune = None
 
     def _scripts(self) -> None:
         if self._complete is None:
@@ -99,13 +161,27 @@ class FrameQueue:
 
         The group starts at ``0``: frames queued before the first worker came are processed too.
         """
+        ensure_group(self.client, self.keys.frames, self.group)
+
+    def check_access(self) -> None:
+        """Load the Lua scripts the worker needs, so a Redis user without ``@scripting`` (or another permission
+        the worker needs) is refused at start-up with a clear message, not on the first frame.
+
+        Raises :class:`~stream.contracts.QueueAccessError`.
+        """
         import redis
 
+        from stream.contracts import QueueAccessError
+
+        self._scripts()
         try:
-            self.client.xgroup_create(self.keys.frames, self.group, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+            for script in (self._complete, self._dead_letter):
+                script.sha = self.client.script_load(script.script)
+            self.client.xinfo_groups(self.keys.frames)
+        except redis.exceptions.NoPermissionError as exc:
+            raise QueueAccessError(
+                f"the Redis user lacks a permission the worker needs ({exc}); grant it +@stream +@scripting "
+                f"+set +publish +hset +hdel +ping on keys '{self.keys.prefix}:{self.keys.line}:*'") from None
 
     # ------------------------------------------------------------------------------------ reading
     def read(self, count: int | None = None, block_ms: int | None = None) -> list[QueueEntry]:
@@ -178,11 +254,14 @@ class FrameQueue:
         """
         self._scripts()
         q = self.settings
-        published = self._complete(
+        reply = self._complete(
             keys=[self.keys.done(frame_id), self.keys.results, self.keys.frames],
-            args=[q.result_ttl_s, q.results_maxlen, result_payload, self.keys.results_channel, self.group,
+            args=[q.done_ttl_s, q.results_maxlen, result_payload, self.keys.results_channel, self.group,
                   entry_id, f"{self.consumer}:{entry_id}"])
-        return bool(int(published))
+        published, acked = (int(x) for x in reply)
+        if published and not acked:
+            self.orphaned += 1
+        return bool(published)
 
     def dead_letter(self, entry_id: str, payload: bytes | None, reason: str, deliveries: int,
                     worker_id: str) -> str:
@@ -196,6 +275,44 @@ class FrameQueue:
             args=[self.settings.dead_letter_maxlen, payload if payload is not None else b"", reason, entry_id,
                   int(deliveries), worker_id, f"{time.time():.3f}", self.group])
         return _s(dl_id)
+
+    def note_failure(self, entry_id: str, reason: str) -> None:
+        """Remember why a pending entry failed (a job timeout, a detector error), so that the worker which
+        finally dead-letters it after ``max_deliveries`` can name the real reason. Kept ``done_ttl_s``."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(self.keys.failures, entry_id, reason)
+        pipe.expire(self.keys.failures, self.settings.done_ttl_s)
+        pipe.execute()
+
+    def last_failure(self, entry_id: str) -> str:
+        """The failure noted for ``entry_id`` ("" when none); the note is removed."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hget(self.keys.failures, entry_id)
+        pipe.hdel(self.keys.failures, entry_id)
+        value, _ = pipe.execute()
+        return _s(value) if value is not None else ""
+
+    def prune(self, idle_s: float | None = None, now: float | None = None) -> tuple[list[str], list[str]]:
+        """Remove dead consumers and stale heartbeats, atomically (one script); returns their names.
+
+        A consumer other than this one that is idle longer than ``idle_s`` (``queue.dead_consumer_idle_s``)
+        and has nothing pending is deleted (``XGROUP DELCONSUMER``: safe, it holds no entry); a consumer with
+        pending entries is left to ``XAUTOCLAIM`` first. Heartbeats older than ``idle_s`` are deleted.
+        """
+        idle_s = self.settings.dead_consumer_idle_s if idle_s is None else idle_s
+        if self._prune is None:
+            self._prune = self.client.register_script(_PRUNE_LUA)
+        removed, stale = self._prune(
+            keys=[self.keys.frames, self.keys.heartbeat],
+            args=[self.group, int(idle_s * 1000), self.consumer, f"{time.time() if now is None else now:.3f}",
+                  idle_s])
+        return [_s(n) for n in removed], [_s(n) for n in stale]
+
+    def release(self, entry_id: str) -> None:
+        """Delete an entry's data but keep it pending (XDEL without XACK): frees its memory when Redis is out
+        of memory while the worker holds the entry's result. If this worker dies before publishing, a
+        reclaim reports the id as deleted and it is counted (``lineinspect_worker_frames_trimmed_total``)."""
+        self.client.xdel(self.keys.frames, entry_id)
 
     def ack_and_delete(self, *entry_ids: str) -> None:
         if entry_ids:

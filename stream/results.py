@@ -21,6 +21,7 @@ import redis
 from config.settings import Settings
 from stream.contracts import InspectionResult, PayloadError, Verdict
 from stream.keys import LineKeys, line_keys
+from stream.redact import redact_text, redact_url
 from stream.wire import decode_frame, decode_result, frame_to_image
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,9 @@ def write_overlay(out_dir: Path, result: InspectionResult, image: np.ndarray | N
 
 
 def main(settings: Settings, args) -> int:
-    client = redis.Redis.from_url(settings.redis.url, socket_timeout=settings.redis.socket_timeout_s + 5)
+    from stream.redisclient import make_client
+
+    client = make_client(settings.redis, socket_timeout=settings.redis.socket_timeout_s + 5)
     keys = line_keys(settings.redis.key_prefix, args.line)
     out = Path(args.overlays) if args.overlays else None
     follower = ResultFollower(client, keys, from_start=args.from_start or not args.follow, want_frames=out is not None)
@@ -151,7 +154,7 @@ def main(settings: Settings, args) -> int:
                 if done():
                     break
     except redis.RedisError as exc:
-        print(f"lineinspect results: Redis at {settings.redis.url} failed: {exc}")
+        print(f"lineinspect results: Redis at {redact_url(settings.redis.url)} failed: {redact_text(exc)}")
         return 1
     except KeyboardInterrupt:
         pass

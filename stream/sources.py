@@ -31,6 +31,7 @@ import numpy as np
 from config.settings import CameraSettings
 from stream.backoff import Backoff
 from stream.contracts import SourceConnectionError, SourceExhausted
+from stream.redact import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ class UrlSource(_CaptureSource):
         self.url = url
         self.open_timeout_ms = open_timeout_ms
         self.read_timeout_ms = read_timeout_ms
-        self.name = f"url:{_redact(url)}"
+        self.name = f"url:{redact_url(url)}"
 
     def _make_capture(self):
         cv2 = _cv2()
@@ -220,15 +221,6 @@ class UsbSource(_CaptureSource):
     def _make_capture(self):
         cv2 = _cv2()
         return cv2.VideoCapture(self.index)
-
-
-def _redact(url: str) -> str:
-    """Hide a password in a URL for logs."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.split("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
-    return url
 
 
 def make_source(camera: CameraSettings) -> FrameSource:
@@ -254,7 +246,9 @@ class ReconnectingSource:
     ``down_since`` is the ``clock()`` time since which no frame came (None while frames come).
     ``sleep(seconds)`` may return True to abort (e.g. ``threading.Event.wait``): then
     :class:`SourceConnectionError` is raised. Gives up after ``max_reconnects`` failed attempts in a row
-    (-1 = never).
+    (-1 = never). A reopen that succeeds but gives no frame before failing again (a folder whose files all
+    fail to decode, a video of unreadable frames, a stream that accepts the connection and sends nothing)
+    counts as a failed attempt too: only a frame ends a run of failures.
     """
 
     def __init__(self, inner: FrameSource, *, initial_s: float = 0.5, max_s: float = 30.0,
@@ -274,6 +268,8 @@ class ReconnectingSource:
         self.down_since: float | None = None
         self.last_error = ""
         self._opened = False
+        self._failures = 0  # failed attempts since the last frame
+        self._frameless_reopen = False  # reopened, no frame yet
         self._lock = threading.Lock()  # down_since is read by the health thread
 
     @property
@@ -308,8 +304,10 @@ class ReconnectingSource:
 
     def _reconnect(self) -> None:
         backoff = Backoff(self.initial_s, self.max_s)
-        failures = 0
+        for _ in range(self._failures):  # a reopen that gave no frame: keep backing off from where it was
+            backoff.next_delay()
         while True:
+            failures = self._failures
             if 0 <= self.max_reconnects <= failures:
                 raise SourceConnectionError(
                     f"{self.name}: gave up after {failures} reconnect attempts ({self.last_error})")
@@ -322,12 +320,14 @@ class ReconnectingSource:
                 self.inner.close()
                 self.inner.open()
             except SourceConnectionError as exc:
-                failures += 1
+                self._failures += 1
+                failures = self._failures
                 self.last_error = str(exc)
                 log.warning("%s: reconnect attempt %d failed: %s (next in %.2fs)", self.name, failures, exc,
                             backoff.delay)
                 continue
             self._opened = True
+            self._frameless_reopen = True
             self.reconnected += 1
             log.info("%s: reconnected after %d attempt(s)", self.name, failures + 1)
             return
@@ -342,8 +342,12 @@ class ReconnectingSource:
                 log.warning("%s: %s", self.name, exc)
                 self._mark_down(exc)
                 self._opened = False
+                if self._frameless_reopen:  # reopened fine, yet no frame: a failed attempt all the same
+                    self._failures += 1
                 self._reconnect()
                 continue
+            self._failures = 0
+            self._frameless_reopen = False
             with self._lock:
                 self.down_since = None
             return frame

@@ -70,6 +70,7 @@ class OwnRedis:
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="li-redis-")
         self.proc: subprocess.Popen | None = None
+        self.args: list[str] = []  # more redis-server options (later ones win), e.g. ["--appendonly", "yes"]
 
     @property
     def url(self) -> str:
@@ -81,7 +82,7 @@ class OwnRedis:
             pytest.skip("redis-server binary not on PATH")
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir],
+             "--dir", self.dir, *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         import redis
 

@@ -1,0 +1,112 @@
+"""Ingest's one round trip per frame: add it to the line's stream, trim, and account for what was lost.
+
+One Lua script (atomic, so no other client interleaves):
+
+1. ``XADD`` the frame; register the line in the lines index (first frame after (re)connecting);
+2. bound the stream (``XTRIM MAXLEN [~] queue.maxlen``) and split the trimmed entries by the workers' group
+   ``last-delivered-id``: entries AFTER it were never given to any worker (counted by ingest as
+   ``frames_dropped{reason="trimmed_oldest"}``); entries up to it were delivered and are still pending (the
+   worker holding one either publishes its result, or a reclaim reports it as deleted and the worker counts
+   it as ``lineinspect_worker_frames_trimmed_total``), so they are not counted as dropped here. (The
+   group's ``lag`` cannot be used: Redis does not lower it when entries are trimmed.)
+3. the stream identity: the key ``{prefix}:{line}:identity`` holds a token made when the stream was first
+   written. A Redis that restarted without its data (no AOF, or a failover to an empty replica) has no such
+   key: the script makes a new one and says so, and the ingest that sees it counts the backlog it last saw
+   (``backlog`` = stream length minus pending entries after its previous frame) as lost
+   (``frames_dropped{reason="redis_lost"}``). Pending entries are not counted: their workers still publish
+   results to the new server.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from stream.keys import LineKeys
+
+# KEYS: frames, identity, lines index
+# ARGV: payload field, payload, maxlen, approximate (1/0), group, new identity token, register (1/0), line
+_ENQUEUE_LUA = """
+local function id_lt(a, b)
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+  ams, aseq, bms, bseq = tonumber(ams), tonumber(aseq), tonumber(bms), tonumber(bseq)
+  return ams < bms or (ams == bms and aseq < bseq)
+end
+local function group_info(stream, name)
+  if redis.call('EXISTS', stream) == 0 then return nil end
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local m = {}
+    for i = 1, #g, 2 do m[g[i]] = g[i + 1] end
+    if m['name'] == name then return m end
+  end
+  return nil
+end
+local created = 0
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('SET', KEYS[2], ARGV[6])
+  created = 1
+end
+local id = redis.call('XADD', KEYS[1], '*', ARGV[1], ARGV[2])
+if ARGV[7] == '1' then redis.call('SADD', KEYS[3], ARGV[8]) end
+local maxlen = tonumber(ARGV[3])
+local len = redis.call('XLEN', KEYS[1])
+local group = group_info(KEYS[1], ARGV[5])
+local trimmed, delivered = 0, 0
+if len > maxlen then
+  local oldest_delivered = {}
+  if group and group['last-delivered-id'] ~= '0-0' then
+    oldest_delivered = redis.call('XRANGE', KEYS[1], '-', group['last-delivered-id'], 'COUNT', len - maxlen)
+  end
+  if ARGV[4] == '1' then
+    trimmed = redis.call('XTRIM', KEYS[1], 'MAXLEN', '~', maxlen)
+  else
+    trimmed = redis.call('XTRIM', KEYS[1], 'MAXLEN', maxlen)
+  end
+  if trimmed > 0 and #oldest_delivered > 0 then
+    local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+    for _, e in ipairs(oldest_delivered) do
+      if #first == 0 or id_lt(e[1], first[1][1]) then delivered = delivered + 1 end
+    end
+  end
+end
+local pending = 0
+if group then pending = group['pending'] end
+local backlog = redis.call('XLEN', KEYS[1]) - pending
+if backlog < 0 then backlog = 0 end
+return {id, trimmed, trimmed - delivered, created, backlog}
+"""
+
+
+@dataclass(frozen=True)
+class EnqueueReply:
+    entry_id: str
+    trimmed: int  # entries XTRIM removed
+    trimmed_undelivered: int  # of them, never given to a worker: lost (trimmed_oldest)
+    identity_created: bool  # the stream identity key was missing: first frame ever, or Redis lost its data
+    backlog: int  # entries in the stream after this frame, minus the pending ones (undelivered, about)
+
+
+class Enqueuer:
+    """Adds frames of one camera to its line's stream (see the module doc)."""
+
+    def __init__(self, client, keys: LineKeys, lines_index: str, *, maxlen: int, approximate: bool,
+                 group: str, payload_field: bytes):
+        self.client = client
+        self.keys = keys
+        self.lines_index = lines_index
+        self.maxlen = maxlen
+        self.approximate = approximate
+        self.group = group
+        self.payload_field = payload_field
+        self._script = client.register_script(_ENQUEUE_LUA)
+
+    def add(self, payload: bytes, *, register: bool) -> EnqueueReply:
+        reply = self._script(
+            keys=[self.keys.frames, self.keys.identity, self.lines_index],
+            args=[self.payload_field, payload, self.maxlen, 1 if self.approximate else 0, self.group,
+                  uuid.uuid4().hex, 1 if register else 0, self.keys.line])
+        entry_id, trimmed, undelivered, created, backlog = reply
+        return EnqueueReply(entry_id=entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id),
+                            trimmed=int(trimmed), trimmed_undelivered=int(undelivered),
+                            identity_created=bool(int(created)), backlog=int(backlog))
