@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -155,10 +156,29 @@ class MemorySettings:
     online_margin: float = 0.5  # online: add a frame only when its score < margin * image threshold
     calibration_quantile: float = 0.99
     store: Literal["redis", "none"] = "redis"
+    # nearest-neighbour search over the memory (workers/memory_search.py): exact (float32 matmul), bf16
+    # (bfloat16 matmul, the best search_rerank candidates re-ranked in float32; 0 = none), projection (to
+    # search_dim dims on a pca/random basis, search_rerank candidates re-ranked in float32), faiss (IVF-Flat,
+    # pip install faiss-cpu). Default chosen by `python -m workers.memory_search_bench` (README, Measured here)
+    search: Literal["exact", "bf16", "projection", "faiss"] = "exact"
+    search_rerank: int = 8
+    search_dim: int = 128
+    search_basis: Literal["pca", "random"] = "pca"
+    search_nlist: int = 128
+    search_nprobe: int = 8
+    device: str = "cpu"  # "cuda" / "cuda:N": memory and search on the GPU (falls back to cpu with a warning)
 
     def __post_init__(self) -> None:
         _positive("memory.max_patches", self.max_patches)
         _positive("memory.k", self.k)
+        _positive("memory.search_dim", self.search_dim)
+        _positive("memory.search_nlist", self.search_nlist)
+        _positive("memory.search_nprobe", self.search_nprobe)
+        if self.search_rerank < 0 or (self.search == "projection" and self.search_rerank < self.k):
+            raise SettingsError("memory.search_rerank", f"{self.search_rerank}: must be >= 0, and >= memory.k "
+                                "with search=projection (its candidates are re-ranked exactly)")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise SettingsError("memory.device", f"{self.device!r}: allowed cpu, cuda, cuda:N")
         if not self.layers or len(set(self.layers)) != len(self.layers) or not all(
                 isinstance(x, str) and x for x in self.layers):
             raise SettingsError("memory.layers", f"{list(self.layers)}: need one or more distinct names "

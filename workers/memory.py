@@ -9,8 +9,9 @@ Intermediate stages are less specialised for mask decoding than the neck and kee
 mid-level features PatchCore relies on). A CLIP patch-token extractor can be plugged in instead
 (``features_fn``).
 
-Score: per patch, the mean Euclidean distance to its ``memory.k`` nearest memory patches (torch matmul in
-chunks). The patch grid is upsampled to the frame, Gaussian-smoothed, and normalised so that pixel 1.0 is
+Score: per patch, the mean Euclidean distance to its ``memory.k`` nearest memory patches, found by the
+``memory.search`` of :mod:`workers.memory_search` (exact float32 matmul in chunks, or a faster search that
+keeps the map; calibration always uses the exact search). The patch grid is upsampled to the frame, Gaussian-smoothed, and normalised so that pixel 1.0 is
 the line's pixel threshold and image score 1.0 its image threshold (max of the smoothed raw map).
 
 Memory: greedy k-center selection on a random projection, frame by frame (a frame's coreset when built
@@ -56,6 +57,7 @@ import numpy as np
 
 from workers.imageio import IMAGE_EXTENSIONS, ImageReadError, read_image
 from workers.interfaces import AnomalyMap, ImageEmbedding
+from workers.memory_search import SearchSpec, exact_knn, make_search
 from workers.memory_store import (
     MemoryConflict,
     MemoryHeader,
@@ -102,12 +104,15 @@ class MemoryParams:
     reload_interval_s: float = 5.0
     seed: int = 0
     layers: tuple[str, ...] = ("neck",)  # encoder outputs per patch (ImageEmbedding.features / .taps)
+    search: SearchSpec = SearchSpec()  # scoring frames against the memory (memory.search, memory.device)
 
     @classmethod
     def from_settings(cls, memory_settings: Any, **extra: Any) -> MemoryParams:
         m = memory_settings
         if m.features == "sam" and "layers" not in extra:
             extra["layers"] = tuple(m.layers)
+        if "search" not in extra and hasattr(m, "search"):
+            extra["search"] = SearchSpec.from_settings(m)
         return cls(neighbourhood=m.neighbourhood, k=m.k, policy=m.policy, max_patches=m.max_patches,
                    calibration_quantile=m.calibration_quantile, online_margin=m.online_margin,
                    warmup_frames=m.warmup_frames,
@@ -172,24 +177,10 @@ def patch_features(embedding: ImageEmbedding, neighbourhood: int = 3, norm: str 
 
 
 def knn_distance(query, memory, k: int = 1, memory_sq=None, chunk: int = 8192):
-    """Per query row: mean Euclidean distance to its k nearest memory rows (torch, chunked). [Q]."""
-    torch = _torch()
-    n = memory.shape[0]
-    if n == 0:
-        raise ValueError("empty memory")
-    k = max(1, min(k, n))
-    q_sq = (query * query).sum(1, keepdim=True)
-    if memory_sq is None:
-        memory_sq = (memory * memory).sum(1)
-    best = None
-    for s in range(0, n, chunk):
-        m = memory[s:s + chunk]
-        d2 = torch.addmm(q_sq + memory_sq[s:s + chunk][None], query, m.T, beta=1.0, alpha=-2.0)
-        top = torch.topk(d2, min(k, d2.shape[1]), dim=1, largest=False).values
-        if best is not None:
-            top = torch.topk(torch.cat([best, top], 1), k, dim=1, largest=False).values
-        best = top
-    return best.clamp_min_(0).sqrt_().mean(1)
+    """Per query row: mean Euclidean distance to its k nearest memory rows, exact float32 (torch, chunked:
+    :func:`workers.memory_search.exact_knn`). [Q]."""
+    d2, _ = exact_knn(query, memory, k, memory_sq=memory_sq, chunk=chunk)
+    return d2.sqrt_().mean(1)
 
 
 def _projection(dim: int, out_dim: int, seed: int):
@@ -483,6 +474,7 @@ class MemoryMapper:
         self.seen = 0
         self._mem = None  # torch float32 [n, C]
         self._mem_sq = None
+        self._search = make_search(self.params.search)  # scoring: holds the memory (and its index) on its device
         self._radius = np.zeros(0, np.float16)
         self._last: tuple[str, Any, Any, tuple[int, int]] | None = None  # key, feats, nn dist, grid
         self._synced = 0.0
@@ -521,6 +513,7 @@ class MemoryMapper:
         self.header = header
         self._mem = torch.from_numpy(np.asarray(feats, np.float16).astype(np.float32))
         self._mem_sq = (self._mem * self._mem).sum(1)
+        self._search.reset(self._mem)
         self._radius = np.asarray(radius, np.float16).copy()
         self.frames, self.seen = int(frames), int(seen)
         self._buffer.clear()
@@ -532,6 +525,7 @@ class MemoryMapper:
         new = torch.from_numpy(np.asarray(feats, np.float16).astype(np.float32))
         self._mem = torch.cat([self._mem, new])
         self._mem_sq = torch.cat([self._mem_sq, (new * new).sum(1)])
+        self._search.add(new, memory=self._mem)
         self._radius = np.concatenate([self._radius, np.asarray(radius, np.float16)])
 
     def adopt(self, stored: StoredMemory) -> None:
@@ -691,7 +685,7 @@ class MemoryMapper:
         (feats, shape), emb = self._features(image_bgr, embedding)
         t1 = time.perf_counter()
         if self._mem is not None and self.size:
-            nn = knn_distance(feats, self._mem, self.params.k, memory_sq=self._mem_sq)
+            nn = self._search.knn_distance(feats, self.params.k)
         elif self._buffer:
             nn = mutual_query_scores(feats, [b[4] for b in self._buffer], self.params.mutual_fraction)
         else:
@@ -734,14 +728,13 @@ class MemoryMapper:
             _, feats, nn, shape = self._last
         else:
             (feats, shape), _ = self._features(None, embedding)
-            nn = (knn_distance(feats, self._mem, 1, memory_sq=self._mem_sq)
-                  if self._mem is not None and self.size else None)
+            nn = self._search.knn_distance(feats, 1) if self._mem is not None and self.size else None
         if self.header is None:
             return self._observe_warmup(embedding, anomaly_map, feats)
         if anomaly_map.image_score >= self.params.online_margin:
             return False
         if nn is None or self.params.k != 1:
-            nn = knn_distance(feats, self._mem, 1, memory_sq=self._mem_sq)
+            nn = self._search.knn_distance(feats, 1)
         self._add_online(feats, nn)
         return True
 
@@ -960,16 +953,20 @@ def load_line_memory(settings: Any, line: str, redis_client: Any, sam_backend: A
 # ------------------------------------------------------------------------------------------ CLI
 
 
-def describe(stored: StoredMemory | None, line: str) -> dict[str, Any]:
+def describe(stored: StoredMemory | None, line: str, search: SearchSpec | None = None) -> dict[str, Any]:
+    """What ``memory show`` prints; ``search``: the index the workers build over it (``memory.search``)."""
+    spec = search or SearchSpec()
+    index = {"search": spec.kind, "index": spec.label(), "device": spec.device}
     if stored is None:
-        return {"line": line, "memory": None}
+        return {"line": line, "memory": None, **index}
     h = stored.header
+    index["index_bytes"] = spec.index_bytes(stored.n, h.dim)
     return {"line": line, "source": h.source, "patches": stored.n, "dim": h.dim, "generation": h.generation,
             "policy": h.policy, "max_patches": h.max_patches, "neighbourhood": h.neighbourhood, "norm": h.norm,
             "frames": stored.frames, "patches_seen": stored.seen, "coverage_radius": round(h.radius, 5),
             "image_threshold": h.image_threshold, "pixel_threshold": h.pixel_threshold,
             "calibration": h.calibration, "bytes": int(stored.feats.nbytes + stored.radius.nbytes),
-            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(h.updated))}
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(h.updated)), **index}
 
 
 def main(settings: Any, args: argparse.Namespace) -> int:
@@ -981,7 +978,7 @@ def main(settings: Any, args: argparse.Namespace) -> int:
     store = RedisMemoryStore(client, settings.redis.key_prefix, line)
     try:
         if action == "show":
-            print(json.dumps(describe(store.load(), line), indent=2))
+            print(json.dumps(describe(store.load(), line, SearchSpec.from_settings(settings.memory)), indent=2))
             return 0
         if action == "clear":
             n = store.clear()
@@ -1006,7 +1003,7 @@ def main(settings: Any, args: argparse.Namespace) -> int:
             mapper.header = store.save(mapper.header, mapper._mem.numpy(), mapper._radius, frames=mapper.frames,
                                        seen=mapper.seen,
                                        expect_generation=None if base is None else base.header.generation)
-            print(json.dumps(describe(store.load(), line), indent=2))
+            print(json.dumps(describe(store.load(), line, SearchSpec.from_settings(settings.memory)), indent=2))
             return 0
         print(f"unknown memory action {action!r} (allowed: add, show, clear)")
         return 2
