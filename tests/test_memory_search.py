@@ -128,6 +128,22 @@ def test_add_equals_building_on_the_concatenation(data, kind):
         torch.testing.assert_close(grown.knn_distance(query, 3), full.knn_distance(query, 3))
 
 
+def test_projection_keeps_its_basis_across_rewrites_of_a_similar_memory(data):
+    """A rewrite (compaction, reservoir, reload) of about the same size reuses the fitted basis; a memory of
+    another size or width is fitted again. Either way the answers stay those of the exact search."""
+    query, memory, d = data
+    search = make_search(SearchSpec("projection", dim=32, rerank=8)).reset(memory)
+    basis = search.proj
+    search.reset(memory[:4000])  # 0.67 x the rows: kept
+    assert search.proj is basis and search.memp.shape == (4000, 32)
+    _, want = exact_knn(query, memory[:4000], 1)
+    assert (search.search(query, 1)[1] == want).float().mean() >= 0.98
+    search.reset(memory[:1000])  # < 0.5 x: fitted again
+    assert search.proj is not basis
+    search.reset(memory[:, :64])
+    assert search.proj.shape == (64, 32)
+
+
 def test_cuda_asked_without_cuda_falls_back_to_cpu_with_a_warning(data, monkeypatch, caplog):
     import torch
 

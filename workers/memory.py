@@ -105,7 +105,7 @@ class MemoryParams:
     reload_interval_s: float = 5.0
     seed: int = 0
     layers: tuple[str, ...] = ("neck",)  # encoder outputs per patch (ImageEmbedding.features / .taps)
-    search: SearchSpec = SearchSpec()  # scoring frames against the memory (memory.search, memory.device)
+    search: SearchSpec = SearchSpec()  # scoring against the memory: exact here; from_settings: memory.search
 
     @classmethod
     def from_settings(cls, memory_settings: Any, **extra: Any) -> MemoryParams:

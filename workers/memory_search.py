@@ -249,11 +249,22 @@ class Bf16Search(MemorySearch):
 
 
 class ProjectionSearch(MemorySearch):
+    """The basis is fitted at the first ``reset`` and kept across later ones of the same width and of 0.5-2 x
+    the rows (a bounded memory rewritten by compaction or the reservoir, a reload of the line): a refit costs
+    a covariance and an eigendecomposition, and the exact re-rank does not need the newest basis."""
+
+    proj = None
+    fitted_rows = 0
+
     def _rebuild(self) -> None:
         torch = _torch()
         dim = self.mem.shape[1]
         out = min(self.spec.dim, dim)
-        if self.spec.basis == "pca":
+        keep = (self.proj is not None and self.proj.shape[0] == dim
+                and 0.5 * self.fitted_rows <= self.size <= 2 * self.fitted_rows)
+        if keep:
+            pass
+        elif self.spec.basis == "pca":
             mean = self.mem.mean(0, keepdim=True)
             x = self.mem - mean
             cov = (x.T @ x) / max(1, x.shape[0] - 1)
@@ -262,6 +273,8 @@ class ProjectionSearch(MemorySearch):
         else:
             g = torch.Generator().manual_seed(self.spec.seed + 7919 * dim)
             self.proj = (torch.randn(dim, out, generator=g) / math.sqrt(out)).to(self.device)
+        if not keep:
+            self.fitted_rows = self.size
         self.memp = self.mem @ self.proj
         self.memp_sq = (self.memp * self.memp).sum(1)
 
