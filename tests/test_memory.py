@@ -10,8 +10,8 @@ import pytest
 from workers.interfaces import AnomalyMap, ImageEmbedding
 from workers.memory import (
     MemoryMapper,
-    image_raw_score,
     MemoryParams,
+    image_raw_score,
     image_threshold,
     knn_distance,
     patch_features,

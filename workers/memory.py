@@ -9,9 +9,11 @@ Intermediate stages are less specialised for mask decoding than the neck and kee
 mid-level features PatchCore relies on). A CLIP patch-token extractor can be plugged in instead
 (``features_fn``).
 
-Score: per patch, the mean Euclidean distance to its ``memory.k`` nearest memory patches (torch matmul in
-chunks). The patch grid is upsampled to the frame, Gaussian-smoothed, and normalised so that pixel 1.0 is
-the line's pixel threshold and image score 1.0 its image threshold (max of the smoothed raw map).
+Score: per patch, the mean Euclidean distance to its ``memory.k`` nearest memory patches, found by the
+``memory.search`` of :mod:`workers.memory_search` (exact float32 matmul in chunks, or a faster search that
+keeps the map; calibration always uses the exact search). The patch grid is upsampled to the frame,
+Gaussian-smoothed, and normalised so that pixel 1.0 is the line's pixel threshold and image score 1.0 its
+image threshold (max of the smoothed raw map).
 
 Memory: greedy k-center selection on a random projection, frame by frame (a frame's coreset when built
 from a folder, a normal frame's patches that are new to the memory when filled online; every kept patch
@@ -58,6 +60,7 @@ from workers.calibration import image_threshold
 from workers.imageio import IMAGE_EXTENSIONS, ImageReadError, read_image
 from workers.interfaces import AnomalyMap, ImageEmbedding
 from workers.label_free import build_label_free, pick_references
+from workers.memory_search import SearchSpec, exact_knn, make_search
 from workers.memory_store import (
     MemoryConflict,
     MemoryHeader,
@@ -111,6 +114,7 @@ class MemoryParams:
     reload_interval_s: float = 5.0
     seed: int = 0
     layers: tuple[str, ...] = ("neck",)  # encoder outputs per patch (ImageEmbedding.features / .taps)
+    search: SearchSpec = SearchSpec()  # scoring against the memory: exact here; from_settings: memory.search
 
     @classmethod
     def from_settings(cls, memory_settings: Any, false_alarm_rate: float | None = None,
@@ -120,6 +124,8 @@ class MemoryParams:
             extra["layers"] = tuple(m.layers)
         if false_alarm_rate is not None:
             extra["false_alarm_rate"] = float(false_alarm_rate)
+        if "search" not in extra and hasattr(m, "search"):
+            extra["search"] = SearchSpec.from_settings(m)
         return cls(neighbourhood=m.neighbourhood, k=m.k, policy=m.policy, max_patches=m.max_patches,
                    calibration_quantile=m.calibration_quantile, online_margin=m.online_margin,
                    warmup_frames=m.warmup_frames, label_free_refs=m.label_free_refs,
@@ -185,24 +191,10 @@ def patch_features(embedding: ImageEmbedding, neighbourhood: int = 3, norm: str 
 
 
 def knn_distance(query, memory, k: int = 1, memory_sq=None, chunk: int = 8192):
-    """Per query row: mean Euclidean distance to its k nearest memory rows (torch, chunked). [Q]."""
-    torch = _torch()
-    n = memory.shape[0]
-    if n == 0:
-        raise ValueError("empty memory")
-    k = max(1, min(k, n))
-    q_sq = (query * query).sum(1, keepdim=True)
-    if memory_sq is None:
-        memory_sq = (memory * memory).sum(1)
-    best = None
-    for s in range(0, n, chunk):
-        m = memory[s:s + chunk]
-        d2 = torch.addmm(q_sq + memory_sq[s:s + chunk][None], query, m.T, beta=1.0, alpha=-2.0)
-        top = torch.topk(d2, min(k, d2.shape[1]), dim=1, largest=False).values
-        if best is not None:
-            top = torch.topk(torch.cat([best, top], 1), k, dim=1, largest=False).values
-        best = top
-    return best.clamp_min_(0).sqrt_().mean(1)
+    """Per query row: mean Euclidean distance to its k nearest memory rows, exact float32 (torch, chunked:
+    :func:`workers.memory_search.exact_knn`). [Q]."""
+    d2, _ = exact_knn(query, memory, k, memory_sq=memory_sq, chunk=chunk)
+    return d2.sqrt_().mean(1)
 
 
 def torch_bool(mask: np.ndarray):
@@ -434,6 +426,7 @@ class MemoryMapper:
         self.seen = 0
         self._mem = None  # torch float32 [n, C]
         self._mem_sq = None
+        self._search = make_search(self.params.search)  # scoring: holds the memory (and its index) on its device
         self._radius = np.zeros(0, np.float16)
         self._last: tuple[str, Any, Any, tuple[int, int]] | None = None  # key, feats, nn dist, grid
         # label-free batches: the frame each row came from, and the frames by content key (workers.label_free)
@@ -498,6 +491,7 @@ class MemoryMapper:
         self.header = header
         self._mem = torch.from_numpy(np.asarray(feats, np.float16).astype(np.float32))
         self._mem_sq = (self._mem * self._mem).sum(1)
+        self._search.reset(self._mem)
         self._radius = np.asarray(radius, np.float16).copy()
         self.frames, self.seen = int(frames), int(seen)
         self._buffer.clear()
@@ -510,6 +504,7 @@ class MemoryMapper:
         new = torch.from_numpy(np.asarray(feats, np.float16).astype(np.float32))
         self._mem = torch.cat([self._mem, new])
         self._mem_sq = torch.cat([self._mem_sq, (new * new).sum(1)])
+        self._search.add(new, memory=self._mem)
         self._radius = np.concatenate([self._radius, np.asarray(radius, np.float16)])
 
     def adopt(self, stored: StoredMemory) -> None:
@@ -684,7 +679,7 @@ class MemoryMapper:
             others = torch_bool(self._owner[: self.size] != own)
             nn = knn_distance(feats, self._mem[others], self.params.k, memory_sq=self._mem_sq[others])
         elif self._mem is not None and self.size:
-            nn = knn_distance(feats, self._mem, self.params.k, memory_sq=self._mem_sq)
+            nn = self._search.knn_distance(feats, self.params.k)
         elif self._buffer:
             nn = mutual_query_scores(feats, [b[4] for b in self._buffer], self.params.mutual_fraction)
         else:
@@ -736,8 +731,7 @@ class MemoryMapper:
             _, feats, nn, shape = self._last
         else:
             (feats, shape), _ = self._features(None, embedding)
-            nn = (knn_distance(feats, self._mem, 1, memory_sq=self._mem_sq)
-                  if self._mem is not None and self.size else None)
+            nn = self._search.knn_distance(feats, 1) if self._mem is not None and self.size else None
         if self.header is None:
             return self._observe_warmup(embedding, anomaly_map, feats)
         if anomaly_map.raw is not None and anomaly_map.image_score < 1.0:
@@ -745,7 +739,7 @@ class MemoryMapper:
         if anomaly_map.image_score >= self.params.online_margin:
             return False
         if nn is None or self.params.k != 1:
-            nn = knn_distance(feats, self._mem, 1, memory_sq=self._mem_sq)
+            nn = self._search.knn_distance(feats, 1)
         self._add_online(feats, nn)
         return True
 
@@ -949,14 +943,18 @@ def load_line_memory(settings: Any, line: str, redis_client: Any, sam_backend: A
 
 
 def describe(stored: StoredMemory | None, line: str, held_out: Sequence[float] = (),
-             false_alarm_rate: float = 0.01) -> dict[str, Any]:
-    """What ``memory show`` prints: the memory, its calibration, and the image threshold in force now (from
-    the calibration frames and the held-out OK frames) with how many frames it rests on."""
+             false_alarm_rate: float = 0.01, search: SearchSpec | None = None) -> dict[str, Any]:
+    """What ``memory show`` prints: the memory, its calibration, the image threshold in force now (from the
+    calibration frames and the held-out OK frames) with how many frames it rests on, and the index the
+    workers build over it (``memory.search``)."""
+    spec = search or SearchSpec()
+    index = {"search": spec.kind, "index": spec.label(), "device": spec.device}
     if stored is None:
-        return {"line": line, "memory": None}
+        return {"line": line, "memory": None, **index}
     h = stored.header
     built_on = list(h.calibration.get("image_maxima", ()))
     now = image_threshold([*built_on, *held_out] or [h.image_threshold], false_alarm_rate)
+    index["index_bytes"] = spec.index_bytes(stored.n, h.dim)
     return {"line": line, "source": h.source, "patches": stored.n, "dim": h.dim, "generation": h.generation,
             "policy": h.policy, "max_patches": h.max_patches, "neighbourhood": h.neighbourhood, "norm": h.norm,
             "frames": stored.frames, "patches_seen": stored.seen, "coverage_radius": round(h.radius, 5),
@@ -967,7 +965,7 @@ def describe(stored: StoredMemory | None, line: str, held_out: Sequence[float] =
                                       "calibration_frames": len(built_on), "held_out_frames": len(held_out),
                                       "at_build": h.image_threshold},
             "calibration": h.calibration, "bytes": int(stored.feats.nbytes + stored.radius.nbytes),
-            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(h.updated))}
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(h.updated)), **index}
 
 
 def main(settings: Any, args: argparse.Namespace) -> int:
@@ -980,7 +978,8 @@ def main(settings: Any, args: argparse.Namespace) -> int:
     try:
         far = settings.detector.false_alarm_rate
         if action == "show":
-            print(json.dumps(describe(store.load(), line, store.held_out(), far), indent=2))
+            print(json.dumps(describe(store.load(), line, store.held_out(), far,
+                                      SearchSpec.from_settings(settings.memory)), indent=2))
             return 0
         if action == "clear":
             n = store.clear()
@@ -1006,7 +1005,8 @@ def main(settings: Any, args: argparse.Namespace) -> int:
                                        seen=mapper.seen,
                                        expect_generation=None if base is None else base.header.generation)
             store.clear_held_out()  # measured against the previous memory
-            print(json.dumps(describe(store.load(), line, (), far), indent=2))
+            print(json.dumps(describe(store.load(), line, (), far, SearchSpec.from_settings(settings.memory)),
+                             indent=2))
             return 0
         print(f"unknown memory action {action!r} (allowed: add, show, clear)")
         return 2

