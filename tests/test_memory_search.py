@@ -182,7 +182,7 @@ def test_settings_reach_the_mapper_and_memory_show_reports_the_index():
                                  "memory.device": "cuda:1"})
     spec = MemoryParams.from_settings(s.memory).search
     assert (spec.kind, spec.dim, spec.rerank, spec.device) == ("projection", 64, 8, "cuda:1")
-    shown = describe(None, "l1", spec)
+    shown = describe(None, "l1", search=spec)
     assert shown["search"] == "projection" and "projection to 64 dims" in shown["index"]
 
 
