@@ -245,7 +245,7 @@ def map_regions(pixel: np.ndarray, ppg: Any, seed_level: float) -> np.ndarray:
     from workers.ppg import extreme_regions
 
     mask = np.zeros(pixel.shape, dtype=bool)
-    for region in extreme_regions(pixel, replace(ppg, max_regions=10**6), seed_level)[1]:
+    for region in extreme_regions(pixel, replace(ppg, max_regions=100), seed_level)[1]:
         mask |= region
     return mask
 

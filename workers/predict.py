@@ -196,13 +196,15 @@ def main(settings: Settings, args: argparse.Namespace, mapper_factory: MapperFac
         print(f"predict: {line}", flush=True)
     uses_memory = settings.detector.map_source in ("memory", "fusion")
     if uses_memory:
+        refs = min(len(images), settings.memory.label_free_refs)
         print(f"predict: memory from {normal_dir}" if normal_dir else
-              f"predict: memory: mutual scoring of the {len(images)} inputs against each other (no --normal)",
-              flush=True)
+              f"predict: memory: label-free, from {refs} of the {len(images)} inputs judged against each other "
+              "(no --normal); each input is then scored against it, never against its own patches", flush=True)
     try:
+        backend = offline.build_backend(settings, getattr(args, "embedding_cache", "") or "")
         built = offline.build_offline_detector(settings, line=getattr(args, "line", None) or "offline",
                                                normal_dir=normal_dir, mutual_images=images,
-                                               mapper_factory=mapper_factory)
+                                               mapper_factory=mapper_factory, backend=backend)
     except Exception as exc:
         print(f"lineinspect predict: cannot build the detector: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 3
