@@ -16,27 +16,18 @@ from prometheus_client import CollectorRegistry
 
 from config.settings import Settings
 from stream import wire
-from stream.contracts import Encoding
 from stream.enqueue import Enqueuer
 from stream.ingest import run_ingest
 from stream.keys import line_keys, lines_index
 from stream.queue import PAYLOAD_FIELD, FrameQueue, ensure_group
+from tests.helpers import raw_frame, wait_for
 from workers.worker import EXIT_STUCK, Worker, _redis_client
 
 
-def _frame(seq: int) -> bytes:
-    img = np.full((8, 8, 3), seq % 255, np.uint8)
-    return wire.encode_frame(wire.image_to_frame(img, line_id="L1", camera_id="c", seq=seq, session="1",
-                                                 capture_ts=time.time(), encoding=Encoding.RAW))
+def _frame(seq):
+    return raw_frame(seq, seq % 255, 8)
 
 
-def _wait(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _dropped(registry, reason):
@@ -109,12 +100,12 @@ def test_redis_restart_that_lost_the_stream_is_counted(own_redis, tmp_path, aof)
     stop, t, out = _run_ingest_thread(settings, registry)
     try:
         client = redis.Redis.from_url(own_redis.url)
-        _wait(lambda: client.xlen(keys.frames) >= 20, 30, "a backlog of 20 frames")
+        wait_for(lambda: client.xlen(keys.frames) >= 20, 30, "a backlog of 20 frames")
         own_redis.stop()  # no worker: the whole backlog is queued, and lost without AOF
         before = registry.get_sample_value("lineinspect_frames_enqueued_total", {"line": "L1", "camera": "c"})
         own_redis.start()
         client = redis.Redis.from_url(own_redis.url)
-        _wait(lambda: client.exists(keys.frames) and client.xlen(keys.frames) >= 5, 30, "frames after restart")
+        wait_for(lambda: client.exists(keys.frames) and client.xlen(keys.frames) >= 5, 30, "frames after restart")
     finally:
         stop.set()
         t.join(30)
@@ -140,12 +131,12 @@ def test_frozen_redis_unanswered_frames_have_their_own_reason(own_redis, tmp_pat
     stop, t, out = _run_ingest_thread(settings, registry)
     client = redis.Redis.from_url(own_redis.url)
     try:
-        _wait(lambda: client.xlen(keys.frames) >= 5, 30, "first frames")
+        wait_for(lambda: client.xlen(keys.frames) >= 5, 30, "first frames")
         os.kill(own_redis.proc.pid, signal.SIGSTOP)  # frozen: connections open, no answers
         time.sleep(1.5)
         os.kill(own_redis.proc.pid, signal.SIGCONT)
         n = client.xlen(keys.frames)
-        _wait(lambda: client.xlen(keys.frames) >= n + 5, 30, "frames after the freeze")
+        wait_for(lambda: client.xlen(keys.frames) >= n + 5, 30, "frames after the freeze")
     finally:
         os.kill(own_redis.proc.pid, signal.SIGCONT)
         stop.set()
@@ -180,7 +171,7 @@ def test_job_timeout_is_named_when_the_frame_is_dead_lettered(redis_url, key_pre
     t = threading.Thread(target=worker.run, args=(stop,))
     t.start()
     try:
-        _wait(lambda: client.xlen(keys.dead_letter) == 1, 20, "the dead letter")
+        wait_for(lambda: client.xlen(keys.dead_letter) == 1, 20, "the dead letter")
     finally:
         stop.set()
         t.join(20)
@@ -208,12 +199,12 @@ def test_result_inspected_before_a_restart_that_lost_the_stream_is_still_publish
     t = threading.Thread(target=worker.run, args=(stop,))
     t.start()
     try:
-        _wait(lambda: client.xpending(keys.frames, "workers")["pending"] == 1, 30, "the frame in the worker's hands")
+        wait_for(lambda: client.xpending(keys.frames, "workers")["pending"] == 1, 30, "the frame in the worker's hands")
         own_redis.stop()  # the worker's publish fails: it holds the result
-        _wait(lambda: len(worker.held or ()) == 1, 30, "the result held")
+        wait_for(lambda: len(worker.held or ()) == 1, 30, "the result held")
         own_redis.start()  # empty: stream, group and entry are gone
         client = redis.Redis.from_url(own_redis.url)
-        _wait(lambda: client.exists(keys.results) and client.xlen(keys.results) == 1, 10, "the held result")
+        wait_for(lambda: client.exists(keys.results) and client.xlen(keys.results) == 1, 10, "the held result")
     finally:
         stop.set()
         t.join(20)

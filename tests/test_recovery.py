@@ -5,32 +5,21 @@ from __future__ import annotations
 import threading
 import time
 
-import numpy as np
 import pytest
 import redis
 from prometheus_client import CollectorRegistry
 
 from config.settings import Settings
-from stream import wire
-from stream.contracts import Encoding
 from stream.keys import line_keys
 from stream.queue import PAYLOAD_FIELD
+from tests.helpers import raw_frame, wait_for
 from workers.worker import Worker, _redis_client
 
 
 def _payload(seq):
-    img = np.full((16, 16, 3), 50, np.uint8)
-    return wire.encode_frame(wire.image_to_frame(img, line_id="L1", camera_id="c", seq=seq, session="1",
-                                                 capture_ts=time.time(), encoding=Encoding.RAW))
+    return raw_frame(seq, 50, 16)
 
 
-def _wait(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return time.monotonic()
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.timeout(90)
@@ -46,16 +35,16 @@ def test_results_resume_within_one_second_of_redis_answering(own_redis):
     delays = []
     try:
         client = redis.Redis.from_url(own_redis.url)
-        _wait(lambda: worker.health()[0], 30, "a healthy worker")
+        wait_for(lambda: worker.health()[0], 30, "a healthy worker", poll=0.01)
         for seq, down_s in enumerate((3.5, 8.0)):  # an uncapped backoff would wait seconds after either
             own_redis.stop()
-            _wait(lambda: not worker.health()[0], 30, "health to fail")
+            wait_for(lambda: not worker.health()[0], 30, "health to fail", poll=0.01)
             time.sleep(down_s)
             own_redis.start()
             t_up = time.monotonic()
             client = redis.Redis.from_url(own_redis.url)
             client.xadd(keys.frames, {PAYLOAD_FIELD: _payload(seq)})
-            t_result = _wait(lambda c=client: c.xlen(keys.results) == 1, 30, "the result after the restart")
+            t_result = wait_for(lambda c=client: c.xlen(keys.results) == 1, 30, "the result after the restart", poll=0.01)
             delays.append(t_result - t_up)
     finally:
         stop.set()

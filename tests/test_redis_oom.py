@@ -17,16 +17,8 @@ from stream.contracts import Encoding
 from stream.ingest import run_ingest
 from stream.keys import line_keys
 from stream.queue import PAYLOAD_FIELD, ensure_group
+from tests.helpers import wait_for
 from workers.worker import Worker, _redis_client
-
-
-def _wait(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _settings(url: str, **extra) -> Settings:
@@ -78,17 +70,17 @@ def test_worker_starts_on_a_full_redis_holds_results_and_publishes_when_memory_r
     client.config_set("maxmemory", "1")
     worker, registry, stop, t, codes = _start_worker(settings)
     try:
-        _wait(lambda: worker.health()[1].startswith("redis out of memory:"), 30, "health to name the OOM")
+        wait_for(lambda: worker.health()[1].startswith("redis out of memory:"), 30, "health to name the OOM")
         assert "maxmemory" in worker.health()[1]
-        _wait(lambda: len(worker.held or ()) == 3, 30, "all three results held")
+        wait_for(lambda: len(worker.held or ()) == 3, 30, "all three results held")
         assert client.xlen(keys.frames) == 0  # the frames' data freed (XDEL) ...
         assert client.xpending(keys.frames, "workers")["pending"] == 3  # ... while still pending
         assert client.xlen(keys.results) == 0
         t_free = time.monotonic()
         client.config_set("maxmemory", "0")
-        _wait(lambda: client.xlen(keys.results) == 3, 10, "the held results published")
+        wait_for(lambda: client.xlen(keys.results) == 3, 10, "the held results published")
         recovery_s = time.monotonic() - t_free
-        _wait(lambda: worker.health() == (True, "ok"), 10, "health ok again")
+        wait_for(lambda: worker.health() == (True, "ok"), 10, "health ok again")
     finally:
         client.config_set("maxmemory", "0")
         stop.set()
@@ -129,8 +121,8 @@ def test_ingest_fills_redis_counts_oom_and_workers_drain_every_frame(own_redis, 
 
     worker, registry, stop, t, codes = _start_worker(settings)
     try:
-        _wait(lambda: client.xlen(keys.results) == stats.frames_enqueued, 60, "a result for every queued frame")
-        _wait(lambda: client.xpending(keys.frames, "workers")["pending"] == 0, 10, "nothing pending")
+        wait_for(lambda: client.xlen(keys.results) == stats.frames_enqueued, 60, "a result for every queued frame")
+        wait_for(lambda: client.xpending(keys.frames, "workers")["pending"] == 0, 10, "nothing pending")
     finally:
         stop.set()
         t.join(20)

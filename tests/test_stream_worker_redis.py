@@ -3,34 +3,23 @@
 from __future__ import annotations
 
 import threading
-import time
 
-import numpy as np
 import pytest
 import redis
 from prometheus_client import CollectorRegistry
 
 from config.settings import Settings
 from stream import wire
-from stream.contracts import Encoding
 from stream.keys import line_keys
 from stream.queue import PAYLOAD_FIELD
+from tests.helpers import raw_frame, wait_for
 from workers.worker import Worker, _redis_client
 
 
 def _payload(seq):
-    img = np.full((16, 16, 3), 50, np.uint8)
-    return wire.encode_frame(wire.image_to_frame(img, line_id="L1", camera_id="c", seq=seq, session="1",
-                                                 capture_ts=time.time(), encoding=Encoding.RAW))
+    return raw_frame(seq, 50, 16)
 
 
-def _wait(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.timeout(90)
@@ -48,19 +37,19 @@ def test_worker_health_and_recovery_across_a_redis_restart(own_redis):
     t.start()
     try:
         client = redis.Redis.from_url(own_redis.url)
-        _wait(lambda: worker.health()[0], 30, "a healthy worker")
+        wait_for(lambda: worker.health()[0], 30, "a healthy worker")
         client.xadd(keys.frames, {PAYLOAD_FIELD: _payload(0)})
-        _wait(lambda: client.xlen(keys.results) == 1, 30, "the first result")
+        wait_for(lambda: client.xlen(keys.results) == 1, 30, "the first result")
 
         own_redis.stop()
-        _wait(lambda: not worker.health()[0], 30, "health to fail")
+        wait_for(lambda: not worker.health()[0], 30, "health to fail")
         assert worker.health()[1].startswith("redis unreachable")
 
         own_redis.start()  # same port, no data: the stream and the group are gone
         client = redis.Redis.from_url(own_redis.url)
-        _wait(lambda: worker.health()[0], 30, "health to recover")
+        wait_for(lambda: worker.health()[0], 30, "health to recover")
         client.xadd(keys.frames, {PAYLOAD_FIELD: _payload(1)})
-        _wait(lambda: client.xlen(keys.results) == 1, 30, "a result from the restarted server")
+        wait_for(lambda: client.xlen(keys.results) == 1, 30, "a result from the restarted server")
         (_, fields), = client.xrange(keys.results)
         assert wire.decode_result(fields[PAYLOAD_FIELD]).seq == 1
     finally:

@@ -16,17 +16,9 @@ from stream import wire
 from stream.contracts import Encoding
 from stream.keys import line_keys
 from stream.queue import PAYLOAD_FIELD
+from tests.helpers import wait_for
 from tests.test_wire_limits import GOOD_HEADER, POISON, _big_png, frame_payload
 from workers.worker import Worker, _redis_client
-
-
-def _wait(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.timeout(120)
@@ -52,8 +44,8 @@ def test_worker_dead_letters_poison_on_first_delivery_and_goes_on(redis_url, key
     t = threading.Thread(target=lambda: codes.append(worker.run(stop)))
     t.start()
     try:
-        _wait(lambda: client.xlen(keys.results) == 1, 60, "the good frame's result")
-        _wait(lambda: client.xlen(keys.dead_letter) == len(poison), 10, "every poison entry dead-lettered")
+        wait_for(lambda: client.xlen(keys.results) == 1, 60, "the good frame's result")
+        wait_for(lambda: client.xlen(keys.dead_letter) == len(poison), 10, "every poison entry dead-lettered")
         assert t.is_alive() and worker.health() == (True, "ok")
     finally:
         stop.set()

@@ -32,12 +32,11 @@ Filling (``memory.fill``):
   a list of images).
 
 Calibration: thresholds from leave-one-out raw maps of normal frames (each frame scored against the memory
-without its own rows). Image threshold: the ``memory.calibration_quantile`` q of their maxima, estimated
-empirically when there are at least ``1 / (1 - q)`` frames; with fewer (16 frames cannot tell the 99th
-percentile from the most unusual frame) from a normal tail fitted robustly: median + z(q) * 1.4826 * MAD,
-z(q) the standard normal quantile, kept between the median and the largest maximum (with a handful of
-frames the MAD is too noisy to go beyond what was seen). Pixel threshold: the
-``1 - (1 - q) / 10`` quantile of their pixels (plenty of samples). ``settings.detector.image_threshold`` /
+without its own rows; label-free: :mod:`workers.label_free`). Image score: the maximum of the map smoothed to
+``image_sigma`` (:func:`image_raw_score`). Image threshold: the ``1 - detector.false_alarm_rate`` quantile of a
+GEV tail fitted to the normal frames' image scores and, in a worker, to the line's most recent OK frames
+(:mod:`workers.calibration`). Pixel threshold: the ``1 - (1 - q) / 10`` quantile of their pixels
+(``memory.calibration_quantile`` q; plenty of samples). ``settings.detector.image_threshold`` /
 ``pixel_threshold`` > 0 override them (raw units, as shown by ``lineinspect memory show LINE``).
 """
 
@@ -454,8 +453,9 @@ class MemoryMapper:
             return self.image_threshold_override
         if self.header is None:
             return 0.0
-        if self._held_out_thr is None:
-            self._held_out_thr = self.threshold_estimate().value if self._held_out else self.header.image_threshold
+        if self._held_out_thr is None:  # the calibration frames (+ held-out OK frames) at this false-alarm rate
+            has_scores = self._held_out or self.header.calibration.get("image_maxima")
+            self._held_out_thr = self.threshold_estimate().value if has_scores else self.header.image_threshold
         return self._held_out_thr
 
     def threshold_estimate(self):
