@@ -93,6 +93,14 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
+def mask_share(mask_png: bytes) -> float:
+    """Share of the frame covered by a result's published label mask (PNG bytes)."""
+    import cv2
+
+    mask = cv2.imdecode(np.frombuffer(mask_png, np.uint8), cv2.IMREAD_UNCHANGED)
+    return float(np.count_nonzero(mask)) / mask.size if mask is not None and mask.size else 0.0
+
+
 def summarise(items: list[ConveyorItem], results: dict[int, InspectionResult], wall_s: float,
               dead_lettered: int) -> dict:
     tp = sum(1 for it in items if it.seq in results and it.defective and results[it.seq].verdict is Verdict.DEFECT)
@@ -107,6 +115,7 @@ def summarise(items: list[ConveyorItem], results: dict[int, InspectionResult], w
     for r in results.values():
         for k, v in r.timings.items():
             stages.setdefault(k, []).append(v)
+    shares = [mask_share(r.mask_png) for r in results.values() if r.mask_png]
     first = min((r.capture_ts for r in results.values()), default=0.0)
     last = max((r.processed_ts for r in results.values()), default=0.0)
     span = max(last - first, 1e-9)
@@ -114,6 +123,7 @@ def summarise(items: list[ConveyorItem], results: dict[int, InspectionResult], w
         "frames_sent": len(items), "results": len(results), "dead_lettered": dead_lettered,
         "defect_verdicts": sum(r.verdict is Verdict.DEFECT for r in results.values()),
         "defective_parts": n_bad, "defective_parts_found": tp, "good_parts_flagged": fp,
+        "largest_mask_share": max(shares, default=0.0),  # of the frame, over the published masks
         "throughput_fps": len(results) / span, "wall_s": wall_s,
         "latency_ms": {q: percentile(lat, q) * 1000 for q in (50, 90, 99)},
         "queue_wait_ms": {q: percentile(wait, q) * 1000 for q in (50, 90)},
@@ -126,7 +136,8 @@ def _print_summary(s: dict) -> None:
     print("\n=== lineinspect demo summary ===")
     print(f"frames sent {s['frames_sent']}, results {s['results']}, dead-lettered {s['dead_lettered']}")
     print(f"defect verdicts {s['defect_verdicts']}: {s['defective_parts_found']} of {s['defective_parts']} "
-          f"defective parts found, {s['good_parts_flagged']} good parts flagged")
+          f"defective parts found, {s['good_parts_flagged']} good parts flagged; largest published mask "
+          f"{100 * s['largest_mask_share']:.1f} % of its frame")
     lat = s["latency_ms"]
     print(f"throughput {s['throughput_fps']:.2f} frames/s; latency capture->result p50 {lat[50]:.0f} ms, "
           f"p90 {lat[90]:.0f} ms, p99 {lat[99]:.0f} ms (of which waiting in the queue: p50 "
