@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from stream.keys import LineKeys
 
-# KEYS: frames, identity, lines index
+# KEYS: frames, identity, lines index (plain layout only; with line_tag ARGV[7] is 0 and the caller SADDs)
 # ARGV: payload field, payload, maxlen, approximate (1/0), group, new identity token, register (1/0), line
 _ENQUEUE_LUA = """
 local function id_lt(a, b)
@@ -102,8 +102,14 @@ class Enqueuer:
         self._script = client.register_script(_ENQUEUE_LUA)
 
     def add(self, payload: bytes, *, register: bool) -> EnqueueReply:
+        keys = [self.keys.frames, self.keys.identity]
+        if self.keys.layout == "plain":  # one node: the lines index is added to in the same script
+            keys.append(self.lines_index)
+        elif register:  # line_tag: the index is in another slot; SADD first (idempotent) so a failure adds no frame
+            self.client.sadd(self.lines_index, self.keys.line)
+            register = False
         reply = self._script(
-            keys=[self.keys.frames, self.keys.identity, self.lines_index],
+            keys=keys,
             args=[self.payload_field, payload, self.maxlen, 1 if self.approximate else 0, self.group,
                   uuid.uuid4().hex, 1 if register else 0, self.keys.line])
         entry_id, trimmed, undelivered, created, backlog = reply

@@ -142,7 +142,7 @@ def run_ingest(settings: Settings, camera_id: str, stop: threading.Event | None 
     registry = registry if registry is not None else CollectorRegistry()
     metrics = IngestMetrics(registry)
     lbl = {"line": camera.line, "camera": camera.id}
-    keys = line_keys(settings.redis.key_prefix, camera.line)
+    keys = line_keys(settings.redis.key_prefix, camera.line, settings.redis.key_layout)
     q = settings.queue
     approximate = q.trim == "approximate"
     encoding = Encoding(camera.encoding)

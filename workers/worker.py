@@ -157,7 +157,7 @@ class Worker:
         self.detector_name = detector_name
         self.registry = registry
         self.client = client
-        self.keys = line_keys(settings.redis.key_prefix, line)
+        self.keys = line_keys(settings.redis.key_prefix, line, settings.redis.key_layout)
         self.metrics = WorkerMetrics(registry)
         self.qmetrics = WorkerQueueMetrics(registry)
         self.detector = None
