@@ -260,3 +260,52 @@ def test_memory_store_and_alerts_on_the_cluster(redis_cluster):
             svc.close()
     finally:
         client.close()
+
+
+def test_preview_reads_lines_on_two_masters(redis_cluster, demo_data):
+    """The preview builds the asyncio cluster client from settings (make_client), lists the lines (lines
+    index) and renders each line's frame with its result (XREAD of the line's two streams: one slot)."""
+    pytest.importorskip("aiortc")
+    import asyncio
+
+    from config.settings import Settings
+    from stream.contracts import Encoding
+    from stream.preview import PreviewOptions, PreviewServer
+    from stream.wire import encode_frame, encode_result, image_to_frame
+    from tests.test_preview import TOKEN, _defect_result
+
+    lines = lines_on_two_masters(redis_cluster, 2)
+    settings = Settings.load().with_overrides(**{
+        "redis.url": redis_cluster.url, "redis.key_prefix": PREFIX, "redis.key_layout": "line_tag",
+        "preview.token": TOKEN, "preview.port": 0, "preview.host": "127.0.0.1"})
+    img = cv2.imread(str(demo_data / "train" / "good" / "00.jpg"))
+    sync = make_client(settings.redis)
+
+    async def scenario():
+        server = PreviewServer(PreviewOptions.from_settings(settings))
+        await server.start()
+        try:
+            from stream.redisclient import is_cluster
+
+            assert is_cluster(server.client)
+            for line in lines:
+                sync.sadd(lines_index(PREFIX), line)
+            assert await server._known_lines() == sorted(lines)
+            for line in lines:
+                src = server._source(line, "")
+                await asyncio.sleep(0.3)  # the source reads from "$"
+                k = line_keys(PREFIX, line, "line_tag")
+                f = image_to_frame(img, line_id=line, camera_id="cam0", seq=1, session="1", capture_ts=time.time(),
+                                   encoding=Encoding.JPEG)
+                sync.xadd(k.frames, {PAYLOAD_FIELD: encode_frame(f)})
+                res = _defect_result(f.frame_id, line, "cam0", 1, f.capture_ts, img.shape[:2], (10, 10, 60, 60))
+                sync.xadd(k.results, {PAYLOAD_FIELD: encode_result(res)})
+                rendered, _ = await asyncio.wait_for(src.wait_newer(0), 10)
+                assert rendered.frame_id == f.frame_id and src.matched == 1
+        finally:
+            await server.stop()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        sync.close()
