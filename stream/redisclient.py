@@ -61,6 +61,16 @@ def make_client(rs: RedisSettings, *, socket_timeout: float | None = None,
     return client
 
 
+def unavailable_errors() -> tuple[type[BaseException], ...]:
+    """The errors that mean "Redis cannot answer now: count, back off, retry": connection loss and timeouts,
+    and on a cluster CLUSTERDOWN (a master restarting, a slot without a master), TRYAGAIN (resharding) and an
+    uncovered slot. Ingest and workers treat them all as Redis being down."""
+    import redis
+    from redis.exceptions import ClusterDownError, SlotNotCoveredError, TryAgainError
+
+    return (redis.ConnectionError, redis.TimeoutError, ClusterDownError, TryAgainError, SlotNotCoveredError)
+
+
 def is_cluster(client: Any) -> bool:
     """Whether ``client`` is redis-py's (sync or asyncio) cluster client."""
     return type(client).__name__ in ("RedisCluster", "ClusterPipeline")

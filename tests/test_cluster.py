@@ -31,12 +31,15 @@ def _images(folder, n, side=32):
     return folder
 
 
-def lines_on_two_masters(cluster, n=2):
-    """Line ids whose keys land on ``n`` different masters (by slot, as CLUSTER KEYSLOT says)."""
+def lines_on_two_masters(cluster, n=2, first_on=None):
+    """Line ids whose keys land on ``n`` different masters (by slot, as CLUSTER KEYSLOT says); the first one on
+    the master of port ``first_on`` when given."""
     chosen, masters = [], set()
     for i in range(200):
         line = f"line{i}"
         port = cluster.port_of_slot(key_slot(line_keys(PREFIX, line, "line_tag").frames))
+        if not chosen and first_on is not None and port != first_on:
+            continue
         if port not in masters:
             chosen.append(line)
             masters.add(port)
@@ -136,7 +139,8 @@ def test_lines_on_two_masters_each_frame_one_result(redis_cluster, tmp_path):
 
 
 def test_master_restarted_mid_stream_losses_counted(redis_cluster, tmp_path):
-    lines = lines_on_two_masters(redis_cluster, 2)
+    # the victim master holds the first line and the lines index (which it loses: ingest adds its line again)
+    lines = lines_on_two_masters(redis_cluster, 2, first_on=redis_cluster.port_of_slot(key_slot(lines_index(PREFIX))))
     rs = RedisSettings(url=redis_cluster.url, key_prefix=PREFIX, key_layout="line_tag")
     victim_line, other_line = lines
     victim_port = redis_cluster.port_of_slot(key_slot(line_keys(PREFIX, victim_line, "line_tag").frames))
@@ -153,7 +157,7 @@ def test_master_restarted_mid_stream_losses_counted(redis_cluster, tmp_path):
         time.sleep(6)
         before = {line: len(tail.frame_ids[line]) for line in lines}
         assert all(before.values()), before
-        t_up = redis_cluster.restart_node(victim_port, down_s=1.0)
+        t_up = redis_cluster.restart_node(victim_port, down_s=3.0)  # > cluster-node-timeout: marked FAIL
         time.sleep(6)
         for p in ingests.values():
             procs.stop(p)
@@ -185,8 +189,11 @@ def test_master_restarted_mid_stream_losses_counted(redis_cluster, tmp_path):
         print(rows, f"victim {victim_line} on :{victim_port} answered again at {t_up:.1f}")
         for r in rows.values():
             assert r["dup"] == 0, rows
-            # every frame accounted for: a frame counted as lost/unconfirmed yet answered may be "late"
-            slack = r["dropped"].get("dropped_unconfirmed", 0) + r["orphans"] + r["w_trim"]
+            # every frame accounted for. A frame counted as unconfirmed or redis_lost may still have been answered
+            # ("late", as in the chaos benchmark): redis_lost is ingest's estimate of the undelivered backlog at
+            # its last frame before the restart, and a worker may have taken one of them just before it
+            slack = (r["dropped"].get("dropped_unconfirmed", 0) + r["dropped"].get("dropped_lost", 0) + r["orphans"]
+                     + r["w_trim"])
             assert -slack <= r["gap"] <= r["w_trim"], rows
         assert rows[victim_line]["results"] > before[victim_line]  # the victim line went on after the restart
         lost = sum(v for k, v in rows[victim_line]["dropped"].items() if k != "dropped_trimmed")
@@ -194,6 +201,7 @@ def test_master_restarted_mid_stream_losses_counted(redis_cluster, tmp_path):
         assert rows[other_line]["results"] > before[other_line]
         assert rows[other_line]["dropped"] == {} and rows[other_line]["gap"] == 0, rows  # its master stayed up
         assert procs.crashes() == 0, [procs.output(p)[-2000:] for p in procs.procs]
+        assert {m.decode() for m in client.smembers(lines_index(PREFIX))} == set(lines)  # registered again
     finally:
         tail.stop.set()
         procs.cleanup()
@@ -309,3 +317,51 @@ def test_preview_reads_lines_on_two_masters(redis_cluster, demo_data):
         asyncio.run(scenario())
     finally:
         sync.close()
+
+
+def test_unserved_slot_clusterdown_is_survived(redis_cluster, tmp_path):
+    """CLUSTERDOWN (the line's slot not served: CLUSTER DELSLOTS on its master, then ADDSLOTS back) is Redis
+    being down for ingest and worker: frames counted as redis_error, no crash, results resume."""
+    import redis
+
+    (line,) = lines_on_two_masters(redis_cluster, 1)
+    k = line_keys(PREFIX, line, "line_tag")
+    slot, port = key_slot(k.frames), redis_cluster.port_of_slot(key_slot(k.frames))
+    cams = [{"id": "cam0", "line": line, "source": "folder", "path": str(_images(tmp_path / "img", 8)),
+             "loop": True, "fps": 20}]
+    procs = Procs(tmp_path, _config(redis_cluster, cams, tmp_path))
+    rs = RedisSettings(url=redis_cluster.url, key_prefix=PREFIX, key_layout="line_tag")
+    client = make_client(rs)
+    owner = redis.Redis(port=port, socket_timeout=2)
+    try:
+        worker = procs.spawn("worker", "--line", line, "--id", "w1", "--detector", "noop")
+        ingest = procs.spawn("ingest", "--camera", "cam0")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and client.xlen(k.results) < 20:
+            time.sleep(0.1)
+        owner.execute_command("CLUSTER", "DELSLOTS", slot)
+        with pytest.raises(redis.exceptions.ClusterDownError, match="not served"):
+            owner.xlen(k.frames)
+        time.sleep(3)
+        owner.execute_command("CLUSTER", "ADDSLOTS", slot)
+        client.close()
+        client = make_client(rs)
+        n = client.xlen(k.results)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and client.xlen(k.results) < n + 20:
+            time.sleep(0.1)
+        assert client.xlen(k.results) >= n + 20  # results resumed
+        procs.stop(ingest)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and client.xlen(k.frames):
+            time.sleep(0.1)
+        assert procs.stop(worker) == 0, procs.output(worker)
+        s = ingest_stats(procs.output(ingest))
+        results = len({decode_result(f[PAYLOAD_FIELD]).frame_id for _, f in client.xrange(k.results)})
+        dropped = sum(v for key, v in s.items() if key.startswith("dropped_"))
+        assert s["dropped_redis"] > 0, s  # counted while the slot was not served
+        assert s["captured"] == results + dropped + client.xlen(k.frames), (s, results)
+        assert procs.crashes() == 0, [procs.output(p)[-3000:] for p in procs.procs]
+    finally:
+        procs.cleanup()
+        client.close()
