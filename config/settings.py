@@ -50,21 +50,43 @@ class RedisSettings:
     tls_ca_file: str = ""  # CA bundle that signed the server's certificate ("" = the system's)
     tls_cert_file: str = ""  # client certificate (mutual TLS), together with tls_key_file
     tls_key_file: str = ""
+    # Redis Cluster: cluster: true, or a redis+cluster:// / rediss+cluster:// url (any node of the cluster)
+    cluster: bool = False
+    # plain: <prefix>:<line>:frames (single node, the keys of earlier versions);
+    # line_tag: <prefix>:{<line>}:frames (a line's keys in one cluster slot; lines spread over the masters)
+    key_layout: Literal["plain", "line_tag"] = "plain"
 
     def __post_init__(self) -> None:
         parsed = urlparse(self.url)
-        if parsed.scheme not in ("redis", "rediss", "unix"):
+        if parsed.scheme not in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
             # the url may hold a password: only the scheme is named
-            raise SettingsError("redis.url", f"scheme {parsed.scheme!r}: must be one of redis://, rediss://, unix://")
+            raise SettingsError("redis.url", f"scheme {parsed.scheme!r}: must be one of redis://, rediss://, "
+                                             "unix://, redis+cluster://, rediss+cluster://")
+        if self.is_cluster and parsed.scheme == "unix":
+            raise SettingsError("redis.cluster", "a cluster needs a redis:// or rediss:// url, not unix://")
+        if self.is_cluster and self.key_layout != "line_tag":
+            raise SettingsError("redis.key_layout", f"{self.key_layout!r}: a cluster needs line_tag (a line's "
+                                                    "keys in one slot; see deploy/README.md, Redis Cluster)")
         _range("redis.socket_timeout_s", self.socket_timeout_s, lo=0.01, hi=3600)
         for key in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
-            if getattr(self, key) and parsed.scheme != "rediss":
+            if getattr(self, key) and not parsed.scheme.startswith("rediss"):
                 raise SettingsError(f"redis.{key}", "TLS files need a rediss:// url")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise SettingsError("redis.tls_key_file" if self.tls_cert_file else "redis.tls_cert_file",
                                 "tls_cert_file and tls_key_file go together")
-        if not self.key_prefix or ":" in self.key_prefix:
-            raise SettingsError("redis.key_prefix", "must be a non-empty string without ':'")
+        if not self.key_prefix or any(c in self.key_prefix for c in ":{}") or any(
+                c.isspace() for c in self.key_prefix):
+            raise SettingsError("redis.key_prefix", "must be a non-empty string without ':', braces or spaces")
+
+    @property
+    def is_cluster(self) -> bool:
+        return self.cluster or urlparse(self.url).scheme.endswith("+cluster")
+
+    @property
+    def node_url(self) -> str:
+        """``url`` as redis-py takes it: ``redis+cluster://`` -> ``redis://``."""
+        scheme, sep, rest = self.url.partition("://")
+        return scheme.removesuffix("+cluster") + sep + rest
 
 
 @dataclass(frozen=True)
@@ -424,9 +446,20 @@ def _range(key: str, value: float, *, lo: float, hi: float) -> None:
         raise SettingsError(key, f"{value}: allowed {lo:g}..{hi:g}")
 
 
-def _ident(key: str, value: str) -> None:
-    if not value or any(c in value for c in ": \t\n{}"):
-        raise SettingsError(key, f"{value!r}: must be non-empty, without ':', spaces or braces")
+MAX_IDENT_LEN = 64  # camera and line ids: part of Redis keys and metric labels
+
+
+def check_ident(key: str, value: str) -> str:
+    """A camera or line id: 1..64 characters, none of ':', '{', '}' or whitespace (the Redis key layouts use
+    ':' as separator and '{line}' as cluster hash tag). Returns ``value``; raises :class:`SettingsError`."""
+    if (not value or len(value) > MAX_IDENT_LEN or any(c in value for c in ":{}")
+            or any(c.isspace() for c in value)):
+        raise SettingsError(key, f"{value!r}: must be 1..{MAX_IDENT_LEN} characters, without ':', braces or "
+                                 "whitespace")
+    return value
+
+
+_ident = check_ident
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -87,6 +87,10 @@ setup_system_test_tools() {
   local want=()
   command -v promtool >/dev/null || want+=(prometheus)
   command -v chromium >/dev/null || want+=(chromium)
+  # GStreamer's RTSP server as a real camera (tests/test_rtsp.py, deploy/soak.py): system python3 + gi
+  /usr/bin/python3 -c 'import gi; gi.require_version("GstRtspServer", "1.0"); from gi.repository import GstRtspServer' \
+    2>/dev/null || want+=(python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good
+                          gstreamer1.0-plugins-ugly)
   if [ ${#want[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
       log "installing ${want[*]} from Debian's packages (test tools)"

@@ -54,7 +54,7 @@ import numpy as np
 
 from stream.backoff import Backoff
 from stream.contracts import Defect, Frame, InspectionResult, LineInspectError, PayloadError, Verdict
-from stream.keys import line_keys
+from stream.keys import line_keys, slot_groups
 from stream.metrics import AlertMetrics
 from stream.redact import redact_url
 from stream.wire import MAGIC, decode_frame, decode_result, frame_to_image, result_mask
@@ -176,14 +176,14 @@ def _payload_of(fields: dict[bytes, bytes]) -> bytes | None:
 
 
 def find_frame(client: Any, prefix: str, result: InspectionResult, *, slack_s: float = 5.0,
-               max_entries: int = 64) -> Frame | None:
+               max_entries: int = 64, layout: str = "plain") -> Frame | None:
     """The result's frame if it is still in the line's frames stream, else None.
 
     Entry ids of the frames stream are Redis auto ids (milliseconds at XADD), which come after the capture
     time; ``slack_s`` allows for clock skew between the camera host and Redis.
     """
     start_ms = max(0, int((result.capture_ts - slack_s) * 1000))
-    entries = client.xrange(line_keys(prefix, result.line_id).frames, min=f"{start_ms}-0", max="+",
+    entries = client.xrange(line_keys(prefix, result.line_id, layout).frames, min=f"{start_ms}-0", max="+",
                             count=max_entries)
     for _eid, fields in entries:
         payload = _payload_of(fields)
@@ -203,9 +203,12 @@ class FrameTail:
     at most ``max_bytes`` of payload, looked up by frame id. Started and stopped explicitly."""
 
     def __init__(self, client: Any, prefix: str, lines: Sequence[str], max_bytes: int = 32 << 20,
-                 block_ms: int = 1000):
+                 block_ms: int = 1000, layout: str = "plain"):
+        from stream.redisclient import is_cluster
+
         self.client = client
-        self.streams = [line_keys(prefix, line).frames for line in dict.fromkeys(lines)]
+        self.streams = [line_keys(prefix, line, layout).frames for line in dict.fromkeys(lines)]
+        self._groups = slot_groups(self.streams, is_cluster(client))  # one XREAD per cluster slot
         self.max_bytes = max_bytes
         self.block_ms = block_ms
         self._frames: OrderedDict[str, Frame] = OrderedDict()
@@ -266,7 +269,9 @@ class FrameTail:
             try:
                 if ids is None:
                     ids = self._start_ids()
-                reply = self.client.xread(ids, count=100, block=self.block_ms)
+                block = max(1, self.block_ms // len(self._groups))
+                reply = [r for group in self._groups
+                         for r in self.client.xread({k: ids[k] for k in group}, count=100, block=block) or []]
             except redis.RedisError as exc:
                 log.debug("frame tail: %s", exc)
                 ids = None
@@ -385,16 +390,17 @@ class RedisStreamSink:
 
     name = "redis"
 
-    def __init__(self, client: Any, prefix: str, maxlen: int = ALERTS_STREAM_MAXLEN):
+    def __init__(self, client: Any, prefix: str, maxlen: int = ALERTS_STREAM_MAXLEN, layout: str = "plain"):
         self.client = client
         self.prefix = prefix
         self.maxlen = maxlen
+        self.layout = layout
 
     def deliver(self, alert: Alert) -> None:
         import redis
 
         try:
-            self.client.xadd(line_keys(self.prefix, alert.line).alerts,
+            self.client.xadd(line_keys(self.prefix, alert.line, self.layout).alerts,
                              {"alert": alert.to_json(with_snapshot=False), "snapshot": alert.snapshot,
                               "mime": alert.snapshot_mime},
                              maxlen=self.maxlen, approximate=True)
@@ -584,7 +590,7 @@ class SinkWorker:
 def build_sinks(settings: Any, client: Any, metrics: AlertMetrics, *, queue_size: int = 100) -> list[SinkWorker]:
     """The configured sinks (Redis stream always; webhook and MQTT when their URL is set), not started."""
     a = settings.alerts
-    sinks: list[Sink] = [RedisStreamSink(client, settings.redis.key_prefix)]
+    sinks: list[Sink] = [RedisStreamSink(client, settings.redis.key_prefix, layout=settings.redis.key_layout)]
     if a.webhook_url:
         sinks.append(WebhookSink(a.webhook_url, a.webhook_timeout_s))
     if a.mqtt_url:
@@ -604,7 +610,7 @@ class AlertService:
     def __init__(self, client: Any, prefix: str, lines: Sequence[str], debouncer: AlertDebouncer,
                  sinks: Sequence[SinkWorker], metrics: AlertMetrics, *, consumer: str = "",
                  stale_after_s: float = 300.0, wall_clock: Clock = time.time,
-                 frame_tail: FrameTail | None = None):
+                 frame_tail: FrameTail | None = None, layout: str = "plain"):
         if not lines:
             raise ValueError("the alert service needs at least one line")
         self.client = client
@@ -617,7 +623,11 @@ class AlertService:
         self.stale_after_s = stale_after_s
         self._wall = wall_clock
         self.frame_tail = frame_tail
-        self._streams = {line_keys(prefix, line).results: line for line in self.lines}
+        from stream.redisclient import is_cluster
+
+        self.layout = layout
+        self._streams = {line_keys(prefix, line, layout).results: line for line in self.lines}
+        self._groups = slot_groups(self._streams, is_cluster(client))  # one XREADGROUP per cluster slot
         self._last_ok = 0.0  # monotonic time of the last successful Redis read
         self._last_error = "not started"
         self._ready = False
@@ -664,8 +674,10 @@ class AlertService:
         import redis
 
         try:
-            reply = self.client.xreadgroup(ALERT_GROUP, self.consumer, {s: ">" for s in self._streams},
-                                           count=count, block=block_ms)
+            block = max(1, block_ms // len(self._groups)) if block_ms else block_ms
+            reply = [r for group in self._groups
+                     for r in self.client.xreadgroup(ALERT_GROUP, self.consumer, {s: ">" for s in group},
+                                                     count=count, block=block) or []]
         except redis.ResponseError as exc:
             if "NOGROUP" in str(exc):  # Redis lost its data (restart without persistence): recreate
                 log.warning("alerts: consumer group missing, creating it again")
@@ -726,7 +738,7 @@ class AlertService:
         try:
             frame = self.frame_tail.get(result.frame_id) if self.frame_tail is not None else None
             if frame is None:
-                frame = find_frame(self.client, self.prefix, result)
+                frame = find_frame(self.client, self.prefix, result, layout=self.layout)
             if frame is not None:
                 image = frame_to_image(frame)
         except PayloadError as exc:
@@ -800,9 +812,11 @@ def main(settings: Any, args: Any) -> int:
     except (ImportError, ValueError) as exc:
         log.error("%s", exc)
         return 2
+    layout = settings.redis.key_layout
     service = AlertService(client, settings.redis.key_prefix, lines,
                            AlertDebouncer(a.debounce_count, a.debounce_window_s, a.cooldown_s), sinks, metrics,
-                           frame_tail=FrameTail(client, settings.redis.key_prefix, lines))
+                           frame_tail=FrameTail(client, settings.redis.key_prefix, lines, layout=layout),
+                           layout=layout)
     server = (start_metrics_server(registry, settings.metrics.host, settings.metrics.port, service.health)
               if settings.metrics.enabled else None)
     stop = threading.Event()

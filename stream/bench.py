@@ -159,7 +159,7 @@ def pipeline_rate(settings: Settings, client, prefix: str, *, frames: int, width
     The rate is taken from the first to the last published result."""
     from stream.wire import decode_result
 
-    keys = line_keys(prefix, BENCH_LINE)
+    keys = line_keys(prefix, BENCH_LINE, settings.redis.key_layout)
     with tempfile.TemporaryDirectory(prefix="li-bench-") as tmpdir:
         run = _Run(settings, prefix, Path(tmpdir), frames, width, height, quality)
         try:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import yaml
 
-from config.settings import Settings, SettingsError, to_dict
+from config.settings import Settings, SettingsError, check_ident, to_dict
 from stream.redact import install_log_redaction, redact_settings, redact_text
 
 # subcommand -> module whose main(settings, args) runs it
@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "alerts": "stream.alerts",
     "preview": "stream.preview",
     "bench": "stream.bench",
+    "redis": "stream.migrate",
 }
 
 
@@ -40,6 +41,14 @@ def _parse_set(value: str) -> tuple[str, object]:
         raise argparse.ArgumentTypeError(f"--set expects dotted.key=value, got {value!r}")
     key, raw = value.split("=", 1)
     return key.strip(), yaml.safe_load(raw) if raw else ""
+
+
+def _line_id(value: str) -> str:
+    """A --line value: the characters the Redis key layouts allow (config.settings.check_ident)."""
+    try:
+        return check_ident("--line", value)
+    except SettingsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,13 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--camera", required=True, help="camera id from settings.cameras")
 
     s = sub.add_parser("worker", help="run a detection worker process for a line")
-    s.add_argument("--line", required=True)
+    s.add_argument("--line", required=True, type=_line_id)
     s.add_argument("--id", dest="worker_id", default=None, help="consumer name (default: host-pid)")
     s.add_argument("--detector", default="pipeline",
                    help="pipeline (the real detector) | noop | slow:SECONDS (tests, benchmarks)")
 
     s = sub.add_parser("results", help="print a line's results (and optionally write overlays)")
-    s.add_argument("--line", required=True)
+    s.add_argument("--line", required=True, type=_line_id)
     s.add_argument("--follow", "-f", action="store_true", help="keep printing new results")
     s.add_argument("--overlays", metavar="DIR", default=None, help="write overlay images here")
     s.add_argument("--count", type=int, default=0, help="stop after N results (0 = no limit)")
@@ -104,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("memory", help="a line's normal memory: add known-good images, show, clear")
     s.add_argument("action", choices=("add", "show", "clear"))
-    s.add_argument("line")
+    s.add_argument("line", type=_line_id)
     s.add_argument("dir", nargs="?", default=None, help="folder of known-good images (add)")
 
     s = sub.add_parser("train-adapter", help="train per-layer linear CLIP adapters on an auxiliary set")
@@ -127,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-images", type=int, default=0)
 
     s = sub.add_parser("alerts", help="turn defect results into alerts (webhook, Redis stream, MQTT)")
-    s.add_argument("--line", action="append", required=True, help="line to watch (repeatable)")
+    s.add_argument("--line", action="append", required=True, type=_line_id, help="line to watch (repeatable)")
 
     s = sub.add_parser("preview", help="WebRTC overlay preview (needs lineinspect[preview])")
     s.add_argument("--max-side", type=int, default=1280, help="scale frames to this longer side (0 = no scaling)")
@@ -154,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chaos-seconds", type=float, default=12.0, help="with --chaos: seconds per fault scenario")
     s.add_argument("--kill-every", type=float, default=5.0, help="with --chaos: crash loop kill period")
     s.add_argument("--fuzz", type=int, default=100_000, help="with --chaos: crafted payloads in the fuzz scenario")
+
+    s = sub.add_parser("redis", help="Redis maintenance: migrate-keys (rename keys to another redis.key_layout)")
+    s.add_argument("action", choices=["migrate-keys"])
+    s.add_argument("--to", choices=["line_tag", "plain"], default="line_tag")
+    s.add_argument("--dry-run", action="store_true", help="print the renames only")
 
     sub.add_parser("config", help="print the effective settings (after files and environment) and exit")
     return p

@@ -19,12 +19,18 @@ One Lua script (atomic, so no other client interleaves):
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
 from dataclasses import dataclass
 
 from stream.keys import LineKeys
 
-# KEYS: frames, identity, lines index
+log = logging.getLogger(__name__)
+
+REGISTER_EVERY_S = 5.0  # line_tag layout: the line is added to the lines index this often (and on register)
+
+# KEYS: frames, identity, lines index (plain layout only; with line_tag ARGV[7] is 0 and the caller SADDs)
 # ARGV: payload field, payload, maxlen, approximate (1/0), group, new identity token, register (1/0), line
 _ENQUEUE_LUA = """
 local function id_lt(a, b)
@@ -100,10 +106,29 @@ class Enqueuer:
         self.group = group
         self.payload_field = payload_field
         self._script = client.register_script(_ENQUEUE_LUA)
+        self._next_register = 0.0  # line_tag layout: monotonic time of the next SADD to the lines index
 
     def add(self, payload: bytes, *, register: bool) -> EnqueueReply:
+        keys = [self.keys.frames, self.keys.identity]
+        if self.keys.layout == "plain":  # one node: the lines index is added to in the same script
+            keys.append(self.lines_index)
+        else:  # line_tag: the index is in another slot (on a cluster maybe on another master, which may lose it
+            # in a restart this ingest never notices): SADD on register and again
+            # every REGISTER_EVERY_S, best effort: the index (read by the preview only) never costs a frame, even
+            # while its master is down
+            now = time.monotonic()
+            if register or now >= self._next_register:
+                self._next_register = now + REGISTER_EVERY_S
+                import redis
+
+                try:
+                    self.client.sadd(self.lines_index, self.keys.line)
+                except (redis.RedisError, redis.exceptions.RedisClusterException, OSError) as exc:
+                    log.warning("lines index %s not updated (%s); again in %.0fs", self.lines_index, exc,
+                                REGISTER_EVERY_S)
+            register = False
         reply = self._script(
-            keys=[self.keys.frames, self.keys.identity, self.lines_index],
+            keys=keys,
             args=[self.payload_field, payload, self.maxlen, 1 if self.approximate else 0, self.group,
                   uuid.uuid4().hex, 1 if register else 0, self.keys.line])
         entry_id, trimmed, undelivered, created, backlog = reply

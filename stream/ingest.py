@@ -37,6 +37,7 @@ from stream.enqueue import Enqueuer
 from stream.keys import line_keys, lines_index
 from stream.queue import PAYLOAD_FIELD, ensure_group
 from stream.redact import redact_text, redact_url
+from stream.redisclient import unavailable_errors
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,10 @@ def _redis_client(settings: Settings):
 
 def _unconfirmed(exc: Exception) -> bool:
     """Whether a Redis error came after the command was sent (outcome unknown), not while connecting."""
+    import redis
+
+    if not isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):  # CLUSTERDOWN, TRYAGAIN: refused
+        return False
     text = str(exc)
     return not ("connecting to" in text or "Timeout connecting" in text or "Connection refused" in text)
 
@@ -121,7 +126,7 @@ def _ensure_group(client, stream: str, group: str) -> None:
 
     try:
         ensure_group(client, stream, group)
-    except (redis.ConnectionError, redis.TimeoutError, redis.OutOfMemoryError):
+    except (*unavailable_errors(), redis.OutOfMemoryError):
         raise
     except redis.ResponseError as exc:
         log.warning("ingest cannot create the consumer group %r on %s (%s): the workers will", group, stream, exc)
@@ -142,7 +147,7 @@ def run_ingest(settings: Settings, camera_id: str, stop: threading.Event | None 
     registry = registry if registry is not None else CollectorRegistry()
     metrics = IngestMetrics(registry)
     lbl = {"line": camera.line, "camera": camera.id}
-    keys = line_keys(settings.redis.key_prefix, camera.line)
+    keys = line_keys(settings.redis.key_prefix, camera.line, settings.redis.key_layout)
     q = settings.queue
     approximate = q.trim == "approximate"
     encoding = Encoding(camera.encoding)
@@ -159,7 +164,7 @@ def run_ingest(settings: Settings, camera_id: str, stop: threading.Event | None 
     try:  # initial health; failures are handled (and counted) per frame below
         client.ping()
         health.redis_ok, health.redis_error = True, ""
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
+    except unavailable_errors() as exc:
         health.redis_error = redact_text(exc)
         log.error("redis unreachable at start (%s): frames will be dropped until it answers", exc)
     server = None
@@ -258,7 +263,7 @@ def run_ingest(settings: Settings, camera_id: str, stop: threading.Event | None 
                 if not registered:
                     _ensure_group(client, keys.frames, q.group)
                 reply = enqueuer.add(payload, register=not registered)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except unavailable_errors() as exc:
                 # sent but not answered (a timeout, a connection closed mid-command): the outcome is unknown,
                 # a frozen Redis may still run the XADD; its own reason, redis_unconfirmed
                 reason = "redis_unconfirmed" if _unconfirmed(exc) else "redis_error"

@@ -1,17 +1,41 @@
-"""Redis key layout, in one place. Every process derives names from here."""
+"""Redis key layout, in one place. Every process derives names from here.
+
+Two layouts (``redis.key_layout``):
+
+- ``plain`` (default; the keys of earlier versions): ``<prefix>:<line>:frames``, ``<prefix>:<line>:results``...
+- ``line_tag``: ``<prefix>:{<line>}:frames``... The ``{line}`` hash tag puts every key of a line in one Redis
+  Cluster slot, so each Lua script (enqueue, complete, dead-letter, prune) and each MULTI of the memory store
+  touches one slot, while different lines spread over the masters. Needed for ``redis.cluster``.
+
+The lines index ``<prefix>:lines`` is one key outside every line's slot: with ``line_tag`` ingest adds its
+line to it with its own ``SADD`` instead of inside the enqueue script.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+LAYOUTS = ("plain", "line_tag")
 
 
 @dataclass(frozen=True)
 class LineKeys:
     prefix: str
     line: str
+    layout: str = "plain"
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"key layout {self.layout!r}: one of {', '.join(LAYOUTS)}")
+
+    @property
+    def base(self) -> str:
+        """``<prefix>:<line>`` or ``<prefix>:{<line>}``: every key of the line starts with it."""
+        return f"{self.prefix}:{{{self.line}}}" if self.layout == "line_tag" else f"{self.prefix}:{self.line}"
 
     def _k(self, *parts: str) -> str:
-        return ":".join((self.prefix, self.line, *parts))
+        return ":".join((self.base, *parts))
 
     @property
     def frames(self) -> str:  # stream of encoded frames (consumer group of workers)
@@ -52,8 +76,27 @@ class LineKeys:
         return self._k("workers")
 
 
-def line_keys(prefix: str, line: str) -> LineKeys:
-    return LineKeys(prefix=prefix, line=line)
+def line_keys(prefix: str, line: str, layout: str = "plain") -> LineKeys:
+    return LineKeys(prefix=prefix, line=line, layout=layout)
+
+
+def key_slot(key: str | bytes) -> int:
+    """The Redis Cluster slot of ``key`` (CRC16 of its hash tag, as CLUSTER KEYSLOT computes it)."""
+    from redis.crc import key_slot as _slot
+
+    return _slot(key.encode() if isinstance(key, str) else key)
+
+
+def slot_groups(keys: Iterable[str], cluster: bool) -> list[list[str]]:
+    """``keys`` split into groups a single multi-key command (XREAD, XREADGROUP) may name: one group on a
+    single node, one per cluster slot on a cluster (a command naming keys of two slots fails there)."""
+    keys = list(keys)
+    if not cluster:
+        return [keys] if keys else []
+    groups: dict[int, list[str]] = {}
+    for k in keys:
+        groups.setdefault(key_slot(k), []).append(k)
+    return list(groups.values())
 
 
 def lines_index(prefix: str) -> str:

@@ -89,6 +89,8 @@ class PreviewOptions:
     max_viewers: int = 32
     socket_timeout_s: float = 5.0
     redis_tls: tuple[tuple[str, str], ...] = ()  # redis-py TLS keyword arguments (stream.redisclient.tls_kwargs)
+    key_layout: str = "plain"  # redis.key_layout
+    redis: Any = None  # the RedisSettings (cluster, TLS) when built from settings: the client is make_client's
 
     def __post_init__(self) -> None:
         if not self.token:
@@ -113,7 +115,8 @@ class PreviewOptions:
         return cls(redis_url=settings.redis.url, key_prefix=settings.redis.key_prefix,
                    host=settings.preview.host, port=settings.preview.port, token=settings.preview.token,
                    socket_timeout_s=settings.redis.socket_timeout_s,
-                   redis_tls=tuple(tls_kwargs(settings.redis).items()), **extra)
+                   redis_tls=tuple(tls_kwargs(settings.redis).items()), key_layout=settings.redis.key_layout,
+                   redis=settings.redis, **extra)
 
 
 def require_webrtc() -> None:
@@ -532,9 +535,15 @@ class PreviewServer:
 
         require_webrtc()
         self._track_cls = viewer_track_class()
-        self.client = aioredis.Redis.from_url(self.options.redis_url,
-                                              socket_connect_timeout=self.options.socket_timeout_s,
-                                              **dict(self.options.redis_tls))
+        if self.options.redis is not None:  # a single node or a cluster (redis.cluster), as every process
+            from stream.redisclient import make_client
+
+            o = self.options
+            self.client = make_client(o.redis, asyncio=True, socket_timeout=o.socket_timeout_s + o.block_ms / 1000)
+        else:
+            self.client = aioredis.Redis.from_url(self.options.redis_url,
+                                                  socket_connect_timeout=self.options.socket_timeout_s,
+                                                  **dict(self.options.redis_tls))
         try:
             await self.client.ping()
         except redis.RedisError as exc:
@@ -635,7 +644,8 @@ class PreviewServer:
         key = (line, camera)
         src = self.sources.get(key)
         if src is None or not src.running:
-            src = LineSource(self.client, line_keys(self.options.key_prefix, line), self.options, camera)
+            src = LineSource(self.client, line_keys(self.options.key_prefix, line, self.options.key_layout),
+                             self.options, camera)
             src.start()
             self.sources[key] = src
         return src

@@ -24,12 +24,13 @@ from stream.keys import LineKeys
 PAYLOAD_FIELD = b"p"
 
 # KEYS: done key, results stream, frames stream
-# ARGV: ttl, results maxlen, payload, channel, group, entry id, done value
+# ARGV: ttl, results maxlen, payload, channel, group, entry id, done value, PUBLISH or SPUBLISH (cluster: the
+# line's shard channel, in the line's slot)
 _COMPLETE_LUA = """
 local published = 0
 if redis.call('SET', KEYS[1], ARGV[7], 'NX', 'EX', tonumber(ARGV[1])) then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', tonumber(ARGV[2]), '*', 'p', ARGV[3])
-  redis.call('PUBLISH', ARGV[4], ARGV[3])
+  redis.call(ARGV[8], ARGV[4], ARGV[3])
   published = 1
 end
 local acked = redis.call('XACK', KEYS[3], ARGV[5], ARGV[6])
@@ -149,6 +150,9 @@ class FrameQueue:
         self._complete = None
         self._dead_letter = None
         self._prune = None
+        from stream.redisclient import is_cluster
+
+        self._publish = "SPUBLISH" if is_cluster(client) else "PUBLISH"
 
     def _scripts(self) -> None:
         if self._complete is None:
@@ -181,7 +185,7 @@ class FrameQueue:
         except redis.exceptions.NoPermissionError as exc:
             raise QueueAccessError(
                 f"the Redis user lacks a permission the worker needs ({exc}); grant it +@stream +@scripting "
-                f"+set +publish +hset +hdel +ping on keys '{self.keys.prefix}:{self.keys.line}:*'") from None
+                f"+set +publish +spublish +hset +hdel +ping on keys '{self.keys.base}:*'") from None
 
     # ------------------------------------------------------------------------------------ reading
     def read(self, count: int | None = None, block_ms: int | None = None) -> list[QueueEntry]:
@@ -257,7 +261,7 @@ class FrameQueue:
         reply = self._complete(
             keys=[self.keys.done(frame_id), self.keys.results, self.keys.frames],
             args=[q.done_ttl_s, q.results_maxlen, result_payload, self.keys.results_channel, self.group,
-                  entry_id, f"{self.consumer}:{entry_id}"])
+                  entry_id, f"{self.consumer}:{entry_id}", self._publish])
         published, acked = (int(x) for x in reply)
         if published and not acked:
             self.orphaned += 1

@@ -3,6 +3,17 @@
 TLS to a private CA: ``redis.url: rediss://host:6380/0`` and ``redis.tls_ca_file`` (CA bundle); mutual TLS
 adds ``redis.tls_cert_file`` and ``redis.tls_key_file``. They are passed to redis-py as ``ssl_ca_certs``,
 ``ssl_certfile`` and ``ssl_keyfile``.
+
+Redis Cluster (``redis.cluster: true`` or a ``redis+cluster://host:port`` url naming any node): redis-py's
+``RedisCluster`` (sync or asyncio), which discovers the other nodes and follows MOVED/ASK. The settings then
+require ``redis.key_layout: line_tag`` (see :mod:`stream.keys`). What differs on a cluster:
+
+- multi-key reads over several lines (the alert service's XREADGROUP, its frame tail's XREAD) are split per
+  slot (:func:`stream.keys.slot_groups`);
+- the result notification is ``SPUBLISH`` to the line's shard channel (subscribe with ``SSUBSCRIBE``);
+  a single node keeps ``PUBLISH``;
+- ``SCAN`` (demo/bench clean-up, ``redis migrate-keys``) runs on every master (redis-py's cluster
+  ``scan_iter``); the lines index ``<prefix>:lines`` is written with its own SADD.
 """
 
 from __future__ import annotations
@@ -32,7 +43,34 @@ def make_client(rs: RedisSettings, *, socket_timeout: float | None = None,
         import redis as module
 
     timeout = rs.socket_timeout_s
-    return module.Redis.from_url(
-        rs.url, socket_timeout=timeout if socket_timeout is None else socket_timeout,
-        socket_connect_timeout=timeout if connect_timeout is None else connect_timeout,
-        **tls_kwargs(rs), **extra)
+    kwargs = dict(socket_timeout=timeout if socket_timeout is None else socket_timeout,
+                  socket_connect_timeout=timeout if connect_timeout is None else connect_timeout,
+                  **tls_kwargs(rs), **extra)
+    if rs.is_cluster:
+        if asyncio:
+            from redis.asyncio.cluster import RedisCluster
+        else:
+            from redis.cluster import RedisCluster
+        url = rs.node_url
+        scheme, _, rest = url.partition("://")
+        host, _, _db = rest.partition("/")  # a cluster has database 0 only
+        client = RedisCluster.from_url(f"{scheme}://{host}", **kwargs)
+    else:
+        client = module.Redis.from_url(rs.url, **kwargs)
+    client.lineinspect_key_layout = rs.key_layout  # read by workers.memory_store (built from a client only)
+    return client
+
+
+def unavailable_errors() -> tuple[type[BaseException], ...]:
+    """The errors that mean "Redis cannot answer now: count, back off, retry": connection loss and timeouts,
+    and on a cluster CLUSTERDOWN (a master restarting, a slot without a master), TRYAGAIN (resharding) and an
+    uncovered slot. Ingest and workers treat them all as Redis being down."""
+    import redis
+    from redis.exceptions import ClusterDownError, SlotNotCoveredError, TryAgainError
+
+    return (redis.ConnectionError, redis.TimeoutError, ClusterDownError, TryAgainError, SlotNotCoveredError)
+
+
+def is_cluster(client: Any) -> bool:
+    """Whether ``client`` is redis-py's (sync or asyncio) cluster client."""
+    return type(client).__name__ in ("RedisCluster", "ClusterPipeline")

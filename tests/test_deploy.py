@@ -401,3 +401,31 @@ def test_readme_and_scrape_script_exist():
         assert needed in readme, needed
     out = subprocess.run(["bash", "-n", str(DEPLOY / "scrape_check.sh")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_k8s_cluster_overlay_is_consistent(tmp_path):
+    """deploy/k8s/cluster: settings with a redis+cluster:// url and key_layout line_tag; KEDA's
+    redis-cluster-streams trigger on the line's tagged frames stream, replacing the base's trigger."""
+    overlay = K8S / "cluster"
+    kust = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    assert "../" in kust["resources"]
+    for res in kust["resources"][1:] + [p["path"] for p in kust["patches"] if "path" in p]:
+        assert (overlay / res).is_file(), res
+    deleted = [yaml.safe_load(p["patch"]) for p in kust["patches"] if "patch" in p]
+    base_so = {d["metadata"]["name"] for d in k8s_docs() if d["kind"] == "ScaledObject"}
+    assert {d["metadata"]["name"] for d in deleted if d.get("$patch") == "delete"} == base_so
+    cm = yaml.safe_load((overlay / "settings-cluster.yaml").read_text())
+    assert cm["metadata"]["name"] == "lineinspect-settings"
+    (tmp_path / "settings.yaml").write_text(cm["data"]["settings.yaml"])
+    settings = Settings.load(tmp_path / "settings.yaml")
+    assert settings.redis.is_cluster and settings.redis.key_layout == "line_tag"
+    host = settings.redis.node_url.split("//")[1].split("/")[0]
+    workers = {d["metadata"]["name"]: parse_cli(d["spec"]["template"]["spec"]["containers"][0]["args"])
+               for d in k8s_docs() if d["kind"] == "Deployment" and "worker" in d["metadata"]["name"]}
+    (so,) = [d for d in yaml.safe_load_all((overlay / "keda-scaledobject-cluster.yaml").read_text()) if d]
+    (trigger,) = so["spec"]["triggers"]
+    meta = trigger["metadata"]
+    assert trigger["type"] == "redis-cluster-streams" and meta["addresses"] == host
+    line = workers[so["spec"]["scaleTargetRef"]["name"]].line
+    assert meta["stream"] == line_keys(settings.redis.key_prefix, line, "line_tag").frames
+    assert meta["consumerGroup"] == settings.queue.group and isinstance(meta["lagCount"], str)

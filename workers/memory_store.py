@@ -136,10 +136,12 @@ def _rows(raw: bytes | None, dim: int, what: str) -> np.ndarray:
 class RedisMemoryStore:
     """The memory of one line in Redis. Constructing it does not touch Redis."""
 
-    def __init__(self, client: Any, prefix: str, line: str):
+    def __init__(self, client: Any, prefix: str, line: str, layout: str | None = None):
         self.client = client
         self.line = line
-        keys = line_keys(prefix, line)
+        # redis.key_layout: given, or the one stream.redisclient.make_client noted on the client (plain if none)
+        layout = layout or getattr(client, "lineinspect_key_layout", "plain")
+        keys = line_keys(prefix, line, layout)
         self.k_header = keys.memory("header")
         self.k_feats = keys.memory("feats")
         self.k_radius = keys.memory("radius")

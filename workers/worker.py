@@ -44,6 +44,7 @@ from stream.backoff import Backoff
 from stream.contracts import InspectionResult, ModelLoadError, PayloadError, QueueAccessError
 from stream.keys import line_keys
 from stream.redact import redact_text
+from stream.redisclient import unavailable_errors
 from workers.held import HeldResults
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ class Worker:
         self.detector_name = detector_name
         self.registry = registry
         self.client = client
-        self.keys = line_keys(settings.redis.key_prefix, line)
+        self.keys = line_keys(settings.redis.key_prefix, line, settings.redis.key_layout)
         self.metrics = WorkerMetrics(registry)
         self.qmetrics = WorkerQueueMetrics(registry)
         self.detector = None
@@ -198,7 +199,7 @@ class Worker:
                 self.queue.check_access()
                 self.redis_ok, self.redis_error = True, ""
                 return True
-            except (redis.ConnectionError, redis.TimeoutError, redis.OutOfMemoryError) as exc:
+            except (*unavailable_errors(), redis.OutOfMemoryError) as exc:
                 self._redis_down(exc)
                 if stop.wait(backoff.next_delay()):
                     break
@@ -288,7 +289,7 @@ class Worker:
         self._last_prune = now
         try:
             removed, stale = self.queue.prune(idle_s)
-        except (redis.ConnectionError, redis.TimeoutError, redis.OutOfMemoryError):
+        except (*unavailable_errors(), redis.OutOfMemoryError):
             raise
         except redis.ResponseError as exc:  # e.g. no permission for XGROUP DELCONSUMER: housekeeping only
             log.warning("worker %s: cannot remove dead consumers: %s", self.worker_id, exc)
@@ -354,7 +355,7 @@ class Worker:
 
         try:
             return self._process(entry, model)
-        except (redis.ConnectionError, redis.TimeoutError, redis.OutOfMemoryError):
+        except (*unavailable_errors(), redis.OutOfMemoryError):
             raise
         except Exception as exc:
             log.exception("worker %s: entry %s raised", self.worker_id, entry.entry_id)
@@ -439,7 +440,7 @@ class Worker:
             self._oom(exc)
             self.held.hold(HeldResult(entry.entry_id, frame.frame_id, payload, _finished))
             return True
-        except (redis.ConnectionError, redis.TimeoutError):
+        except unavailable_errors():
             raise
         except Exception as exc:  # e.g. a key Redis refuses: this entry cannot be published, ever
             self._dead_letter(entry, f"publish: {type(exc).__name__}: {exc}", "publish")
@@ -495,7 +496,6 @@ class Worker:
 
     def _complete(self, entry_id: str, frame_id: str, payload: bytes) -> bool | None:
         """complete() with a few retries (it is idempotent); None when Redis stayed unreachable."""
-        import redis
 
         backoff = Backoff(REDIS_RETRY_INITIAL_S, REDIS_RETRY_MAX_S)
         for attempt in range(PUBLISH_ATTEMPTS):
@@ -503,7 +503,7 @@ class Worker:
                 published = self.queue.complete(entry_id, frame_id, payload)
                 self.redis_ok, self.redis_error = True, ""
                 return published
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except unavailable_errors() as exc:
                 self._redis_down(exc)
                 if attempt + 1 < PUBLISH_ATTEMPTS:
                     time.sleep(backoff.next_delay())
@@ -563,7 +563,7 @@ class Worker:
                     for entry in entries:  # on SIGTERM the entries in hand are still finished (drain)
                         if not self._process_guarded(entry, model):
                             return EXIT_STUCK
-                except (redis.ConnectionError, redis.TimeoutError, redis.OutOfMemoryError) as exc:
+                except (*unavailable_errors(), redis.OutOfMemoryError) as exc:
                     self._redis_down(exc)
                     if stop.wait(backoff.next_delay()):
                         break
