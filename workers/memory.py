@@ -970,10 +970,10 @@ def describe(stored: StoredMemory | None, line: str, held_out: Sequence[float] =
 
 def main(settings: Any, args: argparse.Namespace) -> int:
     """``lineinspect memory add LINE DIR`` | ``memory show LINE`` | ``memory clear LINE``."""
-    import redis
+    from stream.redisclient import make_client
 
     action, line = args.action, args.line
-    client = redis.Redis.from_url(settings.redis.url, socket_timeout=settings.redis.socket_timeout_s)
+    client = make_client(settings.redis)  # the deployment's key layout (plain / line_tag) and cluster mode
     store = RedisMemoryStore(client, settings.redis.key_prefix, line)
     try:
         far = settings.detector.false_alarm_rate
