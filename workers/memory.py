@@ -27,9 +27,11 @@ Filling (``memory.fill``):
   ``memory.online_margin`` (normalised, i.e. margin x the image threshold), only its patches that are farther
   than the coverage radius from the memory. With an empty memory the mapper starts in *warm-up*: frames are
   scored against the other buffered frames (mutual scoring, the mean of the lowest 30 % of per-frame
-  nearest distances, so a defect seen in one frame stands out) and, once ``memory.warmup_frames`` frames
-  pass a robust outlier cut, those frames become the memory (:meth:`MemoryMapper.mutual` does the same on
-  a list of images).
+  nearest distances, so a defect seen in one frame stands out) and, once ``memory.warmup_frames`` frames are
+  buffered, they become the label-free memory (:mod:`workers.label_free`: suspect patches stay out, however
+  many of the frames are defective); :meth:`MemoryMapper.mutual` does the same on a list of images.
+  Every OK frame's raw image score also joins the line's held-out window that re-estimates the image
+  threshold.
 
 Calibration: thresholds from leave-one-out raw maps of normal frames (each frame scored against the memory
 without its own rows; label-free: :mod:`workers.label_free`). Image score: the maximum of the map smoothed to
