@@ -105,7 +105,7 @@ def build_label_free(frame_feats: Sequence[Any], shapes: Sequence[tuple[int, int
                      embeddings: Sequence[ImageEmbedding], params: Any) -> LabelFreeResult:
     """Steps 2-4 of the module docstring on the reference frames (``frame_feats``: torch [gh*gw, C] each,
     ``params``: :class:`workers.memory.MemoryParams`)."""
-    from workers.memory import _projection, bound_memory, image_raw_score, kcenter, knn_distance, raw_to_image
+    from workers.memory import _projection, build_memory, image_raw_score, kcenter, knn_distance, raw_to_image
 
     torch = _torch()
     n = len(frame_feats)
@@ -123,21 +123,12 @@ def build_label_free(frame_feats: Sequence[Any], shapes: Sequence[tuple[int, int
     cut = _robust_cut(pooled, params.suspect_z)
     region_cut = _robust_cut(pooled, params.region_z)
 
-    rows, radii, owner, last_r = [], [], [], []
-    for i, f in enumerate(frame_feats):
-        clean = f[torch.from_numpy(suspicion[i] <= cut)]
-        if clean.shape[0] == 0:
-            continue
-        idx, r = kcenter(clean, max(1, int(round(params.frame_ratio * f.shape[0]))), proj=proj,
-                         seed=params.seed + i)
-        rows.append(clean[torch.from_numpy(idx)])
-        radii.append(r)
-        owner.append(np.full(len(idx), i, np.int32))
-        last_r.append(float(r[-1]))
-    if not rows:
-        raise ValueError("label-free memory: every patch was suspect")
-    mem = torch.cat(rows)
-    own = np.concatenate(owner)
+    try:  # each frame's k-center coreset of its clean patches, rows tagged with their frame
+        built = build_memory(frame_feats, params, keep=[sc <= cut for sc in suspicion])
+    except ValueError:
+        raise ValueError("label-free memory: every patch was suspect") from None
+    mem = torch.from_numpy(built.feats.astype(np.float32))
+    own = built.owner
 
     loo_maps, maxima, pixels = [], [], []
     region_frames = 0
@@ -157,11 +148,8 @@ def build_label_free(frame_feats: Sequence[Any], shapes: Sequence[tuple[int, int
         step = max(1, raw.shape[0] // 256), max(1, raw.shape[1] // 256)
         keep = ~suspect[:: step[0], :: step[1]]
         pixels.append(raw[:: step[0], :: step[1]][keep])
-    feats16 = mem.numpy().astype(np.float16)
-    radius = np.concatenate(radii).astype(np.float32)
-    f16, rad, own, coverage = bound_memory(feats16, radius, own, float(np.median(last_r)), params)
     return LabelFreeResult(
-        feats=f16, radius=rad.astype(np.float16), owner=own, coverage=coverage, loo_maps=tuple(loo_maps),
+        feats=built.feats, radius=built.radius, owner=built.owner, coverage=built.coverage, loo_maps=tuple(loo_maps),
         normal_maxima=tuple(maxima), pixel_samples=np.concatenate(pixels) if pixels else np.zeros(0, np.float32),
         suspect_patches=int(sum(int((s > cut).sum()) for s in suspicion)),
         suspect_frames=region_frames)
