@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from workers.evaluate import find_categories
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SEARCHES = "exact,bf16,bf16+rerank,projection,projection-random,ivf,faiss"
 
@@ -41,20 +43,6 @@ class TestImage:
     path: Path
     defect: str
     mask: Path | None
-
-
-def categories(root: Path) -> list[Path]:
-    """Category folders (with ``train/good`` and ``test``) at most two levels below ``root``."""
-    root = Path(root)
-    if (root / "test").is_dir():
-        return [root]
-    out = []
-    for child in sorted(p for p in root.iterdir() if p.is_dir()):
-        if (child / "test").is_dir():
-            out.append(child)
-        else:
-            out.extend(sorted(g for g in child.iterdir() if g.is_dir() and (g / "test").is_dir()))
-    return out
 
 
 def _images(folder: Path) -> list[Path]:
@@ -291,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     backend = build_sam_backend(sam_settings, taps=sam_taps(settings))
     embedder = CachedEmbedder(backend, Path(args.cache) if args.cache else None)
     wanted = {c.strip() for c in args.categories.split(",") if c.strip()}
-    cats = [c for c in categories(Path(args.data)) if not wanted or c.name in wanted]
+    cats = [c.root for c in find_categories(Path(args.data)) if not wanted or c.root.name in wanted]
     if not cats:
         raise SystemExit(f"no category under {args.data} (wanted: {sorted(wanted) or 'all'})")
     import torch

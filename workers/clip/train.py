@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from stream.contracts import ModelLoadError
+from workers.evaluate import find_categories
 from workers.imageio import read_image
 
 log = logging.getLogger(__name__)
@@ -44,18 +45,6 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def _categories(root: Path) -> list[Path]:
-    if (root / "test").is_dir():
-        return [root]
-    out: list[Path] = []
-    for child in sorted(p for p in root.iterdir() if p.is_dir()):
-        if (child / "test").is_dir():
-            out.append(child)
-        else:
-            out.extend(sorted(g for g in child.iterdir() if g.is_dir() and (g / "test").is_dir()))
-    return out
-
-
 def find_samples(dataset: str | Path, max_images: int = 0) -> list[TrainSample]:
     """Defect images with masks plus about as many good images (test/good first, then train/good), per
     category. ``max_images`` > 0 keeps that many, taken round-robin over (category, type) groups."""
@@ -63,7 +52,7 @@ def find_samples(dataset: str | Path, max_images: int = 0) -> list[TrainSample]:
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} does not exist")
     groups: list[list[TrainSample]] = []
-    for cat in _categories(root):
+    for cat in (c.root for c in find_categories(root)):
         n_defect = 0
         for tdir in sorted(p for p in (cat / "test").iterdir() if p.is_dir() and p.name != "good"):
             items = []
