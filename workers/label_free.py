@@ -63,7 +63,8 @@ def pick_references(n: int, refs: int) -> list[int]:
 
 
 def interval_scores(query, refs: Sequence[Any], fraction: float):
-    """Per query patch: the mean of the lowest ``fraction`` of its nearest distances to each of ``refs``."""
+    """Per query patch: the mean of the lowest ``fraction`` of its nearest distances to each of ``refs``
+    (torch [Q]; also the worker's provisional map while it warms up)."""
     from workers.memory import knn_distance
 
     torch = _torch()

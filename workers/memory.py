@@ -60,7 +60,7 @@ import numpy as np
 from workers.calibration import image_threshold
 from workers.imageio import IMAGE_EXTENSIONS, ImageReadError, read_image
 from workers.interfaces import AnomalyMap, ImageEmbedding
-from workers.label_free import build_label_free, pick_references
+from workers.label_free import build_label_free, interval_scores, pick_references
 from workers.memory_search import SearchSpec, exact_knn, make_search
 from workers.memory_store import (
     MemoryConflict,
@@ -348,14 +348,13 @@ class Calibration:
     image_maxima: tuple[float, ...] = ()
 
 
-def calibrate(raw_maps: Sequence[np.ndarray], params: MemoryParams, method: str,
-              maxima: Sequence[float] | None = None, pixels: np.ndarray | None = None) -> Calibration:
-    """Thresholds from raw maps of normal frames that were not in the memory they were scored against
-    (``maxima`` / ``pixels`` replace the maps' own maxima / pixels when given: label-free calibration)."""
-    if not raw_maps and maxima is None:
+def calibrate(raw_maps: Sequence[np.ndarray], params: MemoryParams, method: str, maxima: Sequence[float],
+              pixels: np.ndarray | None = None) -> Calibration:
+    """Thresholds from normal frames that were not in the memory they were scored against: their image
+    scores (``maxima``, :func:`image_raw_score`) and raw maps (``pixels`` replaces the maps' pixels when given:
+    label-free calibration)."""
+    if len(maxima) == 0:
         raise ValueError("calibration needs at least one normal frame")
-    if maxima is None:
-        raise ValueError("calibrate needs the normal frames' image scores (image_raw_score)")
     if pixels is None:
         pixels = np.concatenate([m[:: max(1, m.shape[0] // 256), :: max(1, m.shape[1] // 256)].ravel()
                                  for m in raw_maps])
@@ -389,16 +388,6 @@ def leave_one_out_maps(frame_feats: Sequence[Any], embeddings: Sequence[ImageEmb
         maps.append(raw_to_image(grid, embeddings[i], params.smoothing_sigma))
         scores.append(image_raw_score(maps[-1], embeddings[i], params))
     return maps, scores
-
-
-def mutual_query_scores(query, refs: Sequence[Any], fraction: float, refs_sq: Sequence[Any] | None = None):
-    """One frame's patches against other frames' patches: per patch, the mean of the lowest ``fraction`` of
-    the per-frame nearest distances. torch [Q]. (The warm-up's provisional map.)"""
-    torch = _torch()
-    d = torch.stack([knn_distance(query, r, 1, memory_sq=None if refs_sq is None else refs_sq[j])
-                     for j, r in enumerate(refs)])
-    m = max(1, int(round(fraction * len(refs))))
-    return torch.sort(d, dim=0).values[:m].mean(0)
 
 
 # ------------------------------------------------------------------------------------------ the mapper
@@ -605,7 +594,7 @@ class MemoryMapper:
         maps, maxima = leave_one_out_maps(feats, embs, built, self.params) if len(feats) > 1 else ([], [])
         if not maps:
             raise ValueError("calibration needs at least two normal frames (leave-one-out)")
-        cal = calibrate(maps, self.params, method, maxima=maxima)
+        cal = calibrate(maps, self.params, method, maxima)
         f16, rad, _, coverage = bound_memory(built.feats, built.radius, built.owner, built.coverage, self.params)
         header = self._new_header(f16.shape[1], coverage, cal)
         self._set_memory(header, f16, rad, frames=len(feats) + (base.frames if base else 0),
@@ -683,7 +672,7 @@ class MemoryMapper:
         elif self._mem is not None and self.size:
             nn = self._search.knn_distance(feats, self.params.k)
         elif self._buffer:
-            nn = mutual_query_scores(feats, [b[4] for b in self._buffer], self.params.mutual_fraction)
+            nn = interval_scores(feats, [b[4] for b in self._buffer], self.params.mutual_fraction)
         else:
             nn = None
         t2 = time.perf_counter()
