@@ -341,6 +341,16 @@ class DetectorSettings:
         _range("detector.pixel_threshold", self.pixel_threshold, lo=0, hi=1e12)
         _range("detector.mask_boost", self.mask_boost, lo=0, hi=1e6)
 
+    @property
+    def uses_memory(self) -> bool:
+        """The line's memory map runs (``map_source`` memory or fusion)."""
+        return self.map_source in ("memory", "fusion")
+
+    @property
+    def uses_clip(self) -> bool:
+        """The CLIP map runs (``map_source`` clip or fusion)."""
+        return self.map_source in ("clip", "fusion")
+
 
 @dataclass(frozen=True)
 class MetricsSettings:
@@ -424,6 +434,14 @@ class Settings:
         for key, value in dotted.items():
             _set_dotted(data, key.split("."), value)
         return from_dict(type(self), data)
+
+    @property
+    def sam_taps(self) -> tuple[str, ...]:
+        """The SAM encoder taps a process needs: the non-neck ``memory.layers`` when the memory map runs on SAM
+        features (``detector.map_source`` memory or fusion, ``memory.features`` sam), else none."""
+        if not self.detector.uses_memory or self.memory.features != "sam":
+            return ()
+        return tuple(layer for layer in self.memory.layers if layer != "neck")
 
     def camera(self, camera_id: str) -> CameraSettings:
         for cam in self.cameras:

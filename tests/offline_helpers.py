@@ -15,8 +15,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from workers.imageio import ImageReadError, read_image
 from workers.interfaces import AnomalyMap, ImageEmbedding, SamBackend
-from workers.predict import ImageReadError, read_image
 
 
 def _grid(emb: ImageEmbedding) -> np.ndarray:

@@ -17,12 +17,11 @@ import pytest
 from config.settings import PpgSettings, Settings
 from stream.contracts import ModelLoadError, Verdict
 from workers.interfaces import AnomalyMap, FrameDetector, ImageEmbedding
+from workers.mappers import FusionMapper, ZeroMapper
 from workers.pipeline import (
     TIMING_KEYS,
     Detector,
     DetectorConfig,
-    FusionMapper,
-    ZeroMapper,
     build_detector,
     label_defects,
 )

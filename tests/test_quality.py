@@ -17,10 +17,9 @@ import pytest
 from tests.test_memory import CachingSam
 from workers.evaluate import Category, limit_images
 from workers.evaluate import test_images as category_images
-from workers.imageio import read_image
+from workers.imageio import read_image, read_mask
 from workers.memory import MemoryMapper, MemoryParams
 from workers.metrics import PixelPool
-from workers.predict import read_mask
 
 pytestmark = pytest.mark.slow
 

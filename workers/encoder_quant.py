@@ -40,12 +40,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from config.settings import Settings
     from workers.imageio import IMAGE_EXTENSIONS, read_image
-    from workers.sam import build_sam_backend, resolve_model_path, sam_taps
+    from workers.sam import build_sam_backend, resolve_model_path
 
     settings = Settings.load()
     src = resolve_model_path(settings.sam.encoder_path, "sam.encoder_path")
     dst = quantise(src, Path(args.out) / "encoder.int8.onnx")
-    taps = sam_taps(settings)
+    taps = settings.sam_taps
     fp32 = build_sam_backend(settings.sam, taps=taps)
     int8 = build_sam_backend(replace(settings.sam, encoder_path=str(dst)), taps=taps)
     paths = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)

@@ -41,9 +41,10 @@ import numpy as np
 
 from config.settings import Settings, SettingsError
 from stream.contracts import ModelLoadError
+from workers.imageio import IMAGE_EXTENSIONS, read_image, read_mask
 from workers.metrics import PixelPool, binary_metrics, pr_curve
 from workers.operating import MaskPool
-from workers.predict import IMAGE_EXTENSIONS, mask_at, read_image, read_mask, score_map_at
+from workers.predict import mask_at, score_map_at
 from workers.report import (
     CategoryResult,
     EvalReport,
@@ -204,10 +205,10 @@ def settings_summary(settings: Settings) -> dict:
            "sam": {"backend": settings.sam.backend, "encoder": settings.sam.encoder_path,
                    "decoder": settings.sam.decoder_path, "model_type": settings.sam.model_type,
                    "checkpoint": settings.sam.checkpoint}}
-    if d.map_source in ("memory", "fusion"):
+    if d.uses_memory:
         out["memory"] = {"features": m.features, "k": m.k, "neighbourhood": m.neighbourhood,
                          "max_patches": m.max_patches, "policy": m.policy}
-    if d.map_source in ("clip", "fusion"):
+    if d.uses_clip:
         c = settings.clip
         out["clip"] = {"model": c.model, "pretrained": c.pretrained, "prompt_mode": c.prompt_mode,
                        "adapters": c.adapters, "prompts": c.prompts, "image_size": c.image_size}
@@ -373,7 +374,7 @@ def _evaluate_mode(settings: Settings, cat: Category, items: Sequence[EvalImage]
               "images", file=sys.stderr, flush=True)
         return None
     normal_dir = cat.train_good if mode == "train" else None
-    uses_memory = settings.detector.map_source in ("memory", "fusion")
+    uses_memory = settings.detector.uses_memory
     memory = ("none" if not uses_memory else
               f"train/good ({len(train)} images)" if normal_dir else f"mutual ({len(items)} test images)")
     print(f"eval: {cat.name}: {len(items)} test images, memory: {memory}", flush=True)

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from workers.imageio import read_image
     from workers.memory import MemoryMapper, MemoryParams, sam_source
     from workers.pipeline import Detector, DetectorConfig
-    from workers.sam import build_sam_backend, sam_taps
+    from workers.sam import build_sam_backend
 
     gpu = torch.cuda.is_available() and torch.cuda.device_count() > 0
     overrides = {"sam.providers": list(GPU_PROVIDERS), "memory.device": "cuda"} if gpu else {}
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         where = (f"CPU ({os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}): no GPU visible to torch "
                  f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); these are CPU figures")
-    sam = build_sam_backend(settings.sam, taps=sam_taps(settings))
+    sam = build_sam_backend(settings.sam, taps=settings.sam_taps)
     used = list(getattr(sam, "active_providers", ())) or [getattr(sam, "device", "?")]
     data = Path(args.data)
     train = [read_image(p) for p in _images(data / "train" / "good", args.train)]

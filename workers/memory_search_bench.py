@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from config.settings import Settings
-    from workers.sam import build_sam_backend, sam_taps
+    from workers.sam import build_sam_backend
 
     settings = Settings.load()
     sam_settings = settings.sam
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         from dataclasses import replace
 
         sam_settings = replace(sam_settings, encoder_path=args.encoder)
-    backend = build_sam_backend(sam_settings, taps=sam_taps(settings))
+    backend = build_sam_backend(sam_settings, taps=settings.sam_taps)
     embedder = CachedEmbedder(backend, Path(args.cache) if args.cache else None)
     wanted = {c.strip() for c in args.categories.split(",") if c.strip()}
     cats = [c.root for c in find_categories(Path(args.data)) if not wanted or c.root.name in wanted]

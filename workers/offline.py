@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -35,7 +35,11 @@ from workers.interfaces import (
     SamBackend,
 )
 
-MapperFactory = Callable[[Any, SamBackend, "Path | None", Sequence[Path]], AnomalyMapper]
+if TYPE_CHECKING:
+    from config.settings import Settings
+    from workers.sam import EmbeddingCache
+
+MapperFactory = Callable[["Settings", SamBackend, "Path | None", Sequence[Path]], AnomalyMapper]
 
 
 class MapCache:
@@ -118,12 +122,12 @@ class SharedEmbeddings:
         return self.inner.decode(embedding, prompts)
 
 
-def build_backend(settings: Any, embedding_cache: str = "") -> SamBackend:
+def build_backend(settings: Settings, embedding_cache: str = "") -> SamBackend:
     """The SAM backend of ``settings.sam``, loaded (raises :class:`stream.contracts.ModelLoadError`); with
     ``embedding_cache`` (a folder) its encoder outputs are kept on disk (:mod:`workers.disk_cache`)."""
-    from workers.sam import build_sam_backend, sam_taps
+    from workers.sam import build_sam_backend
 
-    backend = build_sam_backend(settings.sam, taps=sam_taps(settings))
+    backend = build_sam_backend(settings.sam, taps=settings.sam_taps)
     if embedding_cache:
         from workers.disk_cache import DiskEmbeddings
 
@@ -131,7 +135,7 @@ def build_backend(settings: Any, embedding_cache: str = "") -> SamBackend:
     return backend
 
 
-def default_mapper_factory(settings: Any, backend: SamBackend, normal_dir: Path | None,
+def default_mapper_factory(settings: Settings, backend: SamBackend, normal_dir: Path | None,
                            images: Sequence[Path]) -> AnomalyMapper:
     """The memory mapper (:class:`workers.memory.MemoryMapper`): from the known-good images directly in
     ``normal_dir`` when given, else label-free from at most ``memory.label_free_refs`` of ``images`` spread
@@ -158,28 +162,14 @@ def default_mapper_factory(settings: Any, backend: SamBackend, normal_dir: Path 
     return MemoryMapper.mutual(backend, arrays, settings.memory, **(overrides | {"params": params}))
 
 
-def build_mapper(settings: Any, backend: SamBackend, normal_dir: Path | None, images: Sequence[Path],
+def build_mapper(settings: Settings, backend: SamBackend, normal_dir: Path | None, images: Sequence[Path],
                  mapper_factory: MapperFactory | None = None) -> AnomalyMapper:
-    """The mapper of ``settings.detector.map_source`` with the memory from a folder or mutual scoring."""
-    from stream.contracts import ModelLoadError
-    from workers.pipeline import FusionMapper, ZeroMapper
+    """The mapper of ``settings.detector.map_source`` (:func:`workers.mappers.build_mapper`) with the memory from
+    a folder or mutual scoring."""
+    from workers.mappers import build_mapper as build
 
-    source = settings.detector.map_source
-    if source == "none":
-        return ZeroMapper()
-    memory = clip = None
-    if source in ("memory", "fusion"):
-        memory = (mapper_factory or default_mapper_factory)(settings, backend, normal_dir, images)
-    if source in ("clip", "fusion"):
-        from workers.clip import build_clip_mapper
-
-        clip = build_clip_mapper(settings.clip)
-    if source == "fusion":
-        return FusionMapper(clip=clip, memory=memory, weight_clip=settings.detector.fusion_weight_clip)
-    mapper = memory if source == "memory" else clip
-    if mapper is None:
-        raise ModelLoadError(f"unknown detector.map_source {source!r} (allowed: memory, clip, fusion, none)")
-    return mapper
+    factory = mapper_factory or default_mapper_factory
+    return build(settings, lambda: factory(settings, backend, normal_dir, images))
 
 
 @dataclass
@@ -189,11 +179,11 @@ class StageSession:
     backend: SamBackend
     mapper: MapCache
     detectors: dict[int, FrameDetector]
-    cache: Any  # workers.sam.EmbeddingCache
+    cache: EmbeddingCache | None
     models: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, settings: Any, stages: Sequence[int], backend: SamBackend | None = None,
+    def build(cls, settings: Settings, stages: Sequence[int], backend: SamBackend | None = None,
               normal_dir: Path | None = None, mutual_images: Sequence[Path] = (), line: str = "offline",
               mapper_factory: MapperFactory | None = None, mapper: AnomalyMapper | None = None) -> StageSession:
         from workers.pipeline import Detector, DetectorConfig
@@ -238,7 +228,7 @@ class OfflineDetector:
     mapper: AnomalyMapper
 
 
-def build_offline_detector(settings: Any, line: str = "offline", normal_dir: Path | None = None,
+def build_offline_detector(settings: Settings, line: str = "offline", normal_dir: Path | None = None,
                            mutual_images: Sequence[Path] = (), mapper_factory: MapperFactory | None = None,
                            backend: SamBackend | None = None) -> OfflineDetector:
     """One detector at ``settings.detector.cps_stages`` (predict)."""

@@ -35,8 +35,8 @@ Image score and verdict: the image score is the mapper's image score (``AnomalyM
 normalised so that 1.0 is the image threshold) and the verdict is DEFECT when it is > 1.0. The threshold
 overrides ``detector.image_threshold`` / ``pixel_threshold`` (> 0, in the mapper's raw units) are applied by
 the mappers, not here, so nothing is normalised twice: the memory mapper reads them from the settings,
-:func:`build_mapper` passes them to the CLIP mapper when ``map_source = clip`` (with ``fusion`` they are
-memory's raw units and CLIP keeps its own 0.5 probability thresholds). The mask boost never moves the image
+:func:`workers.mappers.build_mapper` passes them to the CLIP mapper when ``map_source = clip`` (with ``fusion``
+they are memory's raw units and CLIP keeps its own 0.5 probability thresholds). The mask boost never moves the image
 decision, since boosted values have no calibrated threshold.
 
 Labels: the connected components of the union mask (components smaller than ``ppg.min_region_area`` of the
@@ -50,73 +50,24 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
-from stream.contracts import Defect, ModelLoadError, Verdict
+from stream.contracts import Defect, Verdict
 from workers.cps import PASS_KEYS, MaskCheck, cascade
 from workers.interfaces import AnomalyMap, AnomalyMapper, Detection, ImageEmbedding, SamBackend
+from workers.mappers import build_mapper
 from workers.ppg import RegionPrompts, generate_prompts
-from workers.sam import EmbeddingCache, build_sam_backend, sam_taps
+from workers.sam import EmbeddingCache, build_sam_backend
+
+if TYPE_CHECKING:
+    from config.settings import PpgSettings, Settings
 
 log = logging.getLogger(__name__)
 
 TIMING_KEYS = ("sam_encode", "map", "ppg", *PASS_KEYS, "fuse")
-
-
-# ------------------------------------------------------------------------------------------ mappers
-
-
-class ZeroMapper:
-    """``map_source = none``: an all-zero map (tests, SAM plumbing checks). Never flags a frame."""
-
-    name = "none"
-
-    def map(self, image_bgr: np.ndarray, embedding: ImageEmbedding) -> AnomalyMap:
-        h, w = image_bgr.shape[:2]
-        return AnomalyMap(pixel=np.zeros((h, w), np.float32), image_score=0.0)
-
-
-class FusionMapper:
-    """``w * clip + (1 - w) * memory`` on normalised maps and image scores; either mapper alone works."""
-
-    def __init__(self, clip: AnomalyMapper | None, memory: AnomalyMapper | None, weight_clip: float = 0.5):
-        if clip is None and memory is None:
-            raise ValueError("FusionMapper needs at least one of clip, memory")
-        if not 0.0 <= weight_clip <= 1.0:
-            raise ValueError("weight_clip must be in 0..1")
-        self.clip, self.memory, self.weight_clip = clip, memory, weight_clip
-        parts = [f"{weight_clip:g}*{clip.name}" if clip else "", f"{1 - weight_clip:g}*{memory.name}" if memory else ""]
-        self.name = "fusion[" + "+".join(p for p in parts if p) + "]"
-        self._last_memory_map: tuple[str, AnomalyMap] | None = None
-
-    def observe(self, embedding: ImageEmbedding, anomaly_map: AnomalyMap) -> bool:
-        """Online fill goes to the memory part (with the memory's own map when both parts run)."""
-        observe = getattr(self.memory, "observe", None)
-        if observe is None:
-            return False
-        last = self._last_memory_map
-        if last is not None and last[0] == embedding.key:
-            anomaly_map = last[1]
-        return bool(observe(embedding, anomaly_map))
-
-    def map(self, image_bgr: np.ndarray, embedding: ImageEmbedding) -> AnomalyMap:
-        if self.clip is None or self.memory is None:
-            only = self.clip or self.memory
-            assert only is not None
-            return only.map(image_bgr, embedding)
-        a = self.clip.map(image_bgr, embedding)
-        b = self.memory.map(image_bgr, embedding)
-        self._last_memory_map = (embedding.key, b)
-        w = self.weight_clip
-        pb = b.pixel
-        if pb.shape != a.pixel.shape:
-            pb = cv2.resize(pb, (a.pixel.shape[1], a.pixel.shape[0]), interpolation=cv2.INTER_LINEAR)
-        timings = {f"clip.{k}": v for k, v in a.timings.items()} | {f"memory.{k}": v for k, v in b.timings.items()}
-        return AnomalyMap(pixel=(w * a.pixel + (1 - w) * pb).astype(np.float32),
-                          image_score=float(w * a.image_score + (1 - w) * b.image_score), timings=timings)
 
 
 # ------------------------------------------------------------------------------------------ detector
@@ -126,7 +77,7 @@ class FusionMapper:
 class DetectorConfig:
     """The detector's knobs, taken from ``settings.detector`` (see config/settings.py)."""
 
-    ppg: Any  # config.settings.PpgSettings
+    ppg: PpgSettings
     cps_stages: int = 3
     mask_boost: float = 1.0
     mask_check: MaskCheck | None = MaskCheck()  # when a decoder mask is published (None: any non-empty mask)
@@ -139,7 +90,7 @@ class DetectorConfig:
             raise ValueError(f"mask_boost must be >= 0, got {self.mask_boost}")
 
     @classmethod
-    def from_settings(cls, settings: Any) -> DetectorConfig:
+    def from_settings(cls, settings: Settings) -> DetectorConfig:
         d = settings.detector
         check = MaskCheck(max_area_ratio=d.mask.max_area_ratio, min_support=d.mask.min_support,
                           support_level=d.mask.support_level)
@@ -240,7 +191,7 @@ class Detector:
             log.warning("online memory update failed for %s: %s: %s", embedding.key, type(exc).__name__, exc)
 
 
-def map_regions(pixel: np.ndarray, ppg: Any, seed_level: float) -> np.ndarray:
+def map_regions(pixel: np.ndarray, ppg: PpgSettings, seed_level: float) -> np.ndarray:
     """The map's own mask (no decoder): its regions above ``ppg.threshold`` whose peak reaches ``seed_level``."""
     from workers.ppg import extreme_regions
 
@@ -275,46 +226,26 @@ def label_defects(mask: np.ndarray, score_map: np.ndarray,
 # ------------------------------------------------------------------------------------------ factory
 
 
-def build_mapper(settings: Any, line: str, redis_client: Any, sam: SamBackend) -> AnomalyMapper:
-    """The anomaly mapper named by ``settings.detector.map_source`` (other modules imported lazily)."""
-    source = settings.detector.map_source
-    if source == "none":
-        return ZeroMapper()
-    if source not in ("memory", "clip", "fusion"):
-        raise ModelLoadError(f"unknown detector.map_source {source!r} (allowed: memory, clip, fusion, none)")
-    memory = clip = None
-    if source in ("memory", "fusion"):
+def build_detector(settings: Settings, line: str, redis_client: Any = None,
+                   mapper: AnomalyMapper | None = None) -> Detector:
+    """Load SAM (``settings.sam``) and the mapper (``settings.detector.map_source`` with the line's memory from
+    Redis, or ``mapper``)."""
+    sam = build_sam_backend(settings.sam, taps=settings.sam_taps)
+
+    def line_memory() -> AnomalyMapper:
         from workers.memory import load_line_memory
 
-        memory = load_line_memory(settings, line, redis_client, sam)
-    if source in ("clip", "fusion"):
-        from workers.clip import build_clip_mapper
+        return load_line_memory(settings, line, redis_client, sam)
 
-        thresholds = {}
-        if source == "clip":  # raw-unit overrides belong to the one mapper that is used
-            d = settings.detector
-            thresholds = {k: v for k, v in (("pixel_threshold", d.pixel_threshold),
-                                            ("image_threshold", d.image_threshold)) if v > 0}
-        clip = build_clip_mapper(settings.clip, **thresholds)
-    if source == "fusion":
-        return FusionMapper(clip=clip, memory=memory, weight_clip=settings.detector.fusion_weight_clip)
-    mapper = memory if source == "memory" else clip
-    assert mapper is not None
-    return mapper
-
-
-def build_detector(settings: Any, line: str, redis_client: Any = None,
-                   mapper: AnomalyMapper | None = None) -> Detector:
-    """Load SAM (``settings.sam``) and the mapper (``settings.detector.map_source``, or ``mapper``)."""
-    sam = build_sam_backend(settings.sam, taps=sam_taps(settings))
     injected = mapper is not None
     if mapper is None:
-        mapper = build_mapper(settings, line, redis_client, sam)
+        mapper = build_mapper(settings, line_memory)
     log.info("detector for line %s: map source=%s (%s), SAM %s backend=%s weights=%s, cps_stages=%d",
              line, "injected" if injected else settings.detector.map_source, mapper.name, sam.name,
              settings.sam.backend,
              getattr(sam, "weights", "?"), settings.detector.cps_stages)
     config = DetectorConfig.from_settings(settings)
-    online = "online" in settings.memory.fill and not injected and settings.detector.map_source in ("memory", "fusion")
+    online = "online" in settings.memory.fill and not injected and settings.detector.uses_memory
     config = replace(config, online_fill=online)
     return Detector(sam, mapper, config, cache=EmbeddingCache(settings.sam.cache_size))
+

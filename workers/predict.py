@@ -28,7 +28,7 @@ import argparse
 import csv
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -37,10 +37,9 @@ import numpy as np
 
 from config.settings import Settings
 from stream.contracts import Verdict
-from workers.imageio import IMAGE_EXTENSIONS, ImageReadError, list_images, read_image, read_mask
-from workers.interfaces import AnomalyMapper, Detection, FrameDetector, SamBackend
-
-__all__ = ["IMAGE_EXTENSIONS", "ImageReadError", "list_images", "main", "predict_folder", "read_image", "read_mask"]
+from workers import offline
+from workers.imageio import IMAGE_EXTENSIONS, ImageReadError, list_images, read_image
+from workers.interfaces import Detection, FrameDetector
 
 SCORES_CSV = "scores.csv"
 ERRORS_CSV = "errors.csv"
@@ -141,10 +140,6 @@ def predict_folder(detector: FrameDetector, in_dir: Path, out_dir: Path, images:
 
 # ------------------------------------------------------------------------------------------ detector
 
-# (settings, sam backend, normal_dir or None, input images for mutual scoring) -> an anomaly mapper
-MapperFactory = Callable[[Settings, SamBackend, "Path | None", Sequence[Path]], AnomalyMapper]
-
-
 def describe_models(settings: Settings) -> list[str]:
     """Human-readable lines: which map source, which models and weights, from where."""
     d = settings.detector
@@ -154,12 +149,12 @@ def describe_models(settings: Settings) -> list[str]:
         lines.append(f"SAM: onnx encoder {Path(s.encoder_path).resolve()} decoder {Path(s.decoder_path).resolve()}")
     else:
         lines.append(f"SAM: torch {s.model_type} checkpoint {s.checkpoint or '(none)'} on {s.device}")
-    if d.map_source in ("clip", "fusion"):
+    if d.uses_clip:
         c = settings.clip
         lines.append(f"CLIP: {c.model} weights {c.pretrained!r} prompts {c.prompt_mode}"
                      + (f" adapters {c.adapters}" if c.adapters else "")
                      + (f" prompt file {c.prompts}" if c.prompts else ""))
-    if d.map_source in ("memory", "fusion"):
+    if d.uses_memory:
         m = settings.memory
         layers = f" ({'+'.join(m.layers)})" if m.features == "sam" else ""
         lines.append(f"memory: {m.features} features{layers}, k={m.k}, neighbourhood={m.neighbourhood}")
@@ -175,9 +170,7 @@ def _require_dir(path: str | None, what: str) -> Path | None:
     return p
 
 
-def main(settings: Settings, args: argparse.Namespace, mapper_factory: MapperFactory | None = None) -> int:
-    from workers import offline
-
+def main(settings: Settings, args: argparse.Namespace, mapper_factory: offline.MapperFactory | None = None) -> int:
     try:
         in_dir = _require_dir(args.input, "IN_DIR")
         normal_dir = _require_dir(getattr(args, "normal", None), "NORMAL_DIR")
@@ -194,8 +187,7 @@ def main(settings: Settings, args: argparse.Namespace, mapper_factory: MapperFac
         return 1
     for line in describe_models(settings):
         print(f"predict: {line}", flush=True)
-    uses_memory = settings.detector.map_source in ("memory", "fusion")
-    if uses_memory:
+    if settings.detector.uses_memory:
         refs = min(len(images), settings.memory.label_free_refs)
         print(f"predict: memory from {normal_dir}" if normal_dir else
               f"predict: memory: label-free, from {refs} of the {len(images)} inputs judged against each other "

@@ -35,13 +35,16 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
 from stream.contracts import ModelLoadError
 from workers.interfaces import DecodeOutput, ImageEmbedding, Prompts, SamBackend
+
+if TYPE_CHECKING:
+    from config.settings import SamSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -458,22 +461,18 @@ def resolve_model_path(path: str | Path, key: str) -> Path:
     raise ModelLoadError(f"{key}: model file not found: {path} (looked at {looked}); {SETUP_HINT}")
 
 
-def sam_taps(settings: Any) -> tuple[str, ...]:
-    """The encoder taps a process needs: the non-neck ``memory.layers`` when the memory map runs on SAM."""
-    if settings.detector.map_source not in ("memory", "fusion") or settings.memory.features != "sam":
-        return ()
-    return tuple(layer for layer in settings.memory.layers if layer != "neck")
+def sam_taps(settings: Settings) -> tuple[str, ...]:
+    """:attr:`config.settings.Settings.sam_taps` (the name :func:`workers.memory.main` still calls)."""
+    return settings.sam_taps
 
 
-def build_sam_backend(sam_settings: Any, taps: Sequence[str] = ()) -> SamBackend:
-    """Build and load the SAM backend named by ``settings.sam`` (a ``config.settings.SamSettings``), exposing
-    the encoder ``taps`` (see :func:`sam_taps`)."""
+def build_sam_backend(sam_settings: SamSettings, taps: Sequence[str] = ()) -> SamBackend:
+    """Build and load the SAM backend named by ``settings.sam``, exposing the encoder ``taps``
+    (:attr:`config.settings.Settings.sam_taps`). onnxruntime picks its own thread count."""
     if sam_settings.backend == "onnx":
         enc = resolve_model_path(sam_settings.encoder_path, "sam.encoder_path")
         dec = resolve_model_path(sam_settings.decoder_path, "sam.decoder_path")
-        threads = int(getattr(sam_settings, "threads", 0))  # optional field; 0 = onnxruntime default
-        return OnnxSamBackend(enc, dec, providers=sam_settings.providers, intra_op_threads=threads,
-                              taps=taps).load()
+        return OnnxSamBackend(enc, dec, providers=sam_settings.providers, taps=taps).load()
     if sam_settings.backend == "torch":
         if not sam_settings.checkpoint:
             raise ModelLoadError("sam.backend=torch needs sam.checkpoint (path of a segment-anything "

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     from config.settings import Settings
     from workers.cps import cascade
     from workers.ppg import generate_prompts
-    from workers.sam import OnnxSamBackend, build_sam_backend, sam_taps
+    from workers.sam import OnnxSamBackend, build_sam_backend
 
     ap = argparse.ArgumentParser(prog="python -m workers.stage_timings")
     ap.add_argument("--image", default=str(DEMO / "test" / "colour" / "14.jpg"))
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     settings = Settings.load()
-    backend = build_sam_backend(settings.sam, taps=sam_taps(settings))
+    backend = build_sam_backend(settings.sam, taps=settings.sam_taps)
     if isinstance(backend, OnnxSamBackend) and args.threads:
         backend = OnnxSamBackend(backend.encoder_path, backend.decoder_path, backend.providers,
                                  intra_op_threads=args.threads, taps=backend.taps).load()
