@@ -237,7 +237,7 @@ class MemorySettings:
     # (bfloat16 matmul, the best search_rerank candidates re-ranked in float32; 0 = none), projection (to
     # search_dim dims on a pca/random basis, search_rerank candidates re-ranked in float32), ivf (torch IVF-Flat:
     # k-means lists, search_nprobe of search_nlist searched exactly), faiss (IVF-Flat, pip install faiss-cpu).
-    # projection (pca, 128 dims, re-rank 8) measured by `python -m workers.memory_search_bench --max-test 20` on
+    # projection (pca, 128 dims, re-rank 8) measured by `python -m workers.bench.memory_search --max-test 20` on
     # the three shared sets: the same nearest neighbour as exact for 100.0 % of patches (pixel AUROC / F1-max
     # deltas 0.00), kNN 0.29-0.91 x the exact time; faiss (search_nprobe 16) was faster (0.23-0.67 x) within
     # 0.04 points but needs the optional package; ivf moved F1-max on the commutator set by +0.7..+2.4 points

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Line speed on this machine, per GPU: frames/s of the whole detector, the per-stage split and the ratio to
-# the bare SAM encoder (python -m workers.gpu_check, once per GPU with CUDA_VISIBLE_DEVICES set to it).
-#   bash deploy/gpu_check.sh [--no-setup] [workers.gpu_check args: --frames N --train N --data DIR]
+# the bare SAM encoder (python -m workers.bench.gpu_check, once per GPU with CUDA_VISIBLE_DEVICES set to it).
+#   bash deploy/gpu_check.sh [--no-setup] [workers.bench.gpu_check args: --frames N --train N --data DIR]
 # Sets up first (deploy/dev.sh setup; with a GPU also onnxruntime-gpu in place of onnxruntime). Without a GPU
 # it runs once on the CPU and says so: those are CPU figures.
 set -euo pipefail
@@ -35,9 +35,9 @@ PY
 
 if [ "$gpus" -eq 0 ]; then
   log "no GPU found (nvidia-smi absent or lists none): running once on the CPU; these are CPU figures"
-  exec env CUDA_VISIBLE_DEVICES="" "$VENV/bin/python" -m workers.gpu_check --label CPU "$@"
+  exec env CUDA_VISIBLE_DEVICES="" "$VENV/bin/python" -m workers.bench.gpu_check --label CPU "$@"
 fi
 log "$gpus GPU(s): one run per GPU"
 for i in $(seq 0 $((gpus - 1))); do
-  CUDA_VISIBLE_DEVICES=$i "$VENV/bin/python" -m workers.gpu_check --label "GPU$i" "$@"
+  CUDA_VISIBLE_DEVICES=$i "$VENV/bin/python" -m workers.bench.gpu_check --label "GPU$i" "$@"
 done

@@ -233,7 +233,7 @@ def _cleanup(client, prefix: str) -> None:
 
 def prompt_modes(args: argparse.Namespace) -> int:
     """Per-frame time of the CLIP map with the fixed prompt ensemble and with ViP2 prompts (same backbone)."""
-    from workers.clip.vip2 import bench_prompt_modes  # torch: only in this mode
+    from workers.bench.clip_maps import bench_prompt_modes  # torch: only in this mode
 
     res = bench_prompt_modes(model=args.clip_model, image_size=args.clip_size, n_frames=max(2, args.frames),
                              pretrained=args.clip_pretrained)

@@ -1,6 +1,6 @@
 """Memory searches (workers/memory_search.py) against the exact float32 search, on constructed clustered data
 (like patch features: rows near a few hundred centres, spread with a decaying spectrum, unit-normalised).
-Speed is not asserted here: ``python -m workers.memory_search_bench`` prints it on real features."""
+Speed is not asserted here: ``python -m workers.bench.memory_search`` prints it on real features."""
 
 from __future__ import annotations
 

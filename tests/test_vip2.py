@@ -1,4 +1,4 @@
-"""ViP²-CLIP prompts (workers.clip.vip2, workers.clip.vip2_train).
+"""ViP²-CLIP prompts (workers.clip.vip2, workers.clip.vip2_mapper, workers.clip.vip2_train).
 
 No CLIP weights can be had on this machine: every test here runs a REAL open_clip architecture
 (ViT-S-32 / ViT-S-32-alt, its real BPE tokenizer) with RANDOM weights (``pretrained="random"``), at a
@@ -20,7 +20,8 @@ pytest.importorskip("open_clip")
 
 from config.settings import ClipSettings, Settings  # noqa: E402
 from stream.contracts import ModelLoadError  # noqa: E402
-from workers.clip import vip2, vip2_train  # noqa: E402
+from workers.bench.clip_maps import bench_prompt_modes  # noqa: E402
+from workers.clip import vip2, vip2_mapper, vip2_train  # noqa: E402
 from workers.clip.backbone import load_clip_backbone  # noqa: E402
 from workers.interfaces import AnomalyMapper  # noqa: E402
 
@@ -98,7 +99,7 @@ def test_map_shapes_at_non_native_size(backbone, head, images):
     assert sum(p.numel() for p in head.ica.parameters()) == ica
     assert sum(p.numel() for p in head.fgp.parameters()) == fgp  # (ViT-L-14-336: 4,151,424 in all)
 
-    mapper = vip2.Vip2Mapper(backbone, head)
+    mapper = vip2_mapper.Vip2Mapper(backbone, head)
     assert isinstance(mapper, AnomalyMapper)
     assert mapper.name == f"clip-vip2[{MODEL}:random]"
     out = mapper.map_batch(list(images))
@@ -225,8 +226,8 @@ def test_save_load_gives_identical_maps(backbone, images, tmp_path):
     assert (cfg["model"], cfg["weights"], cfg["image_size"], cfg["layers"]) == (MODEL, "random", SIZE, list(LAYERS))
     assert (cfg["n_ctx"], cfg["n_slots"], cfg["heads"], cfg["version"]) == (7, 3, 8, vip2.FILE_VERSION)
     loaded = vip2.load_prompts(path, backbone, LAYERS)
-    a = vip2.Vip2Mapper(backbone, head).map(images[0], None)
-    b = vip2.Vip2Mapper(backbone, loaded).map(images[0], None)
+    a = vip2_mapper.Vip2Mapper(backbone, head).map(images[0], None)
+    b = vip2_mapper.Vip2Mapper(backbone, loaded).map(images[0], None)
     np.testing.assert_array_equal(a.pixel, b.pixel)
     assert a.image_score == b.image_score
 
@@ -263,9 +264,9 @@ def test_build_refuses_missing_real_weights():
     random weights are refused unless allowed explicitly (no verdicts from random weights)."""
     cs = ClipSettings(model="ViT-B-32", pretrained="openai", image_size=SIZE, layers=LAYERS, prompt_mode="vip2")
     with pytest.raises(ModelLoadError, match="openai"):
-        vip2.build_vip2_mapper(cs)
+        vip2_mapper.build_vip2_mapper(cs)
     with pytest.raises(ModelLoadError, match="random"):
-        vip2.build_vip2_mapper(ClipSettings(model=MODEL, pretrained="random", image_size=SIZE, layers=LAYERS,
+        vip2_mapper.build_vip2_mapper(ClipSettings(model=MODEL, pretrained="random", image_size=SIZE, layers=LAYERS,
                                             prompt_mode="vip2"))
 
 
@@ -276,15 +277,15 @@ def test_build_from_settings_with_prompt_file(small_backbone, tmp_path):
     # The builder loads a fresh random backbone: same architecture, size and weights tag, so the file fits.
     cs = ClipSettings(model=SMALL_MODEL, pretrained="random", image_size=SMALL_SIZE, layers=SMALL_LAYERS,
                       prompt_mode="vip2", prompts=str(path), allow_random_weights=True)
-    mapper = vip2.build_vip2_mapper(cs)
+    mapper = vip2_mapper.build_vip2_mapper(cs)
     assert mapper.layers == SMALL_LAYERS and mapper.head.config.n_ctx == 3
     assert mapper.name == f"clip-vip2[{SMALL_MODEL}:random]"
     with pytest.raises(vip2.PromptFileError, match="clip.layers"):
-        vip2.build_vip2_mapper(ClipSettings(model=SMALL_MODEL, pretrained="random", image_size=SMALL_SIZE,
+        vip2_mapper.build_vip2_mapper(ClipSettings(model=SMALL_MODEL, pretrained="random", image_size=SMALL_SIZE,
                                             layers=(3, 12), prompt_mode="vip2", prompts=str(path),
                                             allow_random_weights=True))
     with pytest.raises(ModelLoadError, match=r"clip.layers .*outside 1..12"):
-        vip2.build_vip2_mapper(ClipSettings(model=SMALL_MODEL, pretrained="random", image_size=SMALL_SIZE,
+        vip2_mapper.build_vip2_mapper(ClipSettings(model=SMALL_MODEL, pretrained="random", image_size=SMALL_SIZE,
                                             layers=(6, 24), prompt_mode="vip2", allow_random_weights=True))
 
 
@@ -314,7 +315,7 @@ def test_train_prompts_main_writes_file_and_log(shared_data, tmp_path):
 def test_bench_prompt_modes_times_both_mappers():
     """Random weights (tests only, timing only): the lead's bench helper times the ensemble and the vip2 map
     on the same backbone and size."""
-    r = vip2.bench_prompt_modes(SMALL_MODEL, SMALL_SIZE, n_frames=1, layers=SMALL_LAYERS, warmup=0,
+    r = bench_prompt_modes(SMALL_MODEL, SMALL_SIZE, n_frames=1, layers=SMALL_LAYERS, warmup=0,
                                 frame_size=(60, 80))
     assert r["ensemble_name"] == f"clip[{SMALL_MODEL}:random]"
     assert r["vip2_name"] == f"clip-vip2[{SMALL_MODEL}:random]"

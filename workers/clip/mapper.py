@@ -18,12 +18,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from stream.contracts import ModelLoadError
 from workers.interfaces import AnomalyMap, ImageEmbedding
+
+if TYPE_CHECKING:
+    from config.settings import ClipSettings
 
 log = logging.getLogger(__name__)
 
@@ -175,11 +178,11 @@ class ClipAnomalyMapper:
         return out
 
 
-def build_clip_mapper(clip_settings: Any, *, pixel_threshold: float = DEFAULT_RAW_THRESHOLD,
+def build_clip_mapper(clip_settings: ClipSettings, *, pixel_threshold: float = DEFAULT_RAW_THRESHOLD,
                       image_threshold: float = DEFAULT_RAW_THRESHOLD) -> ClipAnomalyMapper:
     """Load the backbone (and adapters) named by ``settings.clip`` and build the mapper.
 
-    ``clip.prompt_mode = "vip2"`` returns ``workers.clip.vip2.build_vip2_mapper(clip_settings)`` instead
+    ``clip.prompt_mode = "vip2"`` returns ``workers.clip.vip2_mapper.build_vip2_mapper(clip_settings)`` instead
     (same interface, same threshold convention).
 
     Raises ModelLoadError when no real weights can be had (random weights only with
@@ -187,9 +190,9 @@ def build_clip_mapper(clip_settings: Any, *, pixel_threshold: float = DEFAULT_RA
     when ``clip.layers`` does not fit the model.
     """
     s = clip_settings
-    mode = getattr(s, "prompt_mode", "ensemble")
-    if mode == "vip2":  # image-conditioned prompts: built by workers.clip.vip2 on the same backbone code
-        from workers.clip.vip2 import build_vip2_mapper
+    mode = s.prompt_mode
+    if mode == "vip2":  # image-conditioned prompts: built by workers.clip.vip2_mapper on the same backbone code
+        from workers.clip.vip2_mapper import build_vip2_mapper
 
         vip2 = build_vip2_mapper(s)
         vip2.pixel_threshold, vip2.image_threshold = float(pixel_threshold), float(image_threshold)

@@ -16,13 +16,16 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from stream.contracts import ModelLoadError
 from workers.evaluate import find_categories
 from workers.imageio import read_image
+
+if TYPE_CHECKING:
+    from config.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +198,7 @@ def train_adapters(backbone: Any, text: Any, feats: list[Any], masks: Any, layer
     return adapters, history
 
 
-def main(settings: Any, args: argparse.Namespace) -> int:
+def main(settings: Settings, args: argparse.Namespace) -> int:
     """CLI entry: DATASET, --out, --epochs, --batch, --lr, --seed, --max-images (see stream.cli)."""
     import torch
 

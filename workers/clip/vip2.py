@@ -20,8 +20,9 @@ The trainable weights (ICA + FGP) are made by ``lineinspect train-prompts`` (:mo
 and stored with the configuration that made them (:func:`save_prompts` / :func:`load_prompts`); a file made
 for another backbone or layout is refused with the setting that differs.
 
-This module needs torch (and open_clip through :mod:`workers.clip.backbone`); it is imported lazily by
-``workers.clip.build_clip_mapper`` only when ``clip.prompt_mode == "vip2"``.
+The mapper that runs them on frames is :mod:`workers.clip.vip2_mapper`. This module needs torch (and open_clip
+through :mod:`workers.clip.backbone`); it is imported lazily, only when ``clip.prompt_mode == "vip2"`` or
+for training.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -38,7 +38,6 @@ from typing import Any
 import numpy as np
 
 from stream.contracts import ModelLoadError
-from workers.interfaces import AnomalyMap, ImageEmbedding
 
 try:
     import torch
@@ -415,70 +414,6 @@ def smooth_sigma(image_size: int, sigma_at_reference: float = DEFAULT_SIGMA) -> 
     return sigma_at_reference * image_size / REFERENCE_SIZE
 
 
-# ------------------------------------------------------------------------------------------ mapper
-
-
-class Vip2Mapper:
-    """:class:`workers.interfaces.AnomalyMapper` with ViP² prompts.
-
-    ``pixel`` = smoothed abnormal probability / ``pixel_threshold``; ``image_score`` = top-K patch score /
-    ``image_threshold`` (both default 0.5 on probabilities, so 1.0 = threshold). ``raw`` holds the
-    smoothed probability map at the frame's size. Build it with :func:`build_vip2_mapper`.
-    """
-
-    def __init__(self, backbone: Any, head: Vip2Head, *, top_k: int = DEFAULT_TOP_K,
-                 smoothing_sigma: float = DEFAULT_SIGMA, pixel_threshold: float = DEFAULT_THRESHOLD,
-                 image_threshold: float = DEFAULT_THRESHOLD, temperature: float = TEMPERATURE):
-        if pixel_threshold <= 0 or image_threshold <= 0:
-            raise ValueError("vip2: thresholds must be > 0")
-        self.backbone = backbone
-        self.head = head
-        self.top_k = top_k
-        self.smoothing_sigma = smoothing_sigma
-        self.pixel_threshold = pixel_threshold
-        self.image_threshold = image_threshold
-        self.temperature = temperature
-        self.name = f"clip-vip2[{backbone.label}]"
-
-    @property
-    def layers(self) -> tuple[int, ...]:
-        return self.head.config.layers
-
-    def map(self, image_bgr: np.ndarray, embedding: ImageEmbedding | None = None) -> AnomalyMap:
-        return self.map_batch([image_bgr])[0]
-
-    def map_batch(self, images_bgr: Sequence[np.ndarray]) -> list[AnomalyMap]:
-        """Maps for several frames; the image encoder and the text encoder each run once for the batch."""
-        import cv2
-
-        t0 = time.perf_counter()
-        global_emb, patches = extract_features(self.backbone, images_bgr, self.layers)
-        t1 = time.perf_counter()
-        self.head.eval()
-        with torch.no_grad():
-            grid, score = align(self.head, self.backbone.model, global_emb, patches, self.top_k, self.temperature)
-        t2 = time.perf_counter()
-        size = int(self.backbone.image_size)
-        up = F.interpolate(grid.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-        up_np = up.cpu().numpy().astype(np.float32)
-        sigma = smooth_sigma(size, self.smoothing_sigma)
-        share = 1.0 / len(images_bgr)
-        out = []
-        for i, img in enumerate(images_bgr):
-            m = cv2.GaussianBlur(up_np[i], (0, 0), sigma) if sigma > 0 else up_np[i]
-            h, w = img.shape[:2]
-            raw = cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR).astype(np.float32)
-            np.clip(raw, 0.0, 1.0, out=raw)
-            out.append(AnomalyMap(
-                pixel=(raw / self.pixel_threshold).astype(np.float32),
-                image_score=float(score[i]) / self.image_threshold,
-                raw=raw,
-                timings={"clip_image": (t1 - t0) * share, "vip2_prompts_align": (t2 - t1) * share,
-                         "vip2_map": (time.perf_counter() - t2) * share},
-            ))
-        return out
-
-
 # ---------------------------------------------------------------------------------------- save/load
 
 
@@ -531,97 +466,3 @@ def load_prompts(path: str | os.PathLike, backbone: Any, layers: Sequence[int] |
                               "clip.prompts") from exc
     head.eval()
     return head
-
-
-# -------------------------------------------------------------------------------------------- build
-
-
-def build_vip2_mapper(clip_settings: Any) -> Vip2Mapper:
-    """Load the backbone and the prompt file named by ``clip_settings`` (a ``config.settings.ClipSettings``).
-
-    Raises :class:`ModelLoadError` when the CLIP weights cannot be loaded (random weights are only used with
-    ``allow_random_weights``), and :class:`PromptFileError` when ``clip.prompts`` is empty, missing or made for
-    another backbone. Without a prompt file, an untrained head is used only when random weights are allowed
-    (tests and benchmarks).
-    """
-    from workers.clip.backbone import load_clip_backbone
-
-    cs = clip_settings
-    try:
-        backbone = load_clip_backbone(cs.model, cs.pretrained, cs.image_size, device=cs.device,
-                                      allow_random=cs.allow_random_weights)
-    except ModelLoadError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - every load failure must stop verdicts the same way
-        raise ModelLoadError(f"clip: cannot load {cs.model} weights {cs.pretrained!r}: {exc}") from exc
-    layers = tuple(cs.layers)
-    if cs.prompts:
-        head = load_prompts(cs.prompts, backbone, layers)
-    elif cs.allow_random_weights:
-        head = new_head(backbone, config_for(backbone, layers), seed=0)
-    else:
-        raise PromptFileError(
-            "clip.prompt_mode=vip2 needs clip.prompts: a file made by `lineinspect train-prompts`", "clip.prompts")
-    head.eval()
-    return Vip2Mapper(
-        backbone, head,
-        top_k=int(getattr(cs, "vip2_top_k", DEFAULT_TOP_K)),
-        smoothing_sigma=float(getattr(cs, "vip2_smoothing_sigma", DEFAULT_SIGMA)),
-    )
-
-
-# -------------------------------------------------------------------------------------------- bench
-
-
-def bench_prompt_modes(model: str = "ViT-S-32", image_size: int = 224, n_frames: int = 5,
-                       pretrained: str = "random", layers: Sequence[int] | None = None,
-                       device: str = "cpu", frame_size: tuple[int, int] = (480, 640),
-                       warmup: int = 1) -> dict[str, Any]:
-    """Per-frame time of the ViP² map next to the ensemble map on the same backbone and input size.
-
-    Both mappers are built through their settings (``prompt_mode`` ensemble / vip2); with ``pretrained=
-    "random"`` random weights are allowed (timing only, the maps mean nothing). Frames are synthetic
-    ``frame_size`` BGR images, mapped one at a time after ``warmup`` untimed frames. Returns milliseconds per
-    frame for each mode (mean and min) and the mean of each mapper's own stage timings.
-
-    Command line: ``python -c "import json; from workers.clip.vip2 import bench_prompt_modes as b;
-    print(json.dumps(b('ViT-S-32', 160, 10)))"``.
-    """
-    from config.settings import ClipSettings
-    from workers.clip.backbone import load_clip_backbone
-
-    allow_random = pretrained == "random"
-    if layers is None:
-        probe = load_clip_backbone(model, pretrained, image_size, device=device, allow_random=allow_random)
-        layers = default_layers(probe)
-        del probe
-    rng = np.random.default_rng(0)
-    frames = [rng.integers(0, 256, (*frame_size, 3), dtype=np.uint8) for _ in range(n_frames)]
-    result: dict[str, Any] = {"model": model, "pretrained": pretrained, "image_size": image_size,
-                              "layers": list(layers), "n_frames": n_frames, "frame_size": list(frame_size),
-                              "torch_threads": torch.get_num_threads()}
-    for mode in ("ensemble", "vip2"):
-        cs = ClipSettings(model=model, pretrained=pretrained, image_size=image_size, layers=tuple(layers),
-                          prompt_mode=mode, device=device, allow_random_weights=allow_random)
-        if mode == "vip2":
-            mapper: Any = build_vip2_mapper(cs)
-        else:
-            from workers.clip import build_clip_mapper
-
-            mapper = build_clip_mapper(cs)
-        for f in frames[:warmup]:
-            mapper.map(f, None)
-        times = []
-        stages: dict[str, list[float]] = {}
-        for f in frames:
-            t0 = time.perf_counter()
-            amap = mapper.map(f, None)
-            times.append(time.perf_counter() - t0)
-            for k, v in amap.timings.items():
-                stages.setdefault(k, []).append(v)
-        result[f"{mode}_ms_per_frame"] = 1000.0 * float(np.mean(times))
-        result[f"{mode}_stages_ms"] = {k: 1000.0 * float(np.mean(v)) for k, v in stages.items()}
-        result[f"{mode}_ms_min"] = 1000.0 * float(np.min(times))
-        result[f"{mode}_name"] = mapper.name
-    result["vip2_over_ensemble"] = result["vip2_ms_per_frame"] / result["ensemble_ms_per_frame"]
-    return result

@@ -22,12 +22,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from stream.contracts import ModelLoadError
 from workers.imageio import read_image
+
+if TYPE_CHECKING:
+    from config.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +244,7 @@ def _arg(args: argparse.Namespace, name: str) -> Any:
     return DEFAULTS[name] if value is None else value
 
 
-def main(settings: Any, args: argparse.Namespace) -> int:
+def main(settings: Settings, args: argparse.Namespace) -> int:
     """Entry point of ``lineinspect train-prompts``. Uses ``settings.clip`` (model, pretrained, image_size,
     layers, device, allow_random_weights). Returns 0 on success, 2 on bad input or unloadable weights."""
     import torch

