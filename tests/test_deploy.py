@@ -35,7 +35,7 @@ K8S = DEPLOY / "k8s"
 
 def exported_metric_names() -> set[str]:
     """Every sample name the processes can expose, from the metric classes registered in a fresh registry."""
-    from workers.worker import WorkerQueueMetrics
+    from workers.worker_metrics import WorkerQueueMetrics
 
     registry = CollectorRegistry()
     IngestMetrics(registry)

@@ -158,7 +158,7 @@ def test_report_renders_undefined_metrics_as_null_and_dash(tmp_path):
     """A category with only good test images has no pixel AP / image AUROC: null in JSON, '–' in the table."""
     import numpy as np
 
-    from workers.metrics import PixelPool, binary_metrics
+    from workers.eval_metrics import PixelPool, binary_metrics
     from workers.report import CategoryResult, EvalReport, StageResult, write_report
 
     pool = PixelPool(size=32)

@@ -201,7 +201,7 @@ def test_result_inspected_before_a_restart_that_lost_the_stream_is_still_publish
     try:
         wait_for(lambda: client.xpending(keys.frames, "workers")["pending"] == 1, 30, "the frame in the worker's hands")
         own_redis.stop()  # the worker's publish fails: it holds the result
-        wait_for(lambda: len(worker.held or ()) == 1, 30, "the result held")
+        wait_for(lambda: len(worker.link.held or ()) == 1, 30, "the result held")
         own_redis.start()  # empty: stream, group and entry are gone
         client = redis.Redis.from_url(own_redis.url)
         wait_for(lambda: client.exists(keys.results) and client.xlen(keys.results) == 1, 10, "the held result")

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from tests.test_memory import CachingSam
+from workers.eval_metrics import PixelPool
 from workers.evaluate import Category, limit_images
 from workers.evaluate import test_images as category_images
 from workers.imageio import read_image, read_mask
 from workers.memory import MemoryMapper, MemoryParams
-from workers.metrics import PixelPool
 
 pytestmark = pytest.mark.slow
 

@@ -72,7 +72,7 @@ def test_worker_starts_on_a_full_redis_holds_results_and_publishes_when_memory_r
     try:
         wait_for(lambda: worker.health()[1].startswith("redis out of memory:"), 30, "health to name the OOM")
         assert "maxmemory" in worker.health()[1]
-        wait_for(lambda: len(worker.held or ()) == 3, 30, "all three results held")
+        wait_for(lambda: len(worker.link.held or ()) == 3, 30, "all three results held")
         assert client.xlen(keys.frames) == 0  # the frames' data freed (XDEL) ...
         assert client.xpending(keys.frames, "workers")["pending"] == 3  # ... while still pending
         assert client.xlen(keys.results) == 0

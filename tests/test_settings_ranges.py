@@ -93,7 +93,7 @@ def test_healthz_names_the_redis_error_not_the_model(own_redis):
     t.start()
     try:
         deadline = time.monotonic() + 20
-        while worker.redis_error == "not connected yet" and time.monotonic() < deadline:
+        while worker.link.error == "not connected yet" and time.monotonic() < deadline:
             stop.wait(0.05)
         ok, text = worker.health()
     finally:

@@ -41,8 +41,8 @@ import numpy as np
 
 from config.settings import Settings, SettingsError
 from stream.contracts import ModelLoadError
+from workers.eval_metrics import PixelPool, binary_metrics, pr_curve
 from workers.imageio import IMAGE_EXTENSIONS, read_image, read_mask
-from workers.metrics import PixelPool, binary_metrics, pr_curve
 from workers.operating import MaskPool
 from workers.predict import mask_at, score_map_at
 from workers.report import (

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.metrics import BinaryMetrics, Curve, PixelMetrics
+from workers.eval_metrics import BinaryMetrics, Curve, PixelMetrics
 from workers.operating import OperatingPoint
 
 STAGE_NAMES = {0: "map only", 1: "PPG points", 2: "+logit1", 3: "+box+logit2"}

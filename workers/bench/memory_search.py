@@ -176,9 +176,9 @@ def run_category(name: str, settings, embedder: CachedEmbedder, train: list[Path
                  options: list[str], encoder_s: float, repeat: int, pixel_size: int) -> list[Row]:
     import cv2
 
+    from workers.eval_metrics import PixelPool
     from workers.memory import MemoryMapper, MemoryParams, patch_features, raw_to_image, sam_source
     from workers.memory_search import make_search
-    from workers.metrics import PixelPool
 
     params = MemoryParams.from_settings(settings.memory)
     t0 = time.perf_counter()

@@ -29,7 +29,6 @@ The functions here need numpy only; :class:`PixelPool` uses OpenCV for resizing 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -312,7 +311,3 @@ class PixelPool:
         s = np.concatenate(self._scores)
         r = np.concatenate(self._regions)
         return pr_curve(s, r > 0, max_points)
-
-
-def is_nan(x: float) -> bool:
-    return isinstance(x, float) and math.isnan(x)

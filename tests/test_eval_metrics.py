@@ -1,4 +1,4 @@
-"""workers.metrics against scikit-learn and hand-made cases with known answers."""
+"""workers.eval_metrics against scikit-learn and hand-made cases with known answers."""
 
 from __future__ import annotations
 
