@@ -132,55 +132,100 @@ def load_clip_backbone(model: str, pretrained: str, image_size: int | None, devi
 
     if model not in open_clip.list_models():
         raise ModelLoadError(f"unknown open_clip model {model!r}; see open_clip.list_models()")
-    tag = (pretrained or "").strip()
-    kwargs: dict[str, Any] = {"device": "cpu", "weights_only": True}
+    src = _weights_source(open_clip, model, pretrained, allow_random)
+    net = _create_model(open_clip, model, src)
+    visual = net.visual
+    size, native, grid = _fit_input_size(visual, model, image_size)
+
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    net.to(torch.device(device))
+
+    pcfg = getattr(visual, "preprocess_cfg", None) or {}
+    mean = tuple(float(m) for m in pcfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
+    std = tuple(float(s) for s in pcfg.get("std", open_clip.OPENAI_DATASET_STD))
+    tokenizer = open_clip.get_tokenizer(model)
+    bb = ClipBackbone(model=net, tokenizer=tokenizer, model_name=model, weights=src.weights, image_size=size,
+                      mean=mean, std=std, device=str(device))  # type: ignore[arg-type]
+    log.info("clip backbone: model %s, weights %s from %s, input %d px (native %d, grid %dx%d), device %s",
+             model, src.weights, src.source, size, native, grid, grid, device)
+    if bb.is_random:
+        log.warning("clip backbone %s has RANDOM weights: its maps mean nothing (tests only)", model)
+    return bb
+
+
+@dataclass
+class _WeightsSource:
+    """Where a model's weights come from: ``weights`` (reported), ``source`` (in words), ``arg`` (open_clip's
+    ``pretrained``), ``kwargs`` of ``create_model`` and, for an OpenAI TorchScript release, its path."""
+
+    weights: str
+    source: str
+    arg: str | None
+    kwargs: dict[str, Any] = field(default_factory=lambda: {"device": "cpu", "weights_only": True})
     jit_path: Path | None = None
+
+
+def _weights_source(open_clip: Any, model: str, pretrained: str, allow_random: bool) -> _WeightsSource:
+    """Random weights (tests), a local checkpoint file or an open_clip pretrained tag; ModelLoadError otherwise."""
+    tag = (pretrained or "").strip()
     if tag.lower() in _RANDOM_TAGS:
         if not allow_random:
             raise ModelLoadError(
                 f"no CLIP weights for {model}: clip.pretrained={pretrained!r} means random weights, which are "
                 "for tests only (set clip.allow_random_weights); configure clip.pretrained to 'openai' or a "
                 "local checkpoint path")
-        weights, source, arg = RANDOM_WEIGHTS, "random initialisation (no weights loaded)", None
-    elif Path(tag).expanduser().is_file():
+        return _WeightsSource(RANDOM_WEIGHTS, "random initialisation (no weights loaded)", None)
+    if Path(tag).expanduser().is_file():
         path = Path(tag).expanduser().resolve()
-        weights, source, arg = str(path), f"local checkpoint {path}", str(path)
+        src = _WeightsSource(str(path), f"local checkpoint {path}", str(path))
         if _is_torchscript_archive(path):
             # OpenAI's original release files (e.g. ViT-L-14-336px.pt) are TorchScript archives (torch.load
             # refuses them with weights_only) of models trained with QuickGELU: read their state dict with
             # torch.jit.load into the open_clip model built below.
-            kwargs["force_quick_gelu"] = True
-            source += " (OpenAI TorchScript release, QuickGELU)"
-            jit_path, arg = path, None
-    else:
-        cfg = open_clip.get_pretrained_cfg(model, tag)
-        if not cfg:
-            if _looks_like_path(tag):
-                raise ModelLoadError(
-                    f"no CLIP weights for {model}: checkpoint file {tag!r} does not exist; configure "
-                    "clip.pretrained to an existing local checkpoint path")
-            known = open_clip.list_pretrained_tags_by_model(model)
+            src.kwargs["force_quick_gelu"] = True
+            src.source += " (OpenAI TorchScript release, QuickGELU)"
+            src.jit_path, src.arg = path, None
+        return src
+    cfg = open_clip.get_pretrained_cfg(model, tag)
+    if not cfg:
+        if _looks_like_path(tag):
             raise ModelLoadError(
-                f"no CLIP weights for {model}: {tag!r} is neither a pretrained tag of this model "
-                f"(known: {known}) nor an existing file; configure clip.pretrained to a local checkpoint path")
-        # OpenAI's weights were trained with QuickGELU; open_clip's tag config says so.
-        kwargs["force_quick_gelu"] = bool(cfg.get("quick_gelu", False))
-        where = cfg.get("hf_hub") or cfg.get("url") or "the open_clip hub"
-        weights, source, arg = tag, f"open_clip pretrained tag {tag!r} (download from {where})", tag
+                f"no CLIP weights for {model}: checkpoint file {tag!r} does not exist; configure "
+                "clip.pretrained to an existing local checkpoint path")
+        known = open_clip.list_pretrained_tags_by_model(model)
+        raise ModelLoadError(
+            f"no CLIP weights for {model}: {tag!r} is neither a pretrained tag of this model "
+            f"(known: {known}) nor an existing file; configure clip.pretrained to a local checkpoint path")
+    where = cfg.get("hf_hub") or cfg.get("url") or "the open_clip hub"
+    src = _WeightsSource(tag, f"open_clip pretrained tag {tag!r} (download from {where})", tag)
+    # OpenAI's weights were trained with QuickGELU; open_clip's tag config says so.
+    src.kwargs["force_quick_gelu"] = bool(cfg.get("quick_gelu", False))
+    return src
+
+
+def _create_model(open_clip: Any, model: str, src: _WeightsSource) -> Any:
+    """The open_clip model with its weights; only ViT image towers without attentional pooling."""
     try:
-        net = open_clip.create_model(model, pretrained=arg, **kwargs)
-        if jit_path is not None:
-            _load_torchscript_weights(net, jit_path)
+        net = open_clip.create_model(model, pretrained=src.arg, **src.kwargs)
+        if src.jit_path is not None:
+            _load_torchscript_weights(net, src.jit_path)
     except Exception as exc:  # download, file format or shape mismatch: all mean "no usable weights"
         raise ModelLoadError(
-            f"no CLIP weights for {model}: loading {source} failed: {exc}; configure clip.pretrained to a "
+            f"no CLIP weights for {model}: loading {src.source} failed: {exc}; configure clip.pretrained to a "
             "local checkpoint path") from exc
     visual = net.visual
     if not all(hasattr(visual, a) for a in ("conv1", "positional_embedding", "transformer", "ln_post", "proj")):
         raise ModelLoadError(f"{model}: only open_clip ViT image towers are supported (got {type(visual).__name__})")
     if getattr(visual, "attn_pool", None) is not None:
         raise ModelLoadError(f"{model}: image towers with attentional pooling are not supported")
+    return net
 
+
+def _fit_input_size(visual: Any, model: str, image_size: int | None) -> tuple[int, int, int]:
+    """(input size, native size, grid): the asked size rounded down to the patch size, the positional
+    embedding resized when it differs from the native one."""
     native = _pair(visual.image_size)[0]
     patch = _pair(visual.patch_size)[0]
     size = int(image_size) if image_size else native
@@ -192,23 +237,7 @@ def load_clip_backbone(model: str, pretrained: str, image_size: int | None, devi
         size = grid * patch
     if size != native:
         _resize_positional_embedding(visual, grid)
-
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    net.to(torch.device(device))
-
-    pcfg = getattr(visual, "preprocess_cfg", None) or {}
-    mean = tuple(float(m) for m in pcfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
-    std = tuple(float(s) for s in pcfg.get("std", open_clip.OPENAI_DATASET_STD))
-    tokenizer = open_clip.get_tokenizer(model)
-    bb = ClipBackbone(model=net, tokenizer=tokenizer, model_name=model, weights=weights, image_size=size,
-                      mean=mean, std=std, device=str(device))  # type: ignore[arg-type]
-    log.info("clip backbone: model %s, weights %s from %s, input %d px (native %d, grid %dx%d), device %s",
-             model, weights, source, size, native, grid, grid, device)
-    if bb.is_random:
-        log.warning("clip backbone %s has RANDOM weights: its maps mean nothing (tests only)", model)
-    return bb
+    return size, native, grid
 
 
 def _resize_positional_embedding(visual: Any, grid: int) -> None:

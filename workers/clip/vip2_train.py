@@ -30,7 +30,7 @@ from stream.contracts import ModelLoadError
 from workers.imageio import read_image
 
 if TYPE_CHECKING:
-    from config.settings import Settings
+    from config.settings import ClipSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -249,10 +249,8 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     layers, device, allow_random_weights). Returns 0 on success, 2 on bad input or unloadable weights."""
     import torch
 
-    from workers.clip.backbone import load_clip_backbone
-    from workers.clip.vip2 import config_for, new_head, save_prompts
+    from workers.clip.vip2 import new_head, save_prompts
 
-    cs = settings.clip
     out = Path(args.out)
     log_path = Path(getattr(args, "log", None) or out.with_name(out.name + ".loss.jsonl"))
     epochs, batch, seed = int(_arg(args, "epochs")), int(_arg(args, "batch")), int(_arg(args, "seed"))
@@ -260,19 +258,10 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
         print("train-prompts: --epochs and --batch must be >= 1", file=sys.stderr)
         return 2
     try:
-        samples = discover_samples(args.dataset, int(_arg(args, "max_images")), seed)
+        samples, backbone, config = _inputs(settings.clip, args, seed)
     except (FileNotFoundError, OSError) as exc:
         print(str(exc), file=sys.stderr)
         return 2
-    try:
-        backbone = load_clip_backbone(cs.model, cs.pretrained, cs.image_size, device=cs.device,
-                                      allow_random=cs.allow_random_weights)
-    except ModelLoadError as exc:
-        print(f"train-prompts: {exc}", file=sys.stderr)
-        return 2
-    try:
-        config = config_for(backbone, cs.layers, n_ctx=int(_arg(args, "n_ctx")),
-                            n_slots=int(_arg(args, "slots")), heads=int(_arg(args, "heads")))
     except (ModelLoadError, ValueError) as exc:
         print(f"train-prompts: {exc}", file=sys.stderr)
         return 2
@@ -306,3 +295,16 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
     print(f"train-prompts: wrote {out} ({n_params} trainable parameters; loss {history[0]:.4f} -> "
           f"{history[-1]:.4f}); log {log_path}", file=sys.stderr)
     return 0
+
+
+def _inputs(cs: ClipSettings, args: argparse.Namespace, seed: int) -> tuple[list[Sample], Any, Any]:
+    """The training samples, the frozen backbone of ``settings.clip`` and the head's configuration."""
+    from workers.clip.backbone import load_clip_backbone
+    from workers.clip.vip2 import config_for
+
+    samples = discover_samples(args.dataset, int(_arg(args, "max_images")), seed)
+    backbone = load_clip_backbone(cs.model, cs.pretrained, cs.image_size, device=cs.device,
+                                  allow_random=cs.allow_random_weights)
+    config = config_for(backbone, cs.layers, n_ctx=int(_arg(args, "n_ctx")), n_slots=int(_arg(args, "slots")),
+                        heads=int(_arg(args, "heads")))
+    return samples, backbone, config
