@@ -14,15 +14,9 @@ import pytest
 
 from config.settings import Settings
 from tests.offline_helpers import CountingBackend, nearest_factory
-from workers import evaluate
-from workers.evaluate import (
-    EvalImage,
-    balanced_order,
-    find_categories,
-    limit_images,
-    parse_kernel,
-    parse_stages,
-)
+from workers import dataset, evaluate
+from workers.dataset import EvalImage, balanced_order, find_categories, limit_images
+from workers.evaluate import parse_kernel, parse_stages
 
 
 def _touch(p: Path) -> None:
@@ -43,10 +37,10 @@ def test_find_categories_single_flat_and_nested(tmp_path):
     assert [(c.name, c.rel) for c in cats] == [
         ("bottle", "bottle"), ("commutator", "ksdd/commutator"), ("mpdd/bottle", "mpdd/bottle"),
         ("metal_plate", "mpdd/metal_plate")]
-    picked = evaluate.select_categories(cats, "commutator,mpdd/metal_plate")
+    picked = dataset.select_categories(cats, "commutator,mpdd/metal_plate")
     assert [c.rel for c in picked] == ["ksdd/commutator", "mpdd/metal_plate"]
     with pytest.raises(ValueError, match="unknown categories"):
-        evaluate.select_categories(cats, "carpet")
+        dataset.select_categories(cats, "carpet")
 
 
 def test_limit_images_is_balanced_over_defect_types():

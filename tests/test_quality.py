@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from tests.test_memory import CachingSam
+from workers.dataset import Category, limit_images
+from workers.dataset import test_images as category_images
 from workers.eval_metrics import PixelPool
-from workers.evaluate import Category, limit_images
-from workers.evaluate import test_images as category_images
 from workers.imageio import read_image, read_mask
 from workers.memory import MemoryMapper, MemoryParams
 

@@ -16,6 +16,14 @@ class ImageReadError(LineInspectError):
     """An image file is missing, truncated or not an image."""
 
 
+def images_in(folder: Path) -> list[Path]:
+    """Image files directly in ``folder`` (not recursive, sorted); none when it is not a folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
 def list_images(folder: Path, exclude: Sequence[Path] = ()) -> list[Path]:
     """Image files under ``folder`` (recursive, sorted), skipping anything inside ``exclude`` folders."""
     folder = Path(folder)

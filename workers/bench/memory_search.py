@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from workers.bench import REPO_ROOT
-from workers.evaluate import find_categories
+from workers.dataset import find_categories
+from workers.imageio import images_in
 
 DEFAULT_SEARCHES = "exact,bf16,bf16+rerank,projection,projection-random,ivf,faiss"
 
@@ -45,18 +46,12 @@ class TestImage:
     mask: Path | None
 
 
-def _images(folder: Path) -> list[Path]:
-    from workers.imageio import IMAGE_EXTENSIONS
-
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
 def test_slice(cat: Path, max_images: int) -> list[TestImage]:
     """At most ``max_images`` test images, round-robin over the defect types (good included)."""
     groups = {}
     for d in sorted(p for p in (cat / "test").iterdir() if p.is_dir()):
         items = []
-        for p in _images(d):
+        for p in images_in(d):
             mask = cat / "ground_truth" / d.name / f"{p.stem}_mask.png"
             items.append(TestImage(p, d.name, mask if d.name != "good" and mask.is_file() else None))
         groups[d.name] = items
@@ -289,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     rows = []
     for cat in cats:
-        train = _images(cat / "train" / "good")
+        train = images_in(cat / "train" / "good")
         if args.max_train > 0:
             train = train[:args.max_train]
         tests = test_slice(cat, args.max_test)

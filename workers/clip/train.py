@@ -21,15 +21,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stream.contracts import ModelLoadError
-from workers.evaluate import find_categories
-from workers.imageio import read_image
+from workers.dataset import find_categories
+from workers.imageio import images_in, read_image
 
 if TYPE_CHECKING:
     from config.settings import Settings
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 FOCAL_GAMMA = 2.0
 FEATURE_CACHE_FLOAT16_BYTES = 512 * 1024 * 1024  # above this the cached tokens are kept in float16
 
@@ -40,12 +39,6 @@ class TrainSample:
     mask: Path | None  # None: a good image (all-normal mask)
     category: str
     kind: str  # defect type folder, "good" for normal images
-
-
-def _images(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def find_samples(dataset: str | Path, max_images: int = 0) -> list[TrainSample]:
@@ -59,7 +52,7 @@ def find_samples(dataset: str | Path, max_images: int = 0) -> list[TrainSample]:
         n_defect = 0
         for tdir in sorted(p for p in (cat / "test").iterdir() if p.is_dir() and p.name != "good"):
             items = []
-            for img in _images(tdir):
+            for img in images_in(tdir):
                 mask = cat / "ground_truth" / tdir.name / f"{img.stem}_mask.png"
                 if mask.is_file():
                     items.append(TrainSample(img, mask, cat.name, tdir.name))
@@ -68,7 +61,7 @@ def find_samples(dataset: str | Path, max_images: int = 0) -> list[TrainSample]:
             n_defect += len(items)
             if items:
                 groups.append(items)
-        good = _images(cat / "test" / "good") + _images(cat / "train" / "good")
+        good = images_in(cat / "test" / "good") + images_in(cat / "train" / "good")
         good = good[: max(n_defect, 1)]
         if good:
             groups.append([TrainSample(p, None, cat.name, "good") for p in good])
