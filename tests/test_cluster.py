@@ -14,8 +14,8 @@ import pytest
 
 from config.settings import RedisSettings
 from stream.chaos_procs import Procs, ingest_stats
+from stream.entries import PAYLOAD_FIELD
 from stream.keys import key_slot, line_keys, lines_index
-from stream.queue import PAYLOAD_FIELD
 from stream.redisclient import make_client
 from stream.wire import decode_result
 

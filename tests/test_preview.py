@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 from stream.contracts import Defect, Encoding, InspectionResult, Verdict
+from stream.entries import PAYLOAD_FIELD
 from stream.keys import line_keys, lines_index
-from stream.queue import PAYLOAD_FIELD
 from stream.wire import encode_frame, encode_label_mask, encode_result, image_to_frame
 from tests.conftest import ROOT, free_port
 
