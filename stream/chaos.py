@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stream.chaos_procs import PrivateRedis, Procs, ingest_stats
+from stream.entries import PAYLOAD_FIELD
 from stream.keys import line_keys
-from stream.queue import PAYLOAD_FIELD
+from stream.producer import add_entry
 
 KEYS = line_keys("chaos", "L1")
 DROP_REASONS = ("trimmed", "redis", "oom", "unconfirmed", "lost", "encode")
@@ -289,11 +290,11 @@ def fuzz_scenario(workdir: Path, n: int) -> Row:
         for i, payload in enumerate(_fuzz_payloads(n)):
             if i % 1000 == 999:
                 img = np.full((16, 16, 3), i % 255, np.uint8)
-                pipe.xadd(KEYS.frames, {PAYLOAD_FIELD: wire.encode_frame(wire.image_to_frame(
+                add_entry(pipe, KEYS.frames, wire.encode_frame(wire.image_to_frame(
                     img, line_id="L1", camera_id="good", seq=i, session="g", capture_ts=time.time(),
-                    encoding=Encoding.RAW))})
+                    encoding=Encoding.RAW)))
                 good += 1
-            pipe.xadd(KEYS.frames, {PAYLOAD_FIELD: payload})
+            add_entry(pipe, KEYS.frames, payload)
             added += 1
             if added % 1000 == 0:
                 pipe.execute()

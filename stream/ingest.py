@@ -5,7 +5,7 @@ Per frame: read from the (reconnecting) source, pace to ``camera.fps``, encode (
 stream and ``XTRIM MAXLEN [~] queue.maxlen``. The stream is bounded: when workers fall behind the oldest
 frames are dropped (policy DROP_OLDEST); those no worker had been given are counted as
 ``frames_dropped{reason="trimmed_oldest"}`` (the rule, and the stream identity that detects a Redis that
-lost the stream, ``redis_lost``: :mod:`stream.enqueue`).
+lost the stream, ``redis_lost``: :mod:`stream.producer`).
 
 Other losses are counted too: ``unreadable`` (a file of a folder source that does not decode),
 ``encode_error``, ``redis_error`` (Redis unreachable: frames read meanwhile are dropped while the
@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from config.settings import CameraSettings, Settings, SettingsError
 from stream.backoff import Backoff
 from stream.contracts import Encoding, PayloadError, SourceConnectionError, SourceExhausted
-from stream.enqueue import Enqueuer
 from stream.keys import line_keys, lines_index
-from stream.queue import PAYLOAD_FIELD, ensure_group
+from stream.producer import FrameProducer
+from stream.queue import ensure_group
 from stream.redact import redact_text, redact_url
 from stream.redisclient import unavailable_errors
 
@@ -63,7 +63,7 @@ class IngestStats:
     dropped_oom: int  # frames Redis refused for maxmemory (OOM)
     dropped_unconfirmed: int  # sent, not answered (timeout, connection closed): may be queued all the same
     dropped_lost: int  # queued frames lost when Redis came back without the stream (restart without AOF)
-    trimmed_delivered: int  # trimmed while a worker held them: not a loss here (see stream.enqueue)
+    trimmed_delivered: int  # trimmed while a worker held them: not a loss here (see stream.producer)
     frames_missed: int  # frame slots at camera.fps that passed while ingest was blocked (never captured)
     reconnects: int  # camera reopen attempts
     stopped_by: str  # "stop" | "exhausted" | "camera_failed" | "max_frames"
@@ -185,8 +185,8 @@ def run_ingest(settings: Settings, camera_id: str, stop: threading.Event | None 
     registered = False
     redis_retry_at = 0.0
     last_backlog = 0  # undelivered frames in the stream after the last frame added (redis_lost on a restart)
-    enqueuer = Enqueuer(client, keys, lines_index(settings.redis.key_prefix), maxlen=q.maxlen,
-                        approximate=approximate, group=q.group, payload_field=PAYLOAD_FIELD)
+    enqueuer = FrameProducer(client, keys, lines_index(settings.redis.key_prefix), maxlen=q.maxlen,
+                             approximate=approximate, group=q.group)
     down_reason = "redis_error"  # what a frame dropped before redis_retry_at is counted as
     redis_backoff = Backoff(REDIS_RETRY_INITIAL_S, REDIS_RETRY_MAX_S)
     period = 1.0 / camera.fps if camera.fps > 0 else 0.0
