@@ -29,7 +29,7 @@ COMMANDS: dict[str, str] = {
     "memory": "workers.memory",
     "train-adapter": "workers.clip.train",
     "train-prompts": "workers.clip.vip2_train",
-    "alerts": "stream.alerts",
+    "alerts": "stream.alerts.run",
     "preview": "stream.preview",
     "bench": "stream.bench",
     "redis": "stream.migrate",

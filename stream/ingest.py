@@ -139,7 +139,7 @@ def run_ingest(settings: Settings, camera_id: str, stop: threading.Event | None 
     from prometheus_client import CollectorRegistry
 
     from stream import wire
-    from stream.metrics import IngestMetrics
+    from stream.prometheus_metrics import IngestMetrics
     from stream.sources import ReconnectingSource, make_source
 
     camera = settings.camera(camera_id)

@@ -69,10 +69,16 @@ class StreamCursor:
         return entries
 
 
-def follow(client: Any, cursor: StreamCursor, *, count: int, block_ms: int | None) -> list[Entry]:
-    """New entries of the cursor's streams (sync client), waiting up to about ``block_ms`` for some."""
+def mark_now(client: Any, cursor: StreamCursor) -> None:
+    """Resolve the cursor's :data:`FROM_NOW` streams to their newest entry now (sync client): what is added
+    after this call is all read. :func:`follow` does it itself; call it first to fix the start earlier."""
     for stream in cursor.unresolved():
         cursor.resolve(stream, client.xrevrange(stream, count=1))
+
+
+def follow(client: Any, cursor: StreamCursor, *, count: int, block_ms: int | None) -> list[Entry]:
+    """New entries of the cursor's streams (sync client), waiting up to about ``block_ms`` for some."""
+    mark_now(client, cursor)
     requests = cursor.requests()
     block = _per_command(block_ms, len(requests))
     return cursor.advance([r for streams in requests for r in client.xread(streams, count=count, block=block) or ()])

@@ -65,7 +65,7 @@ DRAIN_HELD_S = 5.0
 
 
 class WorkerQueueMetrics:
-    """Counters of the worker's queue handling that :class:`stream.metrics.WorkerMetrics` has no place for."""
+    """Counters of the worker's queue handling that :class:`stream.prometheus_metrics.WorkerMetrics` has no place for."""
 
     def __init__(self, registry):
         from prometheus_client import Counter
@@ -150,7 +150,7 @@ class Worker:
     """The loop of one consumer. Nothing connects in the constructor; :meth:`run` does everything."""
 
     def __init__(self, settings: Settings, line: str, worker_id: str, detector_name: str, registry, client):
-        from stream.metrics import WorkerMetrics
+        from stream.prometheus_metrics import WorkerMetrics
 
         self.settings = settings
         self.line = line
