@@ -30,7 +30,7 @@ COMMANDS: dict[str, str] = {
     "train-adapter": "workers.clip.train",
     "train-prompts": "workers.clip.vip2_train",
     "alerts": "stream.alerts.run",
-    "preview": "stream.preview",
+    "preview": "stream.preview.run",
     "bench": "stream.bench",
     "redis": "stream.migrate",
 }

@@ -275,7 +275,8 @@ def test_preview_reads_lines_on_two_masters(redis_cluster, demo_data):
 
     from config.settings import Settings
     from stream.contracts import Encoding
-    from stream.preview import PreviewOptions, PreviewServer
+    from stream.preview.options import PreviewOptions
+    from stream.preview.server import PreviewServer
     from stream.wire import encode_frame, encode_result, image_to_frame
     from tests.test_preview import TOKEN, _defect_result
 
