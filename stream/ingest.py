@@ -35,7 +35,7 @@ import numpy as np
 
 from config.settings import CameraSettings, Settings, SettingsError
 from stream.contracts import Encoding, PayloadError, SourceConnectionError, SourceExhausted
-from stream.keys import line_keys, lines_index
+from stream.keys import LineKeys, line_keys, lines_index
 from stream.producer import EnqueueReply, FrameProducer
 from stream.prometheus_metrics import IngestMetrics
 from stream.queue import ensure_group
@@ -127,44 +127,31 @@ def _ensure_group(client, stream: str, group: str) -> None:
         log.warning("ingest cannot create the consumer group %r on %s (%s): the workers will", group, stream, exc)
 
 
-class _CameraRun:
-    """One run of one camera: its state, and the steps of a frame (pace, capture, encode, enqueue)."""
+def _count_drop(metrics: IngestMetrics, labels: dict[str, str], reason: str, n: int = 1) -> None:
+    metrics.frames_dropped.labels(reason=reason, **labels).inc(n)
 
-    def __init__(self, settings: Settings, camera: CameraSettings, client, metrics: IngestMetrics,
-                 stop: threading.Event):
-        self.camera = camera
-        self.client = client
-        self.metrics = metrics
-        self.stop = stop
-        self.labels = {"line": camera.line, "camera": camera.id}
-        self.keys = line_keys(settings.redis.key_prefix, camera.line, settings.redis.key_layout)
+
+class _RedisSide:
+    """Ingest's side of Redis: adds each frame through the producer, and accounts for every frame that is not
+    added (Redis down, full, not answering) or that Redis loses later (trimmed, lost in a restart)."""
+
+    def __init__(self, settings: Settings, keys: LineKeys, client, metrics: IngestMetrics,
+                 labels: dict[str, str], counts: _Counts, health: _Health):
         q = settings.queue
+        self.client = client
+        self.keys = keys
         self.group = q.group
-        self.producer = FrameProducer(client, self.keys, lines_index(settings.redis.key_prefix), maxlen=q.maxlen,
+        self.producer = FrameProducer(client, keys, lines_index(settings.redis.key_prefix), maxlen=q.maxlen,
                                       approximate=q.trim == "approximate", group=q.group)
-        self.encoding = Encoding(camera.encoding)
-        self.session = str(int(time.time() * 1000))
-        self.counts = _Counts()
-        self.health = _Health(camera)
-        self.source = camera_source(camera, sleep=stop.wait, on_reconnect=self._on_reconnect)
-        self.health.source = self.source
-        self.stopped_by = "stop"  # "stop" | "exhausted" | "camera_failed" | "max_frames"
-        self.seq = 0
-        self._unreadable_seen = 0
-        self._period = 1.0 / camera.fps if camera.fps > 0 else 0.0
-        self._next_due = time.monotonic()
+        self.metrics = metrics
+        self.labels = labels
+        self.counts = counts
+        self.health = health
         self._registered = False  # the group exists and the line is in the lines index (since the last connect)
         self._retry_at = 0.0  # Redis known down or full until then: frames are dropped, not sent
         self._down_reason = "redis_error"  # what a frame dropped before _retry_at is counted as
         self._backoff = redis_backoff()
         self._last_backlog = 0  # undelivered frames after the last frame added (redis_lost on a restart)
-
-    def _count_drop(self, reason: str, n: int = 1) -> None:
-        self.metrics.frames_dropped.labels(reason=reason, **self.labels).inc(n)
-
-    def _on_reconnect(self) -> None:
-        self.metrics.camera_up.labels(**self.labels).set(0)
-        self.metrics.camera_reconnects.labels(**self.labels).inc()
 
     def check_redis(self) -> None:
         """The initial health; failures later are handled (and counted) per frame."""
@@ -174,69 +161,6 @@ class _CameraRun:
         except unavailable_errors() as exc:
             self.health.redis_error = redact_text(exc)
             log.error("redis unreachable at start (%s): frames will be dropped until it answers", exc)
-
-    # ------------------------------------------------------------------------------- the steps
-    def pace(self) -> bool:
-        """Wait for the next frame's slot at ``camera.fps``; False when stopped meanwhile. Never bursts to catch
-        up: a late frame resets the schedule; whole periods that passed while ingest was blocked (a frozen
-        Redis holds it up to redis.socket_timeout_s) are counted as missed."""
-        period = self._period
-        if not period:
-            return True
-        wait = self._next_due - time.monotonic()
-        if wait > 0 and self.stop.wait(wait):
-            return False
-        behind = time.monotonic() - self._next_due
-        if behind >= period:
-            missed = int(behind // period)
-            self.counts.missed += missed
-            self.metrics.frames_missed.labels(**self.labels).inc(missed)
-        self._next_due = max(self._next_due + period, time.monotonic())
-        return True
-
-    def capture(self) -> np.ndarray | None:
-        """The next image of the camera; None when the run ends here (``stopped_by`` says why)."""
-        try:
-            image = self.source.read()
-        except SourceExhausted as exc:
-            log.info("camera %s: %s", self.camera.id, exc)
-            self.stopped_by = "exhausted"
-            return None
-        except SourceConnectionError as exc:
-            self.metrics.camera_up.labels(**self.labels).set(0)
-            if not self.stop.is_set():
-                log.error("camera %s failed for good: %s", self.camera.id, exc)
-                self.stopped_by = "camera_failed"
-            return None
-        finally:
-            unreadable = self.source.unreadable - self._unreadable_seen
-            if unreadable > 0:
-                self._unreadable_seen = self.source.unreadable
-                self.counts.unreadable += unreadable
-                self._count_drop("unreadable", unreadable)
-        self.counts.captured += 1
-        self.metrics.frames_captured.labels(**self.labels).inc()
-        self.metrics.camera_up.labels(**self.labels).set(1)
-        return image
-
-    def encode(self, image: np.ndarray) -> bytes | None:
-        """The frame's wire payload; None (counted as ``encode_error``) when it does not encode."""
-        from stream import wire
-
-        t0 = time.perf_counter()
-        seq, self.seq = self.seq, self.seq + 1
-        try:
-            frame = wire.image_to_frame(image, line_id=self.camera.line, camera_id=self.camera.id, seq=seq,
-                                        session=self.session, capture_ts=time.time(), encoding=self.encoding,
-                                        jpeg_quality=self.camera.jpeg_quality)
-            payload = wire.encode_frame(frame)
-        except PayloadError as exc:
-            self.counts.encode += 1
-            self._count_drop("encode_error")
-            log.warning("camera %s: frame %d does not encode: %s", self.camera.id, seq, exc)
-            return None
-        self.metrics.encode_seconds.labels(**self.labels).observe(time.perf_counter() - t0)
-        return payload
 
     def enqueue(self, payload: bytes) -> None:
         """Add the frame to the line's stream, or count why it was lost (Redis down, full, not answering)."""
@@ -257,7 +181,6 @@ class _CameraRun:
             self._redis_up()
             self._added(reply)
 
-    # ------------------------------------------------------------------------------- accounting
     def _count_lost(self, reason: str) -> None:
         if reason == "redis_oom":
             self.counts.oom += 1
@@ -265,7 +188,7 @@ class _CameraRun:
             self.counts.timeout += 1
         else:
             self.counts.redis += 1
-        self._count_drop(reason)
+        _count_drop(self.metrics, self.labels, reason)
 
     def _redis_down(self, exc: Exception) -> None:
         # sent but not answered (a timeout, a connection closed mid-command): the outcome is unknown, a frozen
@@ -305,14 +228,106 @@ class _CameraRun:
         self.metrics.frames_enqueued.labels(**self.labels).inc()
         if reply.trimmed_undelivered:
             counts.trimmed += reply.trimmed_undelivered
-            self._count_drop("trimmed_oldest", reply.trimmed_undelivered)
+            _count_drop(self.metrics, self.labels, "trimmed_oldest", reply.trimmed_undelivered)
         counts.trimmed_delivered += reply.trimmed - reply.trimmed_undelivered
         if reply.identity_created and self._last_backlog:  # Redis came back without the stream
             counts.lost += self._last_backlog
-            self._count_drop("redis_lost", self._last_backlog)
+            _count_drop(self.metrics, self.labels, "redis_lost", self._last_backlog)
             log.error("redis lost the stream %s (restarted without its data?): %d queued frame(s) lost, "
                       "counted as redis_lost", self.keys.frames, self._last_backlog)
         self._last_backlog = reply.backlog
+
+
+class _CameraRun:
+    """One run of one camera: its state, and the steps of a frame (pace, capture, encode, then
+    :meth:`_RedisSide.enqueue`)."""
+
+    def __init__(self, settings: Settings, camera: CameraSettings, client, metrics: IngestMetrics,
+                 stop: threading.Event):
+        self.camera = camera
+        self.metrics = metrics
+        self.stop = stop
+        self.labels = {"line": camera.line, "camera": camera.id}
+        self.keys = line_keys(settings.redis.key_prefix, camera.line, settings.redis.key_layout)
+        self.encoding = Encoding(camera.encoding)
+        self.session = str(int(time.time() * 1000))
+        self.counts = _Counts()
+        self.health = _Health(camera)
+        self.redis = _RedisSide(settings, self.keys, client, metrics, self.labels, self.counts, self.health)
+        self.source = camera_source(camera, sleep=stop.wait, on_reconnect=self._on_reconnect)
+        self.health.source = self.source
+        self.stopped_by = "stop"  # "stop" | "exhausted" | "camera_failed" | "max_frames"
+        self.seq = 0
+        self._unreadable_seen = 0
+        self._period = 1.0 / camera.fps if camera.fps > 0 else 0.0
+        self._next_due = time.monotonic()
+
+    def _on_reconnect(self) -> None:
+        self.metrics.camera_up.labels(**self.labels).set(0)
+        self.metrics.camera_reconnects.labels(**self.labels).inc()
+
+    # ------------------------------------------------------------------------------- the steps
+    def pace(self) -> bool:
+        """Wait for the next frame's slot at ``camera.fps``; False when stopped meanwhile. Never bursts to catch
+        up: a late frame resets the schedule; whole periods that passed while ingest was blocked (a frozen
+        Redis holds it up to redis.socket_timeout_s) are counted as missed."""
+        period = self._period
+        if not period:
+            return True
+        wait = self._next_due - time.monotonic()
+        if wait > 0 and self.stop.wait(wait):
+            return False
+        behind = time.monotonic() - self._next_due
+        if behind >= period:
+            missed = int(behind // period)
+            self.counts.missed += missed
+            self.metrics.frames_missed.labels(**self.labels).inc(missed)
+        self._next_due = max(self._next_due + period, time.monotonic())
+        return True
+
+    def capture(self) -> np.ndarray | None:
+        """The next image of the camera; None when the run ends here (``stopped_by`` says why)."""
+        try:
+            image = self.source.read()
+        except SourceExhausted as exc:
+            log.info("camera %s: %s", self.camera.id, exc)
+            self.stopped_by = "exhausted"
+            return None
+        except SourceConnectionError as exc:
+            self.metrics.camera_up.labels(**self.labels).set(0)
+            if not self.stop.is_set():
+                log.error("camera %s failed for good: %s", self.camera.id, exc)
+                self.stopped_by = "camera_failed"
+            return None
+        finally:
+            unreadable = self.source.unreadable - self._unreadable_seen
+            if unreadable > 0:
+                self._unreadable_seen = self.source.unreadable
+                self.counts.unreadable += unreadable
+                _count_drop(self.metrics, self.labels, "unreadable", unreadable)
+        self.counts.captured += 1
+        self.metrics.frames_captured.labels(**self.labels).inc()
+        self.metrics.camera_up.labels(**self.labels).set(1)
+        return image
+
+    def encode(self, image: np.ndarray) -> bytes | None:
+        """The frame's wire payload; None (counted as ``encode_error``) when it does not encode."""
+        from stream import wire
+
+        t0 = time.perf_counter()
+        seq, self.seq = self.seq, self.seq + 1
+        try:
+            frame = wire.image_to_frame(image, line_id=self.camera.line, camera_id=self.camera.id, seq=seq,
+                                        session=self.session, capture_ts=time.time(), encoding=self.encoding,
+                                        jpeg_quality=self.camera.jpeg_quality)
+            payload = wire.encode_frame(frame)
+        except PayloadError as exc:
+            self.counts.encode += 1
+            _count_drop(self.metrics, self.labels, "encode_error")
+            log.warning("camera %s: frame %d does not encode: %s", self.camera.id, seq, exc)
+            return None
+        self.metrics.encode_seconds.labels(**self.labels).observe(time.perf_counter() - t0)
+        return payload
 
     def stats(self, seconds: float) -> IngestStats:
         c = self.counts
@@ -346,7 +361,7 @@ def _frames(run: _CameraRun, max_frames: int | None) -> None:
             return
         payload = run.encode(image)
         if payload is not None:
-            run.enqueue(payload)
+            run.redis.enqueue(payload)
 
 
 def run_ingest(settings: Settings, camera_id: str, stop: threading.Event | None = None, registry=None,
@@ -361,7 +376,7 @@ def run_ingest(settings: Settings, camera_id: str, stop: threading.Event | None 
     client = client if client is not None else make_client(settings.redis)
     run = _CameraRun(settings, camera, client, IngestMetrics(registry), stop or threading.Event())
     _log_start(settings, run)
-    run.check_redis()
+    run.redis.check_redis()
     server = None
     if settings.metrics.enabled:
         from stream.health import start_metrics_server
