@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from config.settings import Settings, to_dict
-from stream.entries import PAYLOAD_FIELD
+from stream.entries import payload_of
 from stream.keys import line_keys
 from stream.producer import add_entry
 from stream.redact import redact_url
@@ -190,7 +190,7 @@ def pipeline_rate(settings: Settings, client, prefix: str, *, frames: int, width
             ingest_out = run.tail(ingest, 3)
         finally:
             run.stop_all()
-    results = [decode_result(f[PAYLOAD_FIELD]) for _, f in client.xrange(keys.results)]
+    results = [decode_result(payload_of(f)) for _, f in client.xrange(keys.results)]
     if len(results) < 2:
         raise RuntimeError(f"only {len(results)} results within {run_timeout_s:.0f}s")
     done = sorted(r.processed_ts for r in results)
