@@ -11,7 +11,8 @@ import importlib
 import logging
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 
 import yaml
 
@@ -19,7 +20,7 @@ from config.settings import Settings, SettingsError, check_ident
 from stream.redact import install_log_redaction, redact_text
 
 # subcommand -> module whose main(settings, args) runs it
-COMMANDS: dict[str, str] = {
+COMMANDS: Mapping[str, str] = MappingProxyType({
     "ingest": "stream.ingest",
     "worker": "workers.worker",
     "results": "stream.results",
@@ -34,7 +35,7 @@ COMMANDS: dict[str, str] = {
     "bench": "stream.bench",
     "redis": "stream.migrate",
     "config": "stream.effective_settings",
-}
+})
 
 
 def _parse_set(value: str) -> tuple[str, object]:

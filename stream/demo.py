@@ -33,7 +33,7 @@ from stream.redisclient import make_client
 from stream.results import ResultFollower, format_result, write_overlay
 
 DEMO_DATA = Path(__file__).with_name("demo_data") / "hazelnut_toy"
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp"}
+IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
 LINE = "demo"
 CAMERA = "conveyor"
 

@@ -4,18 +4,19 @@ every response (no CORS, no caching, no framing)."""
 from __future__ import annotations
 
 import hmac
+from types import MappingProxyType
 from typing import Any
 
 TOKEN_HEADER = "X-Preview-Token"
 PUBLIC_PREFIX = "/static/"  # the page's script and style: no data in them, served without the token
-SECURITY_HEADERS = {
+SECURITY_HEADERS = MappingProxyType({
     "Cache-Control": "no-store",
     "Referrer-Policy": "no-referrer",  # the page URL carries the token
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
     "Content-Security-Policy": "default-src 'self'; media-src 'self' blob:; img-src 'self' data:; "
                                "frame-ancestors 'none'",
-}
+})
 
 
 def presented_token(headers: Any, query: Any) -> str | None:
