@@ -1,4 +1,5 @@
-"""The one way processes build a Redis client from settings: url, timeouts and the TLS files of ``redis.*``.
+"""The one way a Redis client is built: :func:`make_client` from settings (url, timeouts and the TLS files of
+``redis.*``), :func:`connect` from a url alone (a private or local server); both construct it in :func:`connect`.
 
 TLS to a private CA: ``redis.url: rediss://host:6380/0`` and ``redis.tls_ca_file`` (CA bundle); mutual TLS
 adds ``redis.tls_cert_file`` and ``redis.tls_key_file``. They are passed to redis-py as ``ssl_ca_certs``,
