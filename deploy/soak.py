@@ -93,7 +93,7 @@ class ResultTail(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
-        from stream.queue import PAYLOAD_FIELD
+        from stream.entries import PAYLOAD_FIELD
         from stream.redisclient import make_client
         from stream.wire import decode_result
 

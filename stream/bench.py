@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from config.settings import Settings, to_dict
+from stream.entries import payload_of
 from stream.keys import line_keys
-from stream.queue import PAYLOAD_FIELD
+from stream.producer import add_entry
 from stream.redact import redact_url
 
 DEMO_IMAGE = Path(__file__).with_name("demo_data") / "hazelnut_toy" / "test" / "good" / "04.jpg"
@@ -75,7 +76,7 @@ def redis_rate(client, prefix: str, payload: bytes, n: int) -> float:
     client.xgroup_create(key, "g", id="0", mkstream=True)
     t0 = time.perf_counter()
     for _ in range(n):
-        client.xadd(key, {PAYLOAD_FIELD: payload})
+        add_entry(client, key, payload)
     for _ in range(n):
         reply = client.xreadgroup("g", "c", {key: ">"}, count=1)
         entry_id = reply[0][1][0][0]
@@ -189,7 +190,7 @@ def pipeline_rate(settings: Settings, client, prefix: str, *, frames: int, width
             ingest_out = run.tail(ingest, 3)
         finally:
             run.stop_all()
-    results = [decode_result(f[PAYLOAD_FIELD]) for _, f in client.xrange(keys.results)]
+    results = [decode_result(payload_of(f)) for _, f in client.xrange(keys.results)]
     if len(results) < 2:
         raise RuntimeError(f"only {len(results)} results within {run_timeout_s:.0f}s")
     done = sorted(r.processed_ts for r in results)

@@ -34,7 +34,8 @@ from pathlib import Path
 
 from stream.chaos_procs import PrivateRedis, Procs, ingest_stats
 from stream.keys import line_keys
-from stream.queue import PAYLOAD_FIELD
+from stream.producer import add_entry
+from stream.reader import FROM_START, StreamCursor, follow
 
 KEYS = line_keys("chaos", "L1")
 DROP_REASONS = ("trimmed", "redis", "oom", "unconfirmed", "lost", "encode")
@@ -56,20 +57,17 @@ class Tail(threading.Thread):
 
         from stream.wire import decode_result
 
-        last = {KEYS.results: "0-0", KEYS.dead_letter: "0-0"}
+        cursor = StreamCursor({KEYS.results: FROM_START, KEYS.dead_letter: FROM_START})
         client = None
         while not self.stop.is_set():
             try:
                 client = client or self.redis.client(2.0)
-                for stream, entries in client.xread(dict(last), count=1000, block=100) or ():
-                    name = stream.decode()
-                    for entry_id, fields in entries:
-                        last[name] = entry_id.decode()
-                        if name == KEYS.results:
-                            self.frame_ids.append(decode_result(fields[PAYLOAD_FIELD]).frame_id)
-                            self.result_times.append(time.monotonic())
-                        else:
-                            self.dead += 1
+                for entry in follow(client, cursor, count=1000, block_ms=100):
+                    if entry.stream == KEYS.results:
+                        self.frame_ids.append(decode_result(entry.payload).frame_id)
+                        self.result_times.append(time.monotonic())
+                    else:
+                        self.dead += 1
             except (redis.RedisError, OSError):
                 client = None
                 self.stop.wait(0.02)
@@ -289,11 +287,11 @@ def fuzz_scenario(workdir: Path, n: int) -> Row:
         for i, payload in enumerate(_fuzz_payloads(n)):
             if i % 1000 == 999:
                 img = np.full((16, 16, 3), i % 255, np.uint8)
-                pipe.xadd(KEYS.frames, {PAYLOAD_FIELD: wire.encode_frame(wire.image_to_frame(
+                add_entry(pipe, KEYS.frames, wire.encode_frame(wire.image_to_frame(
                     img, line_id="L1", camera_id="good", seq=i, session="g", capture_ts=time.time(),
-                    encoding=Encoding.RAW))})
+                    encoding=Encoding.RAW)))
                 good += 1
-            pipe.xadd(KEYS.frames, {PAYLOAD_FIELD: payload})
+            add_entry(pipe, KEYS.frames, payload)
             added += 1
             if added % 1000 == 0:
                 pipe.execute()

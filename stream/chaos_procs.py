@@ -44,9 +44,9 @@ class PrivateRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def client(self, timeout: float = 5.0):
-        import redis
+        from stream.redisclient import connect
 
-        return redis.Redis(port=self.port, socket_timeout=timeout)
+        return connect(self.url, socket_timeout=timeout)
 
     def start(self) -> float:
         """Start and wait until it answers; returns the monotonic time it first answered."""

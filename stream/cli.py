@@ -11,15 +11,16 @@ import importlib
 import logging
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 
 import yaml
 
-from config.settings import Settings, SettingsError, check_ident, to_dict
-from stream.redact import install_log_redaction, redact_settings, redact_text
+from config.settings import Settings, SettingsError, check_ident
+from stream.redact import install_log_redaction, redact_text
 
 # subcommand -> module whose main(settings, args) runs it
-COMMANDS: dict[str, str] = {
+COMMANDS: Mapping[str, str] = MappingProxyType({
     "ingest": "stream.ingest",
     "worker": "workers.worker",
     "results": "stream.results",
@@ -29,11 +30,12 @@ COMMANDS: dict[str, str] = {
     "memory": "workers.memory",
     "train-adapter": "workers.clip.train",
     "train-prompts": "workers.clip.vip2_train",
-    "alerts": "stream.alerts",
-    "preview": "stream.preview",
+    "alerts": "stream.alerts.run",
+    "preview": "stream.preview.run",
     "bench": "stream.bench",
     "redis": "stream.migrate",
-}
+    "config": "stream.effective_settings",
+})
 
 
 def _parse_set(value: str) -> tuple[str, object]:
@@ -59,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one setting, e.g. --set queue.maxlen=500 (repeatable)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _run_commands(sub)
+    _offline_commands(sub)
+    _service_and_tool_commands(sub)
+    return p
+
+
+def _run_commands(sub) -> None:
+    """The pipeline's processes and the demo."""
     s = sub.add_parser("ingest", help="run one camera's ingest process (camera -> Redis stream)")
     s.add_argument("--camera", required=True, help="camera id from settings.cameras")
 
@@ -84,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--memory-images", type=int, default=0,
                    help="learn the line from the first N bundled good images (0 = all)")
 
+
+def _offline_commands(sub) -> None:
+    """Detection without the stream: predict, eval, the line's memory, training."""
     s = sub.add_parser("predict", help="offline: masks and score maps for a folder of images")
     s.add_argument("input", metavar="IN_DIR")
     s.add_argument("--out", required=True, metavar="OUT_DIR")
@@ -135,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--max-images", type=int, default=0)
 
+
+def _service_and_tool_commands(sub) -> None:
+    """Alerts, preview, benchmarks, Redis maintenance, the effective settings."""
     s = sub.add_parser("alerts", help="turn defect results into alerts (webhook, Redis stream, MQTT)")
     s.add_argument("--line", action="append", required=True, type=_line_id, help="line to watch (repeatable)")
 
@@ -170,7 +186,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="print the renames only")
 
     sub.add_parser("config", help="print the effective settings (after files and environment) and exit")
-    return p
 
 
 def load_settings(args: argparse.Namespace) -> Settings:
@@ -187,9 +202,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
     install_log_redaction()  # every log line of every subcommand: URL passwords masked
-    if args.command == "config":  # passwords in URLs and secret keys (preview.token) masked
-        yaml.safe_dump(redact_settings(to_dict(settings)), sys.stdout, sort_keys=False)
-        return 0
     module = importlib.import_module(COMMANDS[args.command])
     try:
         return int(module.main(settings, args) or 0)

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import redis
 import yaml
 
 from config.settings import Settings, to_dict
@@ -30,10 +29,11 @@ from stream.contracts import InspectionResult, Verdict
 from stream.keys import line_keys
 from stream.localredis import ensure_redis
 from stream.redact import redact_url
+from stream.redisclient import make_client
 from stream.results import ResultFollower, format_result, write_overlay
 
 DEMO_DATA = Path(__file__).with_name("demo_data") / "hazelnut_toy"
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp"}
+IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
 LINE = "demo"
 CAMERA = "conveyor"
 
@@ -146,6 +146,75 @@ def _print_summary(s: dict) -> None:
     print("models: " + ", ".join(f"{k}={v}" for k, v in s["models"].items()))
 
 
+def _demo_settings(settings: Settings, redis_url: str, prefix: str, conveyor: Path, fps: float) -> Settings:
+    """The effective settings (the user's files and overrides included), with the demo's line on top."""
+    return settings.with_overrides(**{
+        "redis.url": redis_url, "redis.key_prefix": prefix, "metrics.port": 0,
+        "queue.claim_idle_ms": max(settings.queue.claim_idle_ms, 60000),
+        "cameras": [{"id": CAMERA, "line": LINE, "source": "folder", "path": str(conveyor), "fps": float(fps),
+                     "encoding": "jpeg"}],
+    })
+
+
+def _learn_line(cfg: Path, tmp: Path, memory_images: int) -> int:
+    """The line's normal memory from the bundled good images (the first ``memory_images``; 0 = all)."""
+    print("learning the line: normal memory from the bundled train/good images ...", flush=True)
+    good_dir = DEMO_DATA / "train" / "good"
+    if memory_images:
+        good_dir = tmp / "good"
+        good_dir.mkdir()
+        for src in sorted(p for p in (DEMO_DATA / "train" / "good").iterdir()
+                          if p.suffix.lower() in IMAGE_EXTS)[:memory_images]:
+            (good_dir / src.name).symlink_to(src.resolve())
+    rc = subprocess.call([sys.executable, "-m", "stream.cli", "--config", str(cfg), "memory", "add", LINE,
+                          str(good_dir)])
+    if rc != 0:
+        print("lineinspect demo: filling the memory failed", file=sys.stderr)
+    return rc
+
+
+def _start_workers(cfg: Path, args, out: Path, procs: list[subprocess.Popen], client, keys) -> bool:
+    """Start ``args.workers`` workers and wait (600 s at most) until each has sent a heartbeat."""
+    for i in range(args.workers):
+        procs.append(_spawn(cfg, "worker", "--line", LINE, "--id", f"demo-worker-{i}", "--detector",
+                            args.detector, log_path=out / f"worker-{i}.log"))
+    print(f"waiting for {args.workers} worker(s) to load their models (log: {out}/worker-0.log) ...", flush=True)
+    deadline = time.monotonic() + 600
+    while client.hlen(keys.heartbeat) < args.workers:
+        if any(p.poll() is not None for p in procs):
+            print("lineinspect demo: a worker exited during start-up; see its log:", file=sys.stderr)
+            print((out / "worker-0.log").read_text()[-3000:], file=sys.stderr)
+            return False
+        if time.monotonic() > deadline:
+            print("lineinspect demo: workers did not come up within 600 s", file=sys.stderr)
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def _collect(client, keys, items: list[ConveyorItem], procs: list[subprocess.Popen], ingest: subprocess.Popen,
+             out: Path) -> dict[int, InspectionResult]:
+    """Print each part's result and write its overlay, until every part is answered or dead-lettered (or
+    nothing comes for 300 s, or the workers are gone)."""
+    follower = ResultFollower(client, keys, from_start=True, want_frames=True, block_ms=500)
+    results: dict[int, InspectionResult] = {}
+    idle_since = time.monotonic()
+    while len(results) + client.xlen(keys.dead_letter) < len(items):
+        batch = follower.poll()
+        for r in batch:
+            if r.camera_id == CAMERA and r.seq not in results:
+                results[r.seq] = r
+                label = "defective part" if items[r.seq].defective else "good part"
+                print(f"{format_result(r)}  [{label}: {items[r.seq].path.name.split('_', 1)[1]}]", flush=True)
+                write_overlay(out / "overlays", r, follower.frames.get(r.frame_id), shape=None)
+        if batch:
+            idle_since = time.monotonic()
+        elif time.monotonic() - idle_since > 300 or all(p.poll() is not None for p in procs if p is not ingest):
+            print("lineinspect demo: no progress; stopping early", file=sys.stderr)
+            break
+    return results
+
+
 def main(settings: Settings, args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -153,68 +222,26 @@ def main(settings: Settings, args) -> int:
     print(f"Redis: {redact_url(local.url)} ({'private server started by the demo' if local.started else 'configured'})")
     prefix = f"demo{int(time.time() * 1000)}"
     procs: list[subprocess.Popen] = []
-    client = redis.Redis.from_url(local.url)
     tmp = Path(tempfile.mkdtemp(prefix="lineinspect-demo-"))
+    client = None
     try:
+        demo = _demo_settings(settings, local.url, prefix, tmp / "conveyor", args.fps)
+        client = make_client(demo.redis, socket_timeout=demo.redis.socket_timeout_s + 5)
         items = lay_out_conveyor(DEMO_DATA / "test", tmp / "conveyor", args.frames)
         cfg = tmp / "demo.yaml"
-        # the effective settings (the user's files and overrides included), with the demo's line on top
-        demo = settings.with_overrides(**{
-            "redis.url": local.url, "redis.key_prefix": prefix, "metrics.port": 0,
-            "queue.claim_idle_ms": max(settings.queue.claim_idle_ms, 60000),
-            "cameras": [{"id": CAMERA, "line": LINE, "source": "folder", "path": str(tmp / "conveyor"),
-                         "fps": float(args.fps), "encoding": "jpeg"}],
-        })
         cfg.write_text(yaml.safe_dump(to_dict(demo), sort_keys=False))
         print(f"conveyor: {len(items)} parts ({sum(i.defective for i in items)} defective) from {DEMO_DATA}")
-        if settings.detector.map_source in ("memory", "fusion") and args.detector == "pipeline":
-            print("learning the line: normal memory from the bundled train/good images ...", flush=True)
-            good_dir = DEMO_DATA / "train" / "good"
-            if args.memory_images:
-                good_dir = tmp / "good"
-                good_dir.mkdir()
-                for src in sorted(p for p in (DEMO_DATA / "train" / "good").iterdir()
-                                  if p.suffix.lower() in IMAGE_EXTS)[:args.memory_images]:
-                    (good_dir / src.name).symlink_to(src.resolve())
-            rc = subprocess.call([sys.executable, "-m", "stream.cli", "--config", str(cfg), "memory", "add", LINE,
-                                  str(good_dir)])
+        if settings.detector.uses_memory and args.detector == "pipeline":
+            rc = _learn_line(cfg, tmp, args.memory_images)
             if rc != 0:
-                print("lineinspect demo: filling the memory failed", file=sys.stderr)
                 return rc
-        keys = line_keys(prefix, LINE)
-        for i in range(args.workers):
-            procs.append(_spawn(cfg, "worker", "--line", LINE, "--id", f"demo-worker-{i}", "--detector",
-                                args.detector, log_path=out / f"worker-{i}.log"))
-        print(f"waiting for {args.workers} worker(s) to load their models (log: {out}/worker-0.log) ...", flush=True)
-        deadline = time.monotonic() + 600
-        while client.hlen(keys.heartbeat) < args.workers:
-            if any(p.poll() is not None for p in procs):
-                print("lineinspect demo: a worker exited during start-up; see its log:", file=sys.stderr)
-                print((out / "worker-0.log").read_text()[-3000:], file=sys.stderr)
-                return 1
-            if time.monotonic() > deadline:
-                print("lineinspect demo: workers did not come up within 600 s", file=sys.stderr)
-                return 1
-            time.sleep(0.2)
+        keys = line_keys(prefix, LINE, demo.redis.key_layout)
+        if not _start_workers(cfg, args, out, procs, client, keys):
+            return 1
         t0 = time.monotonic()
         ingest = _spawn(cfg, "ingest", "--camera", CAMERA, log_path=out / "ingest.log")
         procs.append(ingest)
-        follower = ResultFollower(client, keys, from_start=True, want_frames=True, block_ms=500)
-        results: dict[int, InspectionResult] = {}
-        idle_since = time.monotonic()
-        while len(results) + client.xlen(keys.dead_letter) < len(items):
-            batch = follower.poll()
-            for r in batch:
-                if r.camera_id == CAMERA and r.seq not in results:
-                    results[r.seq] = r
-                    label = "defective part" if items[r.seq].defective else "good part"
-                    print(f"{format_result(r)}  [{label}: {items[r.seq].path.name.split('_', 1)[1]}]", flush=True)
-                    write_overlay(out / "overlays", r, follower.frames.get(r.frame_id), shape=None)
-            if batch:
-                idle_since = time.monotonic()
-            elif time.monotonic() - idle_since > 300 or all(p.poll() is not None for p in procs if p is not ingest):
-                print("lineinspect demo: no progress; stopping early", file=sys.stderr)
-                break
+        results = _collect(client, keys, items, procs, ingest, out)
         summary = summarise(items, results, time.monotonic() - t0, client.xlen(keys.dead_letter))
         _print_summary(summary)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -222,8 +249,9 @@ def main(settings: Settings, args) -> int:
         return 0 if len(results) == len(items) else 1
     finally:
         _stop(procs)
-        for key in client.scan_iter(f"{prefix}:*", count=1000):
-            client.delete(key)
-        client.close()
+        if client is not None:
+            for key in client.scan_iter(f"{prefix}:*", count=1000):
+                client.delete(key)
+            client.close()
         local.stop()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -20,6 +20,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _node(port: int, timeout: float | None = None):
+    """A plain client of one node (for set-up and slot queries, not a cluster client)."""
+    from stream.redisclient import connect
+
+    return connect(f"redis://127.0.0.1:{port}/0", socket_timeout=timeout)
+
+
 class LocalCluster:
     def __init__(self, masters: int = 3, workdir: Path | None = None, node_timeout_ms: int = 2000):
         self.server = shutil.which("redis-server")
@@ -61,7 +68,7 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                redis.Redis(port=port, socket_timeout=0.5).ping()
+                _node(port, 0.5).ping()
                 return
             except redis.RedisError:
                 time.sleep(0.05)
@@ -82,7 +89,7 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                infos = [redis.Redis(port=p, socket_timeout=1).cluster("info") for p in self.ports]
+                infos = [_node(p, 1).cluster("info") for p in self.ports]
                 if all(i.get("cluster_state") == "ok" and int(i.get("cluster_slots_ok", 0)) == 16384
                        for i in infos):
                     return
@@ -92,9 +99,7 @@ class LocalCluster:
         raise RuntimeError("local cluster did not reach cluster_state:ok")
 
     def port_of_slot(self, slot: int) -> int:
-        import redis
-
-        for start, end, master, *_ in redis.Redis(port=self.ports[0]).execute_command("CLUSTER SLOTS"):
+        for start, end, master, *_ in _node(self.ports[0]).execute_command("CLUSTER SLOTS"):
             if int(start) <= slot <= int(end):
                 return int(master[1])
         raise KeyError(slot)

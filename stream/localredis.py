@@ -17,6 +17,8 @@ from pathlib import Path
 
 import redis
 
+from stream.redisclient import connect
+
 log = logging.getLogger(__name__)
 
 
@@ -63,7 +65,7 @@ class LocalRedis:
 
 def answers(url: str, timeout: float = 1.0) -> bool:
     try:
-        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        client = connect(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         ok = bool(client.ping())
         client.close()
         return ok

@@ -13,6 +13,9 @@ Colours (BGR) are fixed so that tests and operators can rely on them:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 import numpy as np
 
 from stream.contracts import InspectionResult, Verdict
@@ -22,10 +25,10 @@ DEFECT_COLOUR: tuple[int, int, int] = (255, 0, 255)  # magenta
 BOX_COLOUR: tuple[int, int, int] = (0, 255, 255)  # yellow
 BANNER_BG: tuple[int, int, int] = (32, 32, 32)
 TEXT_COLOUR: tuple[int, int, int] = (235, 235, 235)
-VERDICT_COLOURS: dict[Verdict, tuple[int, int, int]] = {
+VERDICT_COLOURS: Mapping[Verdict, tuple[int, int, int]] = MappingProxyType({
     Verdict.OK: (80, 200, 60),  # green
     Verdict.DEFECT: (40, 40, 230),  # red
-}
+})
 FILL_ALPHA = 0.5
 
 

@@ -1,8 +1,6 @@
 """The worker side of a line's frame queue (a Redis stream with a consumer group). No torch here.
 
-Entry layout: every entry of the frames, results and dead-letter streams carries the encoded payload in
-the field ``p`` (:data:`PAYLOAD_FIELD`); dead-letter entries add ``reason``, ``entry_id``, ``deliveries``,
-``worker`` and ``ts``.
+Entry layout: :mod:`stream.entries` (the payload field of frames and results, the dead-letter fields).
 
 Delivery guarantees:
 - at-least-once processing: an entry is acknowledged only after its result was published; entries of a
@@ -19,17 +17,16 @@ import time
 from dataclasses import dataclass
 
 from config.settings import QueueSettings
+from stream.entries import PAYLOAD_FIELD, entries_of, entry_of, text
 from stream.keys import LineKeys
-
-PAYLOAD_FIELD = b"p"
 
 # KEYS: done key, results stream, frames stream
 # ARGV: ttl, results maxlen, payload, channel, group, entry id, done value, PUBLISH or SPUBLISH (cluster: the
-# line's shard channel, in the line's slot)
+# line's shard channel, in the line's slot), payload field
 _COMPLETE_LUA = """
 local published = 0
 if redis.call('SET', KEYS[1], ARGV[7], 'NX', 'EX', tonumber(ARGV[1])) then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', tonumber(ARGV[2]), '*', 'p', ARGV[3])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', tonumber(ARGV[2]), '*', ARGV[9], ARGV[3])
   redis.call(ARGV[8], ARGV[4], ARGV[3])
   published = 1
 end
@@ -102,15 +99,11 @@ class QueueStats:
     pending: int  # delivered, not acknowledged
 
 
-def _s(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def group_exists(client, stream: str, group: str) -> bool:
     import redis
 
     try:
-        return any(_s(g.get("name", "")) == group for g in client.xinfo_groups(stream))
+        return any(text(g.get("name", "")) == group for g in client.xinfo_groups(stream))
     except redis.ResponseError:  # no such key
         return False
 
@@ -202,12 +195,7 @@ class FrameQueue:
                 self.ensure_group()
                 return []
             raise
-        out: list[QueueEntry] = []
-        for _stream, entries in reply or ():
-            for entry_id, fields in entries:
-                payload = (fields or {}).get(PAYLOAD_FIELD)
-                out.append(QueueEntry(entry_id=_s(entry_id), payload=payload, deliveries=1))
-        return out
+        return [QueueEntry(entry_id=e.entry_id, payload=e.payload, deliveries=1) for e in entries_of(reply)]
 
     def reclaim(self, count: int | None = None) -> ClaimResult:
         """Take over entries idle longer than ``queue.claim_idle_ms`` (``XAUTOCLAIM``), ``count`` at most.
@@ -229,19 +217,19 @@ class FrameQueue:
                 return ClaimResult(entries=(), deleted_ids=())
             raise
         cursor, claimed = reply[0], reply[1]
-        deleted = [_s(i) for i in (reply[2] if len(reply) > 2 else ())]
-        self._claim_cursor = _s(cursor)
+        deleted = [text(i) for i in (reply[2] if len(reply) > 2 else ())]
+        self._claim_cursor = text(cursor)
         if deleted:
             self.client.xack(self.keys.frames, self.group, *deleted)
         entries = []
         for entry_id, fields in claimed:
-            eid = _s(entry_id)
-            payload = (fields or {}).get(PAYLOAD_FIELD) if fields is not None else None
-            if fields is None:  # redis < 7 reports trimmed entries this way
-                deleted.append(eid)
-                self.client.xack(self.keys.frames, self.group, eid)
+            entry = entry_of(self.keys.frames, entry_id, fields)
+            if entry.deleted:  # redis < 7 reports trimmed entries this way
+                deleted.append(entry.entry_id)
+                self.client.xack(self.keys.frames, self.group, entry.entry_id)
                 continue
-            entries.append(QueueEntry(entry_id=eid, payload=payload, deliveries=self.deliveries(eid)))
+            entries.append(QueueEntry(entry_id=entry.entry_id, payload=entry.payload,
+                                      deliveries=self.deliveries(entry.entry_id)))
         return ClaimResult(entries=tuple(entries), deleted_ids=tuple(deleted))
 
     def deliveries(self, entry_id: str) -> int:
@@ -261,7 +249,7 @@ class FrameQueue:
         reply = self._complete(
             keys=[self.keys.done(frame_id), self.keys.results, self.keys.frames],
             args=[q.done_ttl_s, q.results_maxlen, result_payload, self.keys.results_channel, self.group,
-                  entry_id, f"{self.consumer}:{entry_id}", self._publish])
+                  entry_id, f"{self.consumer}:{entry_id}", self._publish, PAYLOAD_FIELD])
         published, acked = (int(x) for x in reply)
         if published and not acked:
             self.orphaned += 1
@@ -278,7 +266,7 @@ class FrameQueue:
             keys=[self.keys.dead_letter, self.keys.frames],
             args=[self.settings.dead_letter_maxlen, payload if payload is not None else b"", reason, entry_id,
                   int(deliveries), worker_id, f"{time.time():.3f}", self.group])
-        return _s(dl_id)
+        return text(dl_id)
 
     def note_failure(self, entry_id: str, reason: str) -> None:
         """Remember why a pending entry failed (a job timeout, a detector error), so that the worker which
@@ -294,7 +282,7 @@ class FrameQueue:
         pipe.hget(self.keys.failures, entry_id)
         pipe.hdel(self.keys.failures, entry_id)
         value, _ = pipe.execute()
-        return _s(value) if value is not None else ""
+        return text(value) if value is not None else ""
 
     def prune(self, idle_s: float | None = None, now: float | None = None) -> tuple[list[str], list[str]]:
         """Remove dead consumers and stale heartbeats, atomically (one script); returns their names.
@@ -310,20 +298,13 @@ class FrameQueue:
             keys=[self.keys.frames, self.keys.heartbeat],
             args=[self.group, int(idle_s * 1000), self.consumer, f"{time.time() if now is None else now:.3f}",
                   idle_s])
-        return [_s(n) for n in removed], [_s(n) for n in stale]
+        return [text(n) for n in removed], [text(n) for n in stale]
 
     def release(self, entry_id: str) -> None:
         """Delete an entry's data but keep it pending (XDEL without XACK): frees its memory when Redis is out
         of memory while the worker holds the entry's result. If this worker dies before publishing, a
         reclaim reports the id as deleted and it is counted (``lineinspect_worker_frames_trimmed_total``)."""
         self.client.xdel(self.keys.frames, entry_id)
-
-    def ack_and_delete(self, *entry_ids: str) -> None:
-        if entry_ids:
-            pipe = self.client.pipeline(transaction=True)
-            pipe.xack(self.keys.frames, self.group, *entry_ids)
-            pipe.xdel(self.keys.frames, *entry_ids)
-            pipe.execute()
 
     # ------------------------------------------------------------------------------------ stats
     def stats(self) -> QueueStats:
@@ -340,7 +321,7 @@ class FrameQueue:
                 return QueueStats(length=0, lag=0, pending=0)
             raise
         for g in groups:
-            if _s(g.get("name", "")) == self.group:
+            if text(g.get("name", "")) == self.group:
                 lag = g.get("lag")
                 return QueueStats(length=int(length), lag=int(lag) if lag is not None else -1,
                                   pending=int(g.get("pending", 0)))

@@ -1,4 +1,5 @@
-"""The one way processes build a Redis client from settings: url, timeouts and the TLS files of ``redis.*``.
+"""The one way a Redis client is built: :func:`make_client` from settings (url, timeouts and the TLS files of
+``redis.*``), :func:`connect` from a url alone (a private or local server); both construct it in :func:`connect`.
 
 TLS to a private CA: ``redis.url: rediss://host:6380/0`` and ``redis.tls_ca_file`` (CA bundle); mutual TLS
 adds ``redis.tls_cert_file`` and ``redis.tls_key_file``. They are passed to redis-py as ``ssl_ca_certs``,
@@ -21,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from config.settings import RedisSettings
+from stream.backoff import Backoff
 
 
 def tls_kwargs(rs: RedisSettings) -> dict[str, Any]:
@@ -34,29 +36,44 @@ def tls_kwargs(rs: RedisSettings) -> dict[str, Any]:
     return out
 
 
+# retry waits while Redis is unreachable (ingest, workers): capped at 0.1 s so that work resumes within 1 s of
+# Redis answering again (a refused connection costs nothing; a frozen Redis is bounded by
+# redis.socket_timeout_s instead)
+REDIS_RETRY_INITIAL_S = 0.05
+REDIS_RETRY_MAX_S = 0.1
+
+
+def redis_backoff() -> Backoff:
+    """The backoff between attempts to reach an unreachable Redis (ingest, workers)."""
+    return Backoff(REDIS_RETRY_INITIAL_S, REDIS_RETRY_MAX_S)
+
+
+def connect(url: str, *, cluster: bool = False, asyncio: bool = False, **kwargs: Any):
+    """A redis-py client for ``url`` (sync or asyncio; ``RedisCluster`` when ``cluster``): the one place a
+    client is constructed. ``kwargs`` go to redis-py (timeouts, TLS files)."""
+    if not cluster:
+        if asyncio:
+            import redis.asyncio as module
+        else:
+            import redis as module
+        return module.Redis.from_url(url, **kwargs)
+    if asyncio:
+        from redis.asyncio.cluster import RedisCluster
+    else:
+        from redis.cluster import RedisCluster
+    scheme, _, rest = url.partition("://")
+    host, _, _db = rest.partition("/")  # a cluster has database 0 only
+    return RedisCluster.from_url(f"{scheme}://{host}", **kwargs)
+
+
 def make_client(rs: RedisSettings, *, socket_timeout: float | None = None,
                 connect_timeout: float | None = None, asyncio: bool = False, **extra: Any):
     """A (sync or asyncio) redis-py client for ``rs.url``; timeouts default to ``redis.socket_timeout_s``."""
-    if asyncio:
-        import redis.asyncio as module
-    else:
-        import redis as module
-
     timeout = rs.socket_timeout_s
-    kwargs = dict(socket_timeout=timeout if socket_timeout is None else socket_timeout,
-                  socket_connect_timeout=timeout if connect_timeout is None else connect_timeout,
-                  **tls_kwargs(rs), **extra)
-    if rs.is_cluster:
-        if asyncio:
-            from redis.asyncio.cluster import RedisCluster
-        else:
-            from redis.cluster import RedisCluster
-        url = rs.node_url
-        scheme, _, rest = url.partition("://")
-        host, _, _db = rest.partition("/")  # a cluster has database 0 only
-        client = RedisCluster.from_url(f"{scheme}://{host}", **kwargs)
-    else:
-        client = module.Redis.from_url(rs.url, **kwargs)
+    client = connect(rs.node_url, cluster=rs.is_cluster, asyncio=asyncio,
+                     socket_timeout=timeout if socket_timeout is None else socket_timeout,
+                     socket_connect_timeout=timeout if connect_timeout is None else connect_timeout,
+                     **tls_kwargs(rs), **extra)
     client.lineinspect_key_layout = rs.key_layout  # read by workers.memory_store (built from a client only)
     return client
 

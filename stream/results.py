@@ -10,44 +10,30 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import redis
 
 from config.settings import Settings
+from stream.cache import BoundedCache
 from stream.contracts import InspectionResult, PayloadError, Verdict
 from stream.keys import LineKeys, line_keys
+from stream.reader import FROM_NOW, FROM_START, StreamCursor, follow
 from stream.redact import redact_text, redact_url
 from stream.wire import decode_frame, decode_result, frame_to_image
 
 log = logging.getLogger(__name__)
+
+FRAME_CACHE = 64  # decoded frames kept for overlays
 
 
 def format_result(r: InspectionResult) -> str:
     stamp = time.strftime("%H:%M:%S", time.localtime(r.processed_ts or time.time()))
     return (f"{stamp} {r.frame_id:<28} {r.verdict.value.upper():<6} score={r.image_score:6.3f} "
             f"defects={len(r.defects):<2} latency={r.latency_s * 1000:7.1f} ms  worker={r.worker_id}")
-
-
-class FrameCache:
-    """The last ``size`` decoded frames of a line, by frame id."""
-
-    def __init__(self, size: int = 64):
-        self.size = size
-        self._frames: OrderedDict[str, np.ndarray] = OrderedDict()
-
-    def put(self, frame_id: str, image: np.ndarray) -> None:
-        self._frames[frame_id] = image
-        self._frames.move_to_end(frame_id)
-        while len(self._frames) > self.size:
-            self._frames.popitem(last=False)
-
-    def get(self, frame_id: str) -> np.ndarray | None:
-        return self._frames.get(frame_id)
 
 
 @dataclass
@@ -59,42 +45,25 @@ class ResultFollower:
     from_start: bool = False
     want_frames: bool = False
     block_ms: int = 500
+    frames: BoundedCache[np.ndarray] = field(default_factory=lambda: BoundedCache(max_items=FRAME_CACHE))
 
     def __post_init__(self) -> None:
-        self._result_id = "0-0" if self.from_start else "$"
-        self._frame_id = "$"
-        self.frames = FrameCache()
-
-    def _start_ids(self) -> None:
-        # "$" must be resolved once: later XREADs continue from the last id seen.
-        if self._result_id == "$":
-            last = self.client.xrevrange(self.keys.results, count=1)
-            self._result_id = last[0][0].decode() if last else "0-0"
-        if self._frame_id == "$":
-            last = self.client.xrevrange(self.keys.frames, count=1)
-            self._frame_id = last[0][0].decode() if last else "0-0"
+        starts = {self.keys.results: FROM_START if self.from_start else FROM_NOW}
+        if self.want_frames:
+            starts[self.keys.frames] = FROM_NOW
+        self._cursor = StreamCursor(starts)
 
     def poll(self) -> list[InspectionResult]:
         """Results that arrived since the last call (blocks up to block_ms when there are none)."""
-        self._start_ids()
-        streams = {self.keys.results: self._result_id}
-        if self.want_frames:
-            streams[self.keys.frames] = self._frame_id
-        reply = self.client.xread(streams, block=self.block_ms, count=256) or []
         results: list[InspectionResult] = []
-        for stream, entries in reply:
-            is_frames = stream.decode() == self.keys.frames
-            for entry_id, fields in entries:
-                payload = fields.get(b"p")
-                if is_frames:
-                    self._frame_id = entry_id.decode()
-                    self._cache_frame(payload)
-                    continue
-                self._result_id = entry_id.decode()
-                try:
-                    results.append(decode_result(payload))
-                except PayloadError as exc:
-                    log.warning("result %s does not decode: %s", entry_id, exc.reason)
+        for entry in follow(self.client, self._cursor, count=256, block_ms=self.block_ms):
+            if entry.stream == self.keys.frames:
+                self._cache_frame(entry.payload)
+                continue
+            try:
+                results.append(decode_result(entry.payload))
+            except PayloadError as exc:
+                log.warning("result %s does not decode: %s", entry.entry_id, exc.reason)
         return results
 
     def _cache_frame(self, payload: bytes | None) -> None:

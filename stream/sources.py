@@ -357,12 +357,12 @@ class ReconnectingSource:
         self._opened = False
 
 
-def open_source(camera: CameraSettings, *, clock: Callable[[], float] = time.monotonic,
-                sleep: Callable[[float], object] = time.sleep,
-                on_reconnect: Callable[[], None] | None = None) -> ReconnectingSource:
-    """The camera's source wrapped in reconnect logic, opened (retrying as configured)."""
-    source = ReconnectingSource(
+def camera_source(camera: CameraSettings, *, clock: Callable[[], float] = time.monotonic,
+                  sleep: Callable[[float], object] = time.sleep,
+                  on_reconnect: Callable[[], None] | None = None) -> ReconnectingSource:
+    """The camera's source wrapped in reconnect logic as ``camera.reconnect_*`` says, not opened yet (its first
+    :meth:`~ReconnectingSource.read` opens it)."""
+    return ReconnectingSource(
         make_source(camera), initial_s=camera.reconnect_initial_s, max_s=camera.reconnect_max_s,
         max_reconnects=camera.max_reconnects, clock=clock, sleep=sleep, on_reconnect=on_reconnect)
-    source.open()
-    return source
+

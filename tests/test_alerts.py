@@ -17,21 +17,16 @@ import pytest
 from conftest import free_port
 from prometheus_client import CollectorRegistry
 
-from stream.alerts import (
-    ALERT_GROUP,
-    AlertDebouncer,
-    AlertService,
-    Decision,
-    FrameTail,
-    MqttSink,
-    RedisStreamSink,
-    SinkWorker,
-    WebhookSink,
-    parse_mqtt_url,
-)
+from stream.alerts.debounce import AlertDebouncer, Decision
+from stream.alerts.delivery import SinkWorker
+from stream.alerts.frames import FrameTail
+from stream.alerts.mqtt import MqttSink, parse_mqtt_url
+from stream.alerts.service import ALERT_GROUP, AlertService
+from stream.alerts.sinks import RedisStreamSink, WebhookSink
 from stream.contracts import Defect, Encoding, InspectionResult, Verdict
+from stream.entries import PAYLOAD_FIELD
 from stream.keys import line_keys
-from stream.metrics import AlertMetrics
+from stream.prometheus_metrics import AlertMetrics
 from stream.wire import encode_frame, encode_label_mask, encode_result, image_to_frame
 
 H, W = 60, 80
@@ -62,7 +57,7 @@ def make_result(line: str, seq: int, defect: bool = True, capture_ts: float | No
 
 
 def publish(client, prefix: str, result: InspectionResult) -> None:
-    client.xadd(line_keys(prefix, result.line_id).results, {"payload": encode_result(result)})
+    client.xadd(line_keys(prefix, result.line_id).results, {PAYLOAD_FIELD: encode_result(result)})
 
 
 class Receiver:
@@ -264,8 +259,8 @@ def test_snapshot_is_drawn_on_the_frame_when_it_is_still_in_the_stream(redis_cli
     keys = line_keys(key_prefix, "L1")
     other = image_to_frame(image, line_id="L1", camera_id="cam1", seq=41, session="s1",
                            capture_ts=result.capture_ts)
-    redis_client.xadd(keys.frames, {"payload": encode_frame(other)})
-    redis_client.xadd(keys.frames, {"payload": encode_frame(frame)})
+    redis_client.xadd(keys.frames, {PAYLOAD_FIELD: encode_frame(other)})
+    redis_client.xadd(keys.frames, {PAYLOAD_FIELD: encode_frame(frame)})
     try:
         publish(redis_client, key_prefix, result)
         assert len(svc.poll(block_ms=100)) == 1
@@ -297,7 +292,7 @@ def test_snapshot_uses_the_frame_tail_after_the_worker_deleted_the_frame(redis_c
     try:
         frame = image_to_frame(image, line_id="L1", camera_id="cam1", seq=5, session="s1",
                                capture_ts=result.capture_ts)
-        eid = redis_client.xadd(keys.frames, {"p": encode_frame(frame)})
+        eid = redis_client.xadd(keys.frames, {PAYLOAD_FIELD: encode_frame(frame)})
         wait_for(lambda: tail.get(frame.frame_id) is not None, what="frame tail to read the frame")
         redis_client.xdel(keys.frames, eid)  # what the worker does on completion
         publish(redis_client, key_prefix, result)
@@ -318,7 +313,7 @@ def test_frame_tail_keeps_to_its_byte_budget(redis_client, key_prefix):
                                  seq=i, session="s", capture_ts=time.time(), encoding=Encoding.RAW)
                   for i in range(6)]
         for f in frames:
-            redis_client.xadd(keys.frames, {"p": encode_frame(f)})
+            redis_client.xadd(keys.frames, {PAYLOAD_FIELD: encode_frame(f)})
         wait_for(lambda: tail.seen == 6, what="frame tail to read six frames")
     finally:
         tail.stop()
@@ -406,7 +401,7 @@ def test_full_queue_drops_and_client_errors_are_not_retried(receiver):
 
 
 def _alert(seq: int):
-    from stream.alerts import Alert
+    from stream.alerts.alert import Alert
 
     r = make_result("L1", seq)
     return Alert(alert_id=f"L1:{r.frame_id}", line="L1", frame_id=r.frame_id, camera="cam1", score=r.image_score,
@@ -471,7 +466,8 @@ def test_mqtt_sink_delivers_to_real_broker():
         assert subscribed.wait(10), "subscription not acknowledged"
         w.start()
         r = make_result("L1", 7)
-        from stream.alerts import Alert, render_snapshot
+        from stream.alerts.alert import Alert
+        from stream.alerts.snapshot import render_snapshot
 
         snap, mime, source = render_snapshot(r, None)
         w.submit(Alert(alert_id="L1:x", line="L1", frame_id=r.frame_id, camera="cam1", score=r.image_score,
@@ -510,7 +506,7 @@ def test_alerts_module_stays_light():
 
     from conftest import ROOT
 
-    code = ("import sys, stream.alerts\n"
+    code = ("import sys, stream.alerts.run\n"
             "print(','.join(m for m in ('torch', 'open_clip', 'segment_anything', 'onnxruntime', 'paho') "
             "if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)

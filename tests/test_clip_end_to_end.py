@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import yaml
 
+from stream.entries import PAYLOAD_FIELD
 from stream.keys import line_keys
-from stream.queue import PAYLOAD_FIELD
 from stream.wire import decode_result
 from tests.conftest import ROOT
 

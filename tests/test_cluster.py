@@ -14,8 +14,8 @@ import pytest
 
 from config.settings import RedisSettings
 from stream.chaos_procs import Procs, ingest_stats
+from stream.entries import PAYLOAD_FIELD
 from stream.keys import key_slot, line_keys, lines_index
-from stream.queue import PAYLOAD_FIELD
 from stream.redisclient import make_client
 from stream.wire import decode_result
 
@@ -212,15 +212,12 @@ def test_memory_store_and_alerts_on_the_cluster(redis_cluster):
     masters (one XREADGROUP per slot) on the cluster client make_client builds."""
     from prometheus_client import CollectorRegistry
 
-    from stream.alerts import (
-        ALERT_GROUP,
-        AlertDebouncer,
-        AlertService,
-        FrameTail,
-        RedisStreamSink,
-        SinkWorker,
-    )
-    from stream.metrics import AlertMetrics
+    from stream.alerts.debounce import AlertDebouncer
+    from stream.alerts.delivery import SinkWorker
+    from stream.alerts.frames import FrameTail
+    from stream.alerts.service import ALERT_GROUP, AlertService
+    from stream.alerts.sinks import RedisStreamSink
+    from stream.prometheus_metrics import AlertMetrics
     from stream.wire import encode_result
     from tests.test_alerts import make_result
     from workers.memory_store import MemoryConflict, MemoryHeader, RedisMemoryStore
@@ -250,7 +247,7 @@ def test_memory_store_and_alerts_on_the_cluster(redis_cluster):
         try:
             for line in lines:
                 client.xadd(line_keys(PREFIX, line, "line_tag").results,
-                            {"payload": encode_result(make_result(line, 1))})
+                            {PAYLOAD_FIELD: encode_result(make_result(line, 1))})
             raised = []
             deadline = time.monotonic() + 10
             while len(raised) < 2 and time.monotonic() < deadline:
@@ -278,7 +275,8 @@ def test_preview_reads_lines_on_two_masters(redis_cluster, demo_data):
 
     from config.settings import Settings
     from stream.contracts import Encoding
-    from stream.preview import PreviewOptions, PreviewServer
+    from stream.preview.options import PreviewOptions
+    from stream.preview.server import PreviewServer
     from stream.wire import encode_frame, encode_result, image_to_frame
     from tests.test_preview import TOKEN, _defect_result
 

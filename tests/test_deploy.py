@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from config.settings import Settings
 from stream.cli import COMMANDS, build_parser
 from stream.keys import line_keys
-from stream.metrics import AlertMetrics, IngestMetrics, WorkerMetrics
+from stream.prometheus_metrics import AlertMetrics, IngestMetrics, WorkerMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

@@ -13,9 +13,9 @@ from prometheus_client import CollectorRegistry
 from config.settings import Settings
 from stream import wire
 from stream.contracts import Encoding
+from stream.entries import PAYLOAD_FIELD
 from stream.ingest import run_ingest
 from stream.keys import line_keys, lines_index
-from stream.queue import PAYLOAD_FIELD
 from tests.conftest import free_port
 
 

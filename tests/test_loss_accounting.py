@@ -16,10 +16,11 @@ from prometheus_client import CollectorRegistry
 
 from config.settings import Settings
 from stream import wire
-from stream.enqueue import Enqueuer
+from stream.entries import PAYLOAD_FIELD
 from stream.ingest import run_ingest
 from stream.keys import line_keys, lines_index
-from stream.queue import PAYLOAD_FIELD, FrameQueue, ensure_group
+from stream.producer import FrameProducer
+from stream.queue import FrameQueue, ensure_group
 from tests.helpers import raw_frame, wait_for
 from workers.worker import EXIT_STUCK, Worker, _redis_client
 
@@ -40,8 +41,7 @@ def test_trimmed_oldest_counts_only_frames_no_worker_was_given(redis_client, key
                                                 "queue.claim_idle_ms": 1})
     keys = line_keys(key_prefix, "L1")
     ensure_group(redis_client, keys.frames, "workers")
-    enq = Enqueuer(redis_client, keys, lines_index(key_prefix), maxlen=5, approximate=False, group="workers",
-                   payload_field=PAYLOAD_FIELD)
+    enq = FrameProducer(redis_client, keys, lines_index(key_prefix), maxlen=5, approximate=False, group="workers")
     replies = [enq.add(_frame(i), register=i == 0) for i in range(5)]
     assert sum(r.trimmed for r in replies) == 0 and replies[-1].backlog == 5
     worker = FrameQueue(redis_client, keys, settings.queue, "w1")

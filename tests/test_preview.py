@@ -21,23 +21,21 @@ import numpy as np
 import pytest
 import yaml
 
+from config.settings import RedisSettings
 from stream.contracts import Defect, Encoding, InspectionResult, Verdict
+from stream.entries import PAYLOAD_FIELD
 from stream.keys import line_keys, lines_index
-from stream.queue import PAYLOAD_FIELD
 from stream.wire import encode_frame, encode_label_mask, encode_result, image_to_frame
 from tests.conftest import ROOT, free_port
 
 pytest.importorskip("aiortc", reason="preview tests need lineinspect[preview]")
 pytest.importorskip("aiohttp")
 
-from stream.preview import (  # noqa: E402
-    VIDEO_CLOCK,
-    LineSource,
-    PreviewOptions,
-    PreviewServer,
-    presented_token,
-    token_matches,
-)
+from stream.preview.access import presented_token, token_matches  # noqa: E402
+from stream.preview.options import PreviewOptions  # noqa: E402
+from stream.preview.render import VIDEO_CLOCK  # noqa: E402
+from stream.preview.server import PreviewServer  # noqa: E402
+from stream.preview.source import LineSource  # noqa: E402
 
 TOKEN = "s3cret-preview-token"
 PY = sys.executable
@@ -69,14 +67,15 @@ def _ok_result(frame_id: str, line: str, camera: str, seq: int, ts: float) -> In
 
 
 def _options(redis_url: str, prefix: str, **kw) -> PreviewOptions:
-    return PreviewOptions(redis_url=redis_url, key_prefix=prefix, host="127.0.0.1", port=0, token=TOKEN, **kw)
+    return PreviewOptions(redis=RedisSettings(url=redis_url, key_prefix=prefix), host="127.0.0.1", port=0, token=TOKEN,
+                          **kw)
 
 
 # ------------------------------------------------------------------------------------------ optional dep
 
 
 def test_importing_stream_modules_pulls_in_no_webrtc_or_torch():
-    code = ("import sys, stream.preview, stream.overlay, stream.cli; "
+    code = ("import sys, stream.preview.run, stream.overlay, stream.cli; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'aiortc', 'av', 'torch', 'aiohttp'}))")
     out = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -99,8 +98,7 @@ def test_preview_refuses_to_start_without_a_token():
     assert out.returncode == 2
     assert "preview.token" in out.stderr
     with pytest.raises(Exception, match="token"):
-        _options("redis://127.0.0.1:6379/0", "x").__class__(
-            redis_url="redis://x", key_prefix="x", host="127.0.0.1", port=0, token="")
+        PreviewOptions(redis=RedisSettings(url="redis://x", key_prefix="x"), host="127.0.0.1", port=0, token="")
 
 
 # ------------------------------------------------------------------------------------------ access
@@ -238,7 +236,7 @@ def test_line_source_draws_matched_results_keeps_capture_timing_and_skips_to_new
 
 
 def test_render_frame_scales_big_frames_and_their_overlay_together(demo_data):
-    from stream.preview import render_frame
+    from stream.preview.render import render_frame
 
     img = cv2.resize(cv2.imread(str(demo_data / "train" / "good" / "03.jpg")), (1919, 1081))
     f = image_to_frame(img, line_id="l", camera_id="c", seq=0, session="1", capture_ts=1.0)

@@ -10,8 +10,9 @@ import pytest
 from config.settings import QueueSettings
 from stream import wire
 from stream.contracts import Encoding, InspectionResult, Verdict
+from stream.entries import PAYLOAD_FIELD
 from stream.keys import line_keys
-from stream.queue import PAYLOAD_FIELD, FrameQueue
+from stream.queue import FrameQueue
 
 
 def _frame_payload(seq: int, camera: str = "cam0", line: str = "L1") -> bytes:

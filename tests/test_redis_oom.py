@@ -14,9 +14,10 @@ from prometheus_client import CollectorRegistry
 from config.settings import Settings
 from stream import wire
 from stream.contracts import Encoding
+from stream.entries import PAYLOAD_FIELD
 from stream.ingest import run_ingest
 from stream.keys import line_keys
-from stream.queue import PAYLOAD_FIELD, ensure_group
+from stream.queue import ensure_group
 from tests.helpers import wait_for
 from workers.worker import Worker, _redis_client
 

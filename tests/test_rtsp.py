@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from stream import wire
+from stream.entries import PAYLOAD_FIELD
 from stream.keys import line_keys
-from stream.queue import PAYLOAD_FIELD
 from tests.conftest import free_port
 from tests.procs import CliProcesses, processes_fixture
 from tests.rtspcam import RtspCamera, gstreamer_missing

@@ -10,7 +10,14 @@ import pytest
 
 from config.settings import CameraSettings
 from stream.contracts import SourceConnectionError, SourceExhausted
-from stream.sources import FolderSource, ReconnectingSource, UrlSource, VideoSource, make_source, open_source
+from stream.sources import (
+    FolderSource,
+    ReconnectingSource,
+    UrlSource,
+    VideoSource,
+    camera_source,
+    make_source,
+)
 from tests.conftest import free_port
 
 
@@ -174,7 +181,7 @@ def test_url_that_refuses_is_retried_and_counted():
         src.open()
     assert src.reconnects == 2 and src.reconnected == 0 and "cannot open" in src.last_error
     with pytest.raises(SourceConnectionError):
-        open_source(camera)
+        camera_source(camera).open()
     assert time.monotonic() - t0 < 30
     src = UrlSource(f"rtsp://user:secret@127.0.0.1:{port}/x")
     assert "secret" not in src.name

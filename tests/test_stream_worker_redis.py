@@ -10,8 +10,8 @@ from prometheus_client import CollectorRegistry
 
 from config.settings import Settings
 from stream import wire
+from stream.entries import PAYLOAD_FIELD
 from stream.keys import line_keys
-from stream.queue import PAYLOAD_FIELD
 from tests.helpers import raw_frame, wait_for
 from workers.worker import Worker, _redis_client
 

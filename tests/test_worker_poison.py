@@ -14,8 +14,8 @@ from prometheus_client import CollectorRegistry
 from config.settings import Settings
 from stream import wire
 from stream.contracts import Encoding
+from stream.entries import PAYLOAD_FIELD
 from stream.keys import line_keys
-from stream.queue import PAYLOAD_FIELD
 from tests.helpers import wait_for
 from tests.test_wire_limits import GOOD_HEADER, POISON, _big_png, frame_payload
 from workers.worker import Worker, _redis_client

@@ -21,8 +21,8 @@ import yaml
 
 from stream import wire
 from stream.contracts import Encoding
+from stream.entries import PAYLOAD_FIELD
 from stream.keys import line_keys
-from stream.queue import PAYLOAD_FIELD
 from tests.conftest import free_port
 from tests.procs import CliProcesses, processes_fixture
 

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from config.settings import QueueSettings
     from stream.contracts import Frame
-    from stream.metrics import WorkerMetrics
+    from stream.prometheus_metrics import WorkerMetrics
     from workers.interfaces import Detection, FrameDetector
 
 log = logging.getLogger(__name__)

@@ -10,9 +10,8 @@ from __future__ import annotations
 import logging
 import time
 
-from stream.backoff import Backoff
 from stream.redact import redact_text
-from stream.redisclient import unavailable_errors
+from stream.redisclient import redis_backoff, unavailable_errors
 from workers.held import HeldResults
 from workers.worker_metrics import WorkerQueueMetrics
 
@@ -20,19 +19,10 @@ log = logging.getLogger(__name__)
 
 NOT_CONNECTED = "not connected yet"
 HEARTBEAT_INTERVAL_S = 2.0
-# retry waits while Redis is unreachable: capped at 0.1 s so that work resumes within 1 s of Redis answering
-# again (a refused connection costs nothing; a frozen Redis is bounded by redis.socket_timeout_s instead)
-REDIS_RETRY_INITIAL_S = 0.05
-REDIS_RETRY_MAX_S = 0.1
 PUBLISH_ATTEMPTS = 5
 HELD_RESULTS_LIMIT = 64  # results kept in the process while Redis is out of memory (workers.held)
 OOM_RETRY_S = 0.1
 DRAIN_HELD_S = 5.0
-
-
-def retry_backoff() -> Backoff:
-    """The wait between attempts while Redis is unreachable."""
-    return Backoff(REDIS_RETRY_INITIAL_S, REDIS_RETRY_MAX_S)
 
 
 class RedisLink:
@@ -101,7 +91,7 @@ class RedisLink:
 
     def complete(self, entry_id: str, frame_id: str, payload: bytes) -> bool | None:
         """complete() with a few retries (it is idempotent); None when Redis stayed unreachable."""
-        backoff = retry_backoff()
+        backoff = redis_backoff()
         for attempt in range(PUBLISH_ATTEMPTS):
             try:
                 published = self.queue.complete(entry_id, frame_id, payload)

@@ -36,7 +36,8 @@ from stream.redact import redact_text
 from stream.redisclient import unavailable_errors
 from workers.frame_handler import FrameHandler
 from workers.model_thread import ModelThread
-from workers.redis_link import OOM_RETRY_S, RedisLink, retry_backoff
+from stream.redisclient import redis_backoff
+from workers.redis_link import OOM_RETRY_S, RedisLink
 from workers.worker_metrics import WorkerCounts, WorkerQueueMetrics
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class Worker:
     """The loop of one consumer. Nothing connects in the constructor; :meth:`run` does everything."""
 
     def __init__(self, settings: Settings, line: str, worker_id: str, detector_name: str, registry, client):
-        from stream.metrics import WorkerMetrics
+        from stream.prometheus_metrics import WorkerMetrics
 
         self.settings = settings
         self.line = line
@@ -108,7 +109,7 @@ class Worker:
 
         self.queue = FrameQueue(self.client, self.keys, self.settings.queue, self.worker_id)
         self.link.attach(self.queue)
-        backoff = retry_backoff()
+        backoff = redis_backoff()
         while not stop.is_set():
             try:
                 self.queue.ensure_group()
@@ -235,7 +236,7 @@ class Worker:
         in hand are still finished (drain)."""
         import redis
 
-        backoff = retry_backoff()
+        backoff = redis_backoff()
         while not stop.is_set():
             try:
                 self.link.heartbeat()

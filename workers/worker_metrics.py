@@ -1,4 +1,4 @@
-"""Prometheus counters of the worker's queue handling that :class:`stream.metrics.WorkerMetrics` has no place
+"""Prometheus counters of the worker's queue handling that :class:`stream.prometheus_metrics.WorkerMetrics` has no place
 for (trimmed pending frames, job timeouts, Redis errors, orphan results, Redis OOM)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 
 class WorkerQueueMetrics:
-    """Counters of the worker's queue handling that :class:`stream.metrics.WorkerMetrics` has no place for."""
+    """Counters of the worker's queue handling that :class:`stream.prometheus_metrics.WorkerMetrics` has no place for."""
 
     def __init__(self, registry: CollectorRegistry):
         self.trimmed_pending = Counter(

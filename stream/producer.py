@@ -1,4 +1,9 @@
-"""Ingest's one round trip per frame: add it to the line's stream, trim, and account for what was lost.
+"""The producer of a line's frames stream: every frame entry is written here (payload field:
+:mod:`stream.entries`).
+
+:class:`FrameProducer` is ingest's one round trip per frame: add it to the line's stream, trim, and account
+for what was lost. :func:`add_entry` is the bare XADD of one payload, for the benchmark's raw Redis limit and
+the chaos benchmark's crafted payloads (no trimming, no accounting).
 
 One Lua script (atomic, so no other client interleaves):
 
@@ -24,6 +29,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from stream.entries import PAYLOAD_FIELD
 from stream.keys import LineKeys
 
 log = logging.getLogger(__name__)
@@ -93,18 +99,21 @@ class EnqueueReply:
     backlog: int  # entries in the stream after this frame, minus the pending ones (undelivered, about)
 
 
-class Enqueuer:
+def add_entry(client, stream: str, payload: bytes):
+    """XADD one payload as a frame entry; its id (a pipeline: the pipeline, the id comes with its reply)."""
+    return client.xadd(stream, {PAYLOAD_FIELD: payload})
+
+
+class FrameProducer:
     """Adds frames of one camera to its line's stream (see the module doc)."""
 
-    def __init__(self, client, keys: LineKeys, lines_index: str, *, maxlen: int, approximate: bool,
-                 group: str, payload_field: bytes):
+    def __init__(self, client, keys: LineKeys, lines_index: str, *, maxlen: int, approximate: bool, group: str):
         self.client = client
         self.keys = keys
         self.lines_index = lines_index
         self.maxlen = maxlen
         self.approximate = approximate
         self.group = group
-        self.payload_field = payload_field
         self._script = client.register_script(_ENQUEUE_LUA)
         self._next_register = 0.0  # line_tag layout: monotonic time of the next SADD to the lines index
 
@@ -129,7 +138,7 @@ class Enqueuer:
             register = False
         reply = self._script(
             keys=keys,
-            args=[self.payload_field, payload, self.maxlen, 1 if self.approximate else 0, self.group,
+            args=[PAYLOAD_FIELD, payload, self.maxlen, 1 if self.approximate else 0, self.group,
                   uuid.uuid4().hex, 1 if register else 0, self.keys.line])
         entry_id, trimmed, undelivered, created, backlog = reply
         return EnqueueReply(entry_id=entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id),
