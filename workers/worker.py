@@ -33,10 +33,9 @@ from config.settings import Settings
 from stream.contracts import ModelLoadError, QueueAccessError
 from stream.keys import line_keys
 from stream.redact import redact_text
-from stream.redisclient import unavailable_errors
+from stream.redisclient import redis_backoff, unavailable_errors
 from workers.frame_handler import FrameHandler
 from workers.model_thread import ModelThread
-from stream.redisclient import redis_backoff
 from workers.redis_link import OOM_RETRY_S, RedisLink
 from workers.worker_metrics import WorkerCounts, WorkerQueueMetrics
 
