@@ -1,4 +1,4 @@
-"""Label-free memory (workers.label_free) on constructed batches where most frames are defective.
+"""Label-free memory (workers.memory.label_free) on constructed batches where most frames are defective.
 
 Frames are synthetic embeddings: every cell is one of a few "normal texture" prototypes plus noise (so normal
 patches recur from frame to frame), and a defective frame has a 3x3 block of cells replaced by a defect
@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from workers.interfaces import ImageEmbedding
-from workers.label_free import pick_references
-from workers.memory import MemoryMapper, MemoryParams, patch_features
+from workers.memory.features import patch_features
+from workers.memory.label_free import pick_references
+from workers.memory.mapper import MemoryMapper
+from workers.memory.params import MemoryParams
 
 C, G = 32, 16  # channels, grid side
 PARAMS = MemoryParams(neighbourhood=1, layers=("neck",), frame_ratio=0.25, warmup_frames=10)

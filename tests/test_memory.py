@@ -8,17 +8,11 @@ import numpy as np
 import pytest
 
 from workers.interfaces import AnomalyMap, ImageEmbedding
-from workers.memory import (
-    MemoryMapper,
-    MemoryParams,
-    image_raw_score,
-    image_threshold,
-    knn_distance,
-    patch_features,
-    raw_to_image,
-    sam_source,
-    valid_grid,
-)
+from workers.memory.calibration import image_threshold
+from workers.memory.features import image_raw_score, patch_features, raw_to_image, sam_source, valid_grid
+from workers.memory.mapper import MemoryMapper
+from workers.memory.params import MemoryParams
+from workers.memory.search import knn_distance
 
 pytestmark = pytest.mark.slow
 

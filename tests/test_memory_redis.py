@@ -13,8 +13,11 @@ import pytest
 
 from config.settings import Settings
 from workers.interfaces import AnomalyMap, ImageEmbedding
-from workers.memory import MemoryMapper, MemoryParams, load_line_memory, main, sam_source
-from workers.memory_store import (
+from workers.memory.cli import main
+from workers.memory.features import sam_source
+from workers.memory.mapper import MemoryMapper, load_line_memory
+from workers.memory.params import MemoryParams
+from workers.memory.store import (
     MemoryConflict,
     MemoryMismatchError,
     MemoryMissingError,

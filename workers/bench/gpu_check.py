@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from config.settings import Settings
     from workers.imageio import read_image
-    from workers.memory import MemoryMapper, MemoryParams, sam_source
+    from workers.memory.features import sam_source
+    from workers.memory.mapper import MemoryMapper
+    from workers.memory.params import MemoryParams
     from workers.pipeline import Detector, DetectorConfig
     from workers.sam import build_sam_backend
 

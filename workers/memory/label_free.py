@@ -19,9 +19,9 @@ most unusual patches first), and a defect then finds itself in the memory and sc
    The pixel threshold reads those maps outside suspect patches; the image threshold reads, per frame, the
    maximum outside its suspect *regions* (8-connected groups of at least ``suspect_region_cells`` patches
    above ``median + region_z * MAD``: a defect, not the odd noisy patch every good frame has), i.e. what the frame would score had its
-   defect not been there, fitted with the false-alarm tail of :mod:`workers.calibration`.
+   defect not been there, fitted with the false-alarm tail of :mod:`workers.memory.calibration`.
 5. *Inspection.* A frame that is one of the references is scored without its own rows
-   (:meth:`workers.memory.MemoryMapper.map` looks its content key up in ``owner_keys``).
+   (:meth:`workers.memory.mapper.MemoryMapper.map` looks its content key up in ``owner_keys``).
 """
 
 from __future__ import annotations
@@ -34,12 +34,10 @@ import cv2
 import numpy as np
 
 from workers.interfaces import ImageEmbedding
-
-
-def _torch():
-    import torch
-
-    return torch
+from workers.memory.coreset import build_memory, kcenter, random_projection
+from workers.memory.features import ENCODER_SIDE, image_raw_score, raw_to_image
+from workers.memory.search import knn_distance
+from workers.memory.search import torch_module as _torch
 
 
 @dataclass(frozen=True)
@@ -65,8 +63,6 @@ def pick_references(n: int, refs: int) -> list[int]:
 def interval_scores(query, refs: Sequence[Any], fraction: float):
     """Per query patch: the mean of the lowest ``fraction`` of its nearest distances to each of ``refs``
     (torch [Q]; also the worker's provisional map while it warms up)."""
-    from workers.memory import knn_distance
-
     torch = _torch()
     d = torch.stack([knn_distance(query, r, 1) for r in refs])
     m = max(1, int(round(fraction * len(refs))))
@@ -88,8 +84,6 @@ def suspect_regions(mask: np.ndarray, min_cells: int) -> np.ndarray:
 
 def _grid_mask_to_image(mask: np.ndarray, embedding: ImageEmbedding, shape: tuple[int, int]) -> np.ndarray:
     """A bool patch-grid mask [gh, gw] -> bool at the map's size, each cell dilated by one cell."""
-    from workers.memory import ENCODER_SIDE
-
     gh, gw = mask.shape
     (ih, iw), (oh, ow) = embedding.input_size, embedding.original_size
     _, gh_all, gw_all = embedding.features.shape
@@ -105,14 +99,12 @@ def _grid_mask_to_image(mask: np.ndarray, embedding: ImageEmbedding, shape: tupl
 def build_label_free(frame_feats: Sequence[Any], shapes: Sequence[tuple[int, int]],
                      embeddings: Sequence[ImageEmbedding], params: Any) -> LabelFreeResult:
     """Steps 2-4 of the module docstring on the reference frames (``frame_feats``: torch [gh*gw, C] each,
-    ``params``: :class:`workers.memory.MemoryParams`)."""
-    from workers.memory import _projection, build_memory, image_raw_score, kcenter, knn_distance, raw_to_image
-
+    ``params``: :class:`workers.memory.params.MemoryParams`)."""
     torch = _torch()
     n = len(frame_feats)
     if n < 3:
         raise ValueError(f"label-free memory needs at least three frames, got {n}")
-    proj = _projection(frame_feats[0].shape[1], params.projection_dim, params.seed)
+    proj = random_projection(frame_feats[0].shape[1], params.projection_dim, params.seed)
     cores = []
     for i, f in enumerate(frame_feats):
         idx, _ = kcenter(f, max(1, int(round(2 * params.frame_ratio * f.shape[0]))), proj=proj,
