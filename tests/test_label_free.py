@@ -65,7 +65,7 @@ def test_most_frames_defective_each_defect_found_and_kept_out_of_memory(shared):
     cal = m.header.calibration
     assert cal["label_free_frames"] == 10 and cal["suspect_patches"] >= 8 * 9 * 0.8
     # no defect vector made it into the memory: each is far from every row
-    mem = m._mem
+    mem = m.rows.feats
     for f, box in zip(frames, boxes, strict=True):
         if box is None:
             continue
@@ -91,7 +91,7 @@ def test_a_batch_frame_never_vouches_for_itself():
     images = images_for(frames)
     m = MemoryMapper("synthetic", PARAMS).build_label_free(frames, images)
     own = m.map(images[0], frames[0]).raw.mean()
-    m._owner_keys = {}
+    m.batch = None
     assert m.map(images[0], frames[0]).raw.mean() < 0.8 * own
 
 

@@ -118,8 +118,8 @@ def test_memory_of_other_features_is_refused(sam, stored, redis_client):
     s, m = stored
     foreign = MemoryMapper("clip:ViT-L-14-336:openai", m.params, store=RedisMemoryStore(
         redis_client, s.redis.key_prefix, "line2"))
-    foreign._set_memory(m.header.__class__(**{**m.header.__dict__, "source": "clip:ViT-L-14-336:openai"}),
-                        m._mem.numpy(), m._radius)
+    foreign.rows.set(m.header.__class__(**{**m.header.__dict__, "source": "clip:ViT-L-14-336:openai"}),
+                     m.rows.feats.numpy(), m.rows.radius)
     foreign.save()
     with pytest.raises(MemoryMismatchError) as err:
         load_line_memory(s, "line2", redis_client, sam)

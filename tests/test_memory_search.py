@@ -210,11 +210,11 @@ def test_mapper_scores_with_its_search_and_keeps_it_in_step_with_the_memory():
     exact = MemoryMapper("t", MemoryParams(neighbourhood=1, calibration_frames=4)).build(train)
     fast = MemoryMapper("t", MemoryParams(neighbourhood=1, calibration_frames=4,
                                           search=SearchSpec("bf16", rerank=8))).build(train)
-    assert fast._search.describe()["search"] == "bf16" and fast._search.size == fast.size == exact.size
+    assert fast.rows.search.describe()["search"] == "bf16" and fast.rows.search.size == fast.size == exact.size
     a, b = exact.map(None, test), fast.map(None, test)
     assert a.image_score == pytest.approx(b.image_score, rel=1e-3)
     assert np.corrcoef(a.pixel.ravel(), b.pixel.ravel())[0, 1] > 0.99
-    rows = torch.nn.functional.normalize(torch.randn(10, fast._mem.shape[1]), dim=1).numpy()
-    fast._append_rows(rows, np.ones(10, np.float16))
-    assert fast._search.size == fast.size == exact.size + 10
-    assert fast._search.mem is fast._mem  # shared on the CPU, not copied
+    rows = torch.nn.functional.normalize(torch.randn(10, fast.rows.feats.shape[1]), dim=1).numpy()
+    fast.rows.append(rows, np.ones(10, np.float16))
+    assert fast.rows.search.size == fast.size == exact.size + 10
+    assert fast.rows.search.mem is fast.rows.feats  # shared on the CPU, not copied

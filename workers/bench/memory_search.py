@@ -181,7 +181,7 @@ def run_category(name: str, settings, embedder: CachedEmbedder, train: list[Path
     t0 = time.perf_counter()
     mapper = MemoryMapper(sam_source(embedder.backend, params.layers), params).build(
         [embedder.embed(p) for p in train])
-    memory = mapper._mem
+    memory = mapper.rows.feats
     print(f"{name}: memory of {memory.shape[0]} x {memory.shape[1]} from {len(train)} train/good images "
           f"({time.perf_counter() - t0:.1f} s); {len(tests)} test images "
           f"({sum(t.defect != 'good' for t in tests)} defective); encoder {encoder_s * 1e3:.0f} ms/frame",

@@ -82,9 +82,7 @@ def main(settings: Any, args: argparse.Namespace) -> int:
                 return 2
             embs = embed_all(sam, images, True, f"memory add {line}")
             mapper.build(embs, images=[im for _, im in images], base=base)
-            mapper.header = store.save(mapper.header, mapper._mem.numpy(), mapper._radius, frames=mapper.frames,
-                                       seen=mapper.seen,
-                                       expect_generation=None if base is None else base.header.generation)
+            mapper.save_over(None if base is None else base.header.generation)
             store.clear_held_out()  # measured against the previous memory
             print(json.dumps(describe(store.load(), line, (), far, SearchSpec.from_settings(settings.memory)),
                              indent=2))

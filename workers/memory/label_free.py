@@ -21,7 +21,7 @@ most unusual patches first), and a defect then finds itself in the memory and sc
    above ``median + region_z * MAD``: a defect, not the odd noisy patch every good frame has), i.e. what the frame would score had its
    defect not been there, fitted with the false-alarm tail of :mod:`workers.memory.calibration`.
 5. *Inspection.* A frame that is one of the references is scored without its own rows
-   (:meth:`workers.memory.mapper.MemoryMapper.map` looks its content key up in ``owner_keys``).
+   (:meth:`workers.memory.mapper.MemoryMapper.map` looks its content key up: :class:`BatchFrames`).
 """
 
 from __future__ import annotations
@@ -51,6 +51,22 @@ class LabelFreeResult:
     pixel_samples: np.ndarray  # raw LOO map values outside suspect patches (subsampled)
     suspect_patches: int
     suspect_frames: int  # frames with at least one suspect region
+
+
+@dataclass(frozen=True)
+class BatchFrames:
+    """The frames a label-free memory was built from, known by content (step 5 of the module docstring)."""
+
+    owner: np.ndarray  # int32 [n]: the frame each memory row came from
+    keys: dict[str, int]  # the frames by content key (workers.sam.content_key)
+
+    def frame_of(self, image_bgr: np.ndarray | None, size: int) -> int | None:
+        """The batch frame this image is (by content), if its rows are still in the memory (of ``size`` rows)."""
+        if not self.keys or image_bgr is None or len(self.owner) < size:
+            return None
+        from workers.sam import content_key
+
+        return self.keys.get(content_key(image_bgr))
 
 
 def pick_references(n: int, refs: int) -> list[int]:
