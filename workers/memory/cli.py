@@ -6,7 +6,7 @@ import argparse
 import json
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workers.memory.calibration import image_threshold
 from workers.memory.features import sam_source
@@ -21,6 +21,9 @@ from workers.memory.store import (
     RedisMemoryStore,
     StoredMemory,
 )
+
+if TYPE_CHECKING:
+    from config.settings import Settings
 
 
 def describe(stored: StoredMemory | None, line: str, held_out: Sequence[float] = (),
@@ -49,7 +52,7 @@ def describe(stored: StoredMemory | None, line: str, held_out: Sequence[float] =
             "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(h.updated)), **index}
 
 
-def main(settings: Any, args: argparse.Namespace) -> int:
+def main(settings: Settings, args: argparse.Namespace) -> int:
     """``lineinspect memory add LINE DIR`` | ``memory show LINE`` | ``memory clear LINE``."""
     from stream.redisclient import make_client
 
@@ -70,9 +73,9 @@ def main(settings: Any, args: argparse.Namespace) -> int:
             if not getattr(args, "dir", None):
                 print("memory add needs a folder of known-good images: lineinspect memory add LINE DIR")
                 return 2
-            from workers.sam import build_sam_backend, sam_taps
+            from workers.sam import build_sam_backend
 
-            sam = build_sam_backend(settings.sam, taps=sam_taps(settings))
+            sam = build_sam_backend(settings.sam, taps=settings.sam_taps)
             base = store.load()
             mapper = MemoryMapper(sam_source(sam, settings.memory.layers),
                                   MemoryParams.from_settings(settings.memory, far), store=store)

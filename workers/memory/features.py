@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import cv2
 import numpy as np
 
-from workers.interfaces import ImageEmbedding
+from workers.interfaces import ImageEmbedding, SamBackend
 from workers.memory.params import MemoryParams
 from workers.memory.search import torch_module as _torch
 
@@ -52,7 +51,7 @@ def layer_grid(embedding: ImageEmbedding, layer: str) -> np.ndarray:
     except KeyError:
         raise ValueError(f"the frame's embedding has no encoder tap {layer!r} (it has "
                          f"{sorted(embedding.taps) or 'none'}): build the SAM backend with the taps of "
-                         "memory.layers (workers.sam.sam_taps)") from None
+                         "memory.layers (Settings.sam_taps)") from None
 
 
 def patch_features(embedding: ImageEmbedding, neighbourhood: int = 3, norm: str = "l2",
@@ -125,7 +124,7 @@ def raw_to_image(grid_scores: np.ndarray, embedding: ImageEmbedding, sigma_1024:
 
 
 
-def sam_source(sam_backend: Any, layers: Sequence[str] = ("neck",)) -> str:
+def sam_source(sam_backend: SamBackend, layers: Sequence[str] = ("neck",)) -> str:
     """The memory's feature identity: SAM model (and the encoder layers, unless the neck alone)."""
     name = f"sam:{getattr(sam_backend, 'name', type(sam_backend).__name__)}"
     return name if tuple(layers) == ("neck",) else f"{name}[{'+'.join(layers)}]"

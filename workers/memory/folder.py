@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from workers.imageio import IMAGE_EXTENSIONS, ImageReadError, read_image
-from workers.interfaces import ImageEmbedding
+from workers.interfaces import ImageEmbedding, SamBackend
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def load_images(folder: str | Path) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def embed_all(sam_backend: Any, images: Sequence[tuple[str, np.ndarray]], progress: bool, desc: str
+def embed_all(sam_backend: SamBackend, images: Sequence[tuple[str, np.ndarray]], progress: bool, desc: str
                ) -> list[ImageEmbedding]:
     it: Any = images
     if progress:

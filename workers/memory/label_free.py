@@ -36,6 +36,7 @@ import numpy as np
 from workers.interfaces import ImageEmbedding
 from workers.memory.coreset import build_memory, kcenter, random_projection
 from workers.memory.features import ENCODER_SIDE, image_raw_score, raw_to_image
+from workers.memory.params import MemoryParams
 from workers.memory.search import knn_distance
 from workers.memory.search import torch_module as _torch
 
@@ -113,9 +114,9 @@ def _grid_mask_to_image(mask: np.ndarray, embedding: ImageEmbedding, shape: tupl
 
 
 def build_label_free(frame_feats: Sequence[Any], shapes: Sequence[tuple[int, int]],
-                     embeddings: Sequence[ImageEmbedding], params: Any) -> LabelFreeResult:
+                     embeddings: Sequence[ImageEmbedding], params: MemoryParams) -> LabelFreeResult:
     """Steps 2-4 of the module docstring on the reference frames (``frame_feats``: torch [gh*gw, C] each,
-    ``params``: :class:`workers.memory.params.MemoryParams`)."""
+    ``params``: the memory's options)."""
     torch = _torch()
     n = len(frame_feats)
     if n < 3:

@@ -20,11 +20,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from workers.interfaces import AnomalyMap, ImageEmbedding
+from workers.interfaces import AnomalyMap, ImageEmbedding, SamBackend
 from workers.memory.calibration import Calibration, ImageThreshold, calibrate, leave_one_out_maps
 from workers.memory.coreset import BuiltMemory, bound_memory, build_memory
 from workers.memory.features import (
@@ -49,6 +49,9 @@ from workers.memory.store import (
     StoredMemory,
 )
 from workers.memory.warmup import Warmup
+
+if TYPE_CHECKING:
+    from config.settings import MemorySettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +191,7 @@ class MemoryMapper:
         return cls(source, params, **kwargs).build(embeddings)
 
     @classmethod
-    def from_folder(cls, sam_backend: Any, folder: str | Path, memory_settings: Any, progress: bool = True,
+    def from_folder(cls, sam_backend: SamBackend, folder: str | Path, memory_settings: MemorySettings | None, progress: bool = True,
                     **kwargs: Any) -> MemoryMapper:
         """Memory from a folder of known-good images (every image file directly in ``folder``)."""
         images = load_images(folder)
@@ -200,7 +203,7 @@ class MemoryMapper:
         return mapper.build(embs, images=[im for _, im in images])
 
     @classmethod
-    def mutual(cls, sam_backend: Any, images_bgr: Sequence[np.ndarray], memory_settings: Any,
+    def mutual(cls, sam_backend: SamBackend, images_bgr: Sequence[np.ndarray], memory_settings: MemorySettings | None,
                **kwargs: Any) -> MemoryMapper:
         """Label-free (:mod:`workers.memory.label_free`): a clean memory from at most ``label_free_refs`` of the
         images, judged against each other; those images are later scored without their own rows."""
@@ -332,7 +335,7 @@ class MemoryMapper:
                  len(buffer), cal.get("suspect_frames", 0), self.size, self.image_threshold)
 
 
-def load_line_memory(settings: Any, line: str, redis_client: Any, sam_backend: Any,
+def load_line_memory(settings: Settings, line: str, redis_client: Any, sam_backend: SamBackend,
                      features_fn: FeaturesFn | None = None) -> MemoryMapper:
     """The line's mapper for a worker: the stored memory from Redis, or an empty one in warm-up when
     ``memory.fill`` includes online. Raises :class:`MemoryMissingError` (fill=folder, nothing stored) and

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workers.memory.search import SearchSpec
+
+if TYPE_CHECKING:
+    from config.settings import MemorySettings
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ class MemoryParams:
     search: SearchSpec = SearchSpec()  # scoring against the memory: exact here; from_settings: memory.search
 
     @classmethod
-    def from_settings(cls, memory_settings: Any, false_alarm_rate: float | None = None,
+    def from_settings(cls, memory_settings: MemorySettings, false_alarm_rate: float | None = None,
                       **extra: Any) -> MemoryParams:
         m = memory_settings
         if m.features == "sam" and "layers" not in extra:

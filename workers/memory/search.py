@@ -25,7 +25,10 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from config.settings import MemorySettings
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,7 @@ class SearchSpec:
             raise ValueError(f"unknown projection basis {self.basis!r} (allowed: pca, random)")
 
     @classmethod
-    def from_settings(cls, m: Any) -> SearchSpec:
+    def from_settings(cls, m: MemorySettings) -> SearchSpec:
         return cls(kind=m.search, rerank=m.search_rerank, dim=m.search_dim, basis=m.search_basis,
                    nlist=m.search_nlist, nprobe=m.search_nprobe, device=m.device)
 
