@@ -107,15 +107,23 @@ def image_raw_score(raw: np.ndarray, embedding: ImageEmbedding, params: MemoryPa
     return float(m.max())
 
 
-def raw_to_image(grid_scores: np.ndarray, embedding: ImageEmbedding, sigma_1024: float) -> np.ndarray:
-    """Patch-grid scores [gh, gw] -> float32 map at the frame size (valid part only), smoothed."""
-    gh, gw = grid_scores.shape
+def grid_target_size(grid_shape: tuple[int, int], embedding: ImageEmbedding) -> tuple[int, int]:
+    """(height, width) in original pixels that a valid patch grid [gh, gw] covers: at least the frame, which is its
+    top-left ``original_size`` once upsampled to this size."""
+    gh, gw = grid_shape
     (ih, iw), (oh, ow) = embedding.input_size, embedding.original_size
     _, gh_all, gw_all = embedding.features.shape
     cell_y, cell_x = ENCODER_SIDE / gh_all, ENCODER_SIDE / gw_all
     # the valid grid covers gh*cell encoder pixels >= ih; in original pixels that is gh*cell*oh/ih
     th = max(oh, int(round(gh * cell_y * oh / ih)))
     tw = max(ow, int(round(gw * cell_x * ow / iw)))
+    return th, tw
+
+
+def raw_to_image(grid_scores: np.ndarray, embedding: ImageEmbedding, sigma_1024: float) -> np.ndarray:
+    """Patch-grid scores [gh, gw] -> float32 map at the frame size (valid part only), smoothed."""
+    (ih, _), (oh, ow) = embedding.input_size, embedding.original_size
+    th, tw = grid_target_size(grid_scores.shape, embedding)
     up = cv2.resize(grid_scores.astype(np.float32), (tw, th), interpolation=cv2.INTER_LINEAR)[:oh, :ow]
     sigma = sigma_1024 * oh / ih
     if sigma > 0:

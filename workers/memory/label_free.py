@@ -35,7 +35,7 @@ import numpy as np
 
 from workers.interfaces import ImageEmbedding
 from workers.memory.coreset import build_memory, kcenter, random_projection
-from workers.memory.features import ENCODER_SIDE, image_raw_score, raw_to_image
+from workers.memory.features import grid_target_size, image_raw_score, raw_to_image
 from workers.memory.params import MemoryParams
 from workers.memory.search import knn_distance
 from workers.memory.search import torch_module as _torch
@@ -101,12 +101,9 @@ def suspect_regions(mask: np.ndarray, min_cells: int) -> np.ndarray:
 
 def _grid_mask_to_image(mask: np.ndarray, embedding: ImageEmbedding, shape: tuple[int, int]) -> np.ndarray:
     """A bool patch-grid mask [gh, gw] -> bool at the map's size, each cell dilated by one cell."""
-    gh, gw = mask.shape
-    (ih, iw), (oh, ow) = embedding.input_size, embedding.original_size
-    _, gh_all, gw_all = embedding.features.shape
+    oh, ow = embedding.original_size
     grown = cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8))
-    th = max(oh, int(round(gh * ENCODER_SIDE / gh_all * oh / ih)))
-    tw = max(ow, int(round(gw * ENCODER_SIDE / gw_all * ow / iw)))
+    th, tw = grid_target_size(mask.shape, embedding)
     up = cv2.resize(grown, (tw, th), interpolation=cv2.INTER_NEAREST)[:oh, :ow]
     if up.shape != tuple(shape):
         up = cv2.resize(up, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
