@@ -226,14 +226,14 @@ class MemorySettings:
     neighbourhood: int = 1
     warmup_frames: int = 16  # online: mutual scoring until this many normal frames are in memory
     # label-free (no good folder): the clean memory is built from at most this many frames of the batch /
-    # stream, each compared with the others (cost bounded by it, not by the batch); see workers/label_free.py
+    # stream, each compared with the others (cost bounded by it, not by the batch); see workers/memory/label_free.py
     label_free_refs: int = 32
     # the image threshold is re-estimated from the line's most recent OK frames (their maxima, kept in Redis)
     held_out_frames: int = 256
     online_margin: float = 0.5  # online: add a frame only when its score < margin * image threshold
     calibration_quantile: float = 0.99
     store: Literal["redis", "none"] = "redis"
-    # nearest-neighbour search over the memory (workers/memory_search.py): exact (float32 matmul), bf16
+    # nearest-neighbour search over the memory (workers/memory/search.py): exact (float32 matmul), bf16
     # (bfloat16 matmul, the best search_rerank candidates re-ranked in float32; 0 = none), projection (to
     # search_dim dims on a pca/random basis, search_rerank candidates re-ranked in float32), ivf (torch IVF-Flat:
     # k-means lists, search_nprobe of search_nlist searched exactly), faiss (IVF-Flat, pip install faiss-cpu).
@@ -325,7 +325,7 @@ class DetectorSettings:
     pixel_threshold: float = 0.0  # 0 = use the calibrated per-line threshold
     mask_boost: float = 1.0  # pixel score = map * (1 + mask_boost * sam_mask)
     # share of good frames the line accepts to see flagged: the image threshold is the (1 - rate) quantile of
-    # a tail model fitted to normal frames' scores (workers.calibration)
+    # a tail model fitted to normal frames' scores (workers.memory.calibration)
     false_alarm_rate: float = 0.01
     ppg: PpgSettings = field(default_factory=PpgSettings)
     mask: MaskSettings = field(default_factory=MaskSettings)

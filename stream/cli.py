@@ -27,7 +27,7 @@ COMMANDS: Mapping[str, str] = MappingProxyType({
     "demo": "stream.demo",
     "predict": "workers.predict",
     "eval": "workers.evaluate",
-    "memory": "workers.memory",
+    "memory": "workers.memory.cli",
     "train-adapter": "workers.clip.train",
     "train-prompts": "workers.clip.vip2_train",
     "alerts": "stream.alerts.run",

@@ -60,7 +60,7 @@ class LineKeys:
     def done(self, frame_id: str) -> str:  # idempotency key: one result per frame id
         return self._k("done", frame_id)
 
-    def memory(self, part: str) -> str:  # normal memory of the line (see workers.memory)
+    def memory(self, part: str) -> str:  # normal memory of the line (see workers.memory.store)
         return self._k("memory", part)
 
     @property

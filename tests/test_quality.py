@@ -19,7 +19,8 @@ from workers.dataset import Category, limit_images
 from workers.dataset import test_images as category_images
 from workers.eval_metrics import PixelPool
 from workers.imageio import read_image, read_mask
-from workers.memory import MemoryMapper, MemoryParams
+from workers.memory.mapper import MemoryMapper
+from workers.memory.params import MemoryParams
 
 pytestmark = pytest.mark.slow
 

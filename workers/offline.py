@@ -139,12 +139,13 @@ def default_mapper_factory(settings: Settings, backend: SamBackend, normal_dir: 
                            images: Sequence[Path]) -> AnomalyMapper:
     """The memory mapper (:class:`workers.memory.MemoryMapper`): from the known-good images directly in
     ``normal_dir`` when given, else label-free from at most ``memory.label_free_refs`` of ``images`` spread
-    over them (:mod:`workers.label_free`; unreadable ones are left out here and reported when inspected)."""
+    over them (:mod:`workers.memory.label_free`; unreadable ones are left out here and reported when inspected)."""
     from tqdm import tqdm
 
     from workers.imageio import ImageReadError, read_image
-    from workers.label_free import pick_references
-    from workers.memory import MemoryMapper, MemoryParams
+    from workers.memory.label_free import pick_references
+    from workers.memory.mapper import MemoryMapper
+    from workers.memory.params import MemoryParams
 
     params = MemoryParams.from_settings(settings.memory, settings.detector.false_alarm_rate)
     overrides = {"image_threshold_override": settings.detector.image_threshold,

@@ -51,7 +51,7 @@ def _target(shape: tuple[int, int], size: int | None) -> tuple[int, int]:
 
 
 class MaskPool:
-    """Accumulates published masks against ground truth; ``size`` as in :class:`workers.metrics.PixelPool`."""
+    """Accumulates published masks against ground truth; ``size`` as in :class:`workers.eval_metrics.PixelPool`."""
 
     def __init__(self, size: int | None = 256):
         self.size = size

@@ -233,7 +233,7 @@ def build_detector(settings: Settings, line: str, redis_client: Any = None,
     sam = build_sam_backend(settings.sam, taps=settings.sam_taps)
 
     def line_memory() -> AnomalyMapper:
-        from workers.memory import load_line_memory
+        from workers.memory.mapper import load_line_memory
 
         return load_line_memory(settings, line, redis_client, sam)
 

@@ -30,7 +30,7 @@ from workers.sam_onnx import SETUP_HINT, OnnxSamBackend
 from workers.sam_torch import TorchSamBackend
 
 if TYPE_CHECKING:
-    from config.settings import SamSettings, Settings
+    from config.settings import SamSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,11 +54,6 @@ def resolve_model_path(path: str | Path, key: str) -> Path:
             return c.resolve()
     looked = ", ".join(str(c) for c in candidates)
     raise ModelLoadError(f"{key}: model file not found: {path} (looked at {looked}); {SETUP_HINT}")
-
-
-def sam_taps(settings: Settings) -> tuple[str, ...]:
-    """:attr:`config.settings.Settings.sam_taps` (the name :func:`workers.memory.main` still calls)."""
-    return settings.sam_taps
 
 
 def build_sam_backend(sam_settings: SamSettings, taps: Sequence[str] = ()) -> SamBackend:

@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from config.settings import Settings
     from workers.imageio import read_image
-    from workers.memory import MemoryMapper, MemoryParams, sam_source
+    from workers.memory.features import sam_source
+    from workers.memory.mapper import MemoryMapper
+    from workers.memory.params import MemoryParams
     from workers.pipeline import Detector, DetectorConfig
     from workers.sam import build_sam_backend
 
@@ -77,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     fps = len(frames) / wall
     label = args.label or ("GPU" if gpu else "CPU")
     print(f"[{label}] {where}")
-    print(f"[{label}] SAM {sam.name}: providers used {used}; memory search {mapper._search.describe()['index']} "
-          f"on {mapper._search.device}; memory {mapper.size} x {mapper._mem.shape[1]} from {len(train)} images; "
+    print(f"[{label}] SAM {sam.name}: providers used {used}; memory search {mapper.rows.search.describe()['index']} "
+          f"on {mapper.rows.search.device}; memory {mapper.size} x {mapper.rows.feats.shape[1]} from {len(train)} images; "
           f"{len(frames)} frames of {data.name}")
     print(f"[{label}] detector {fps:.3f} frames/s ({wall / len(frames) * 1e3:.0f} ms/frame); bare encoder "
           f"{1 / enc_s:.3f} frames/s ({enc_s * 1e3:.0f} ms/frame); ratio {fps * enc_s:.2f} (frames/s x encoder s)")

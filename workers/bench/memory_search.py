@@ -137,7 +137,7 @@ OPTIONS = {  # bench name -> SearchSpec fields; "name:key=value:..." overrides f
 
 def parse_option(text: str):
     """``bf16+rerank`` or ``projection:dim=64:rerank=16`` -> SearchSpec."""
-    from workers.memory_search import SearchSpec
+    from workers.memory.search import SearchSpec
 
     name, *pairs = text.split(":")
     if name not in OPTIONS:
@@ -172,14 +172,16 @@ def run_category(name: str, settings, embedder: CachedEmbedder, train: list[Path
     import cv2
 
     from workers.eval_metrics import PixelPool
-    from workers.memory import MemoryMapper, MemoryParams, patch_features, raw_to_image, sam_source
-    from workers.memory_search import make_search
+    from workers.memory.features import patch_features, raw_to_image, sam_source
+    from workers.memory.mapper import MemoryMapper
+    from workers.memory.params import MemoryParams
+    from workers.memory.search import make_search
 
     params = MemoryParams.from_settings(settings.memory)
     t0 = time.perf_counter()
     mapper = MemoryMapper(sam_source(embedder.backend, params.layers), params).build(
         [embedder.embed(p) for p in train])
-    memory = mapper._mem
+    memory = mapper.rows.feats
     print(f"{name}: memory of {memory.shape[0]} x {memory.shape[1]} from {len(train)} train/good images "
           f"({time.perf_counter() - t0:.1f} s); {len(tests)} test images "
           f"({sum(t.defect != 'good' for t in tests)} defective); encoder {encoder_s * 1e3:.0f} ms/frame",

@@ -25,7 +25,10 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from config.settings import MemorySettings
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +36,11 @@ KINDS = ("exact", "bf16", "projection", "ivf", "faiss")
 FAISS_HINT = "pip install faiss-cpu (or: pip install 'lineinspect[faiss]')"
 
 
-def _torch():
+def torch_module():
     try:
         import torch
     except ImportError as exc:  # pragma: no cover - installed with the package
-        raise RuntimeError(f"the memory search needs torch ({exc}); pip install torch") from exc
+        raise RuntimeError(f"workers.memory needs torch ({exc}); pip install torch") from exc
     return torch
 
 
@@ -61,7 +64,7 @@ class SearchSpec:
             raise ValueError(f"unknown projection basis {self.basis!r} (allowed: pca, random)")
 
     @classmethod
-    def from_settings(cls, m: Any) -> SearchSpec:
+    def from_settings(cls, m: MemorySettings) -> SearchSpec:
         return cls(kind=m.search, rerank=m.search_rerank, dim=m.search_dim, basis=m.search_basis,
                    nlist=m.search_nlist, nprobe=m.search_nprobe, device=m.device)
 
@@ -94,7 +97,7 @@ def resolve_device(device: str) -> str:
     """``cuda`` when asked for and available, else ``cpu`` (a warning when cuda was asked for)."""
     if device == "cpu":
         return "cpu"
-    torch = _torch()
+    torch = torch_module()
     if device.startswith("cuda") and torch.cuda.is_available():
         return device
     log.warning("memory.device=%s but torch.cuda is not available here (torch %s, CUDA build %s): "
@@ -108,7 +111,7 @@ def resolve_device(device: str) -> str:
 def exact_knn(query, memory, k: int = 1, memory_sq=None, chunk: int = 8192):
     """Per query row: squared Euclidean distances to its k nearest memory rows and their indices
     (float32 matmul in memory chunks). ``([Q, k], [Q, k])``, ascending."""
-    torch = _torch()
+    torch = torch_module()
     n = memory.shape[0]
     if n == 0:
         raise ValueError("empty memory")
@@ -132,7 +135,7 @@ def exact_knn(query, memory, k: int = 1, memory_sq=None, chunk: int = 8192):
 def rerank(query, memory, cand, k: int, chunk: int = 1024):
     """Exact float32 squared distances from each query row to its candidate rows ``cand`` [Q, r]; the k
     nearest of them, ascending: ``([Q, k], [Q, k])``."""
-    torch = _torch()
+    torch = torch_module()
     k = min(k, cand.shape[1])
     out_d, out_i = [], []
     for s in range(0, query.shape[0], chunk):
@@ -146,6 +149,14 @@ def rerank(query, memory, cand, k: int, chunk: int = 1024):
 
 
 # ------------------------------------------------------------------------------------------ searches
+
+
+def knn_distance(query, memory, k: int = 1, memory_sq=None, chunk: int = 8192):
+    """Per query row: mean Euclidean distance to its k nearest memory rows, exact float32 (torch, chunked:
+    :func:`exact_knn`). [Q]."""
+    d2, _ = exact_knn(query, memory, k, memory_sq=memory_sq, chunk=chunk)
+    return d2.sqrt_().mean(1)
+
 
 
 class MemorySearch:
@@ -163,7 +174,7 @@ class MemorySearch:
 
     def reset(self, memory) -> MemorySearch:
         """Index ``memory`` (float32 CPU tensor [n, C]), replacing what was held."""
-        self.mem = memory.to(self.device, dtype=_torch().float32)
+        self.mem = memory.to(self.device, dtype=torch_module().float32)
         self.mem_sq = (self.mem * self.mem).sum(1)
         self._rebuild()
         return self
@@ -171,7 +182,7 @@ class MemorySearch:
     def add(self, rows, memory=None) -> None:
         """Append memory rows (float32 CPU tensor [m, C]) after the held ones. ``memory``: the whole memory
         after the append when the caller holds it already (shared instead of copied on the CPU)."""
-        torch = _torch()
+        torch = torch_module()
         if rows.shape[0] == 0:
             return
         if self.mem is None:
@@ -189,7 +200,7 @@ class MemorySearch:
         """Squared distances [Q, k] (ascending) and memory indices [Q, k] of each query row's k nearest."""
         if self.size == 0:
             raise ValueError("empty memory")
-        d2, idx = self._search(query.to(self.device, dtype=_torch().float32), max(1, min(k, self.size)))
+        d2, idx = self._search(query.to(self.device, dtype=torch_module().float32), max(1, min(k, self.size)))
         return d2.cpu(), idx.cpu()
 
     def knn_distance(self, query, k: int = 1):
@@ -221,14 +232,14 @@ class ExactSearch(MemorySearch):
 
 class Bf16Search(MemorySearch):
     def _rebuild(self) -> None:
-        self.mem16 = self.mem.to(_torch().bfloat16)
+        self.mem16 = self.mem.to(torch_module().bfloat16)
 
     def _added(self, new) -> None:
-        torch = _torch()
+        torch = torch_module()
         self.mem16 = torch.cat([self.mem16, new.to(torch.bfloat16)])
 
     def _search(self, query, k: int, chunk: int = 8192):
-        torch = _torch()
+        torch = torch_module()
         r = max(k, self.spec.rerank)
         q16 = query.to(torch.bfloat16)
         q_sq = (query * query).sum(1, keepdim=True)
@@ -257,7 +268,7 @@ class ProjectionSearch(MemorySearch):
     fitted_rows = 0
 
     def _rebuild(self) -> None:
-        torch = _torch()
+        torch = torch_module()
         dim = self.mem.shape[1]
         out = min(self.spec.dim, dim)
         keep = (self.proj is not None and self.proj.shape[0] == dim
@@ -279,7 +290,7 @@ class ProjectionSearch(MemorySearch):
         self.memp_sq = (self.memp * self.memp).sum(1)
 
     def _added(self, new) -> None:
-        torch = _torch()
+        torch = torch_module()
         p = new @ self.proj
         self.memp = torch.cat([self.memp, p])
         self.memp_sq = torch.cat([self.memp_sq, (p * p).sum(1)])
@@ -296,7 +307,7 @@ class IvfSearch(MemorySearch):
     kmeans_iters = 8
 
     def _rebuild(self) -> None:
-        torch = _torch()
+        torch = torch_module()
         n = self.size
         nlist = max(1, min(self.spec.nlist, n // 39))
         g = torch.Generator().manual_seed(self.spec.seed)
@@ -318,7 +329,7 @@ class IvfSearch(MemorySearch):
         return exact_knn(rows, self.centres, 1, memory_sq=self.centres_sq)[1][:, 0]
 
     def _lists(self) -> None:
-        torch = _torch()
+        torch = torch_module()
         self.order = torch.argsort(self.assign, stable=True)
         self.sorted_mem = self.mem[self.order]
         self.sorted_sq = self.mem_sq[self.order]
@@ -327,12 +338,12 @@ class IvfSearch(MemorySearch):
         self.counts = counts.tolist()
 
     def _added(self, new) -> None:
-        torch = _torch()
+        torch = torch_module()
         self.assign = torch.cat([self.assign, self._assign(new)])
         self._lists()
 
     def _search(self, query, k: int):
-        torch = _torch()
+        torch = torch_module()
         nq = query.shape[0]
         nprobe = min(self.spec.nprobe, self.centres.shape[0])
         _, probes = exact_knn(query, self.centres, nprobe, memory_sq=self.centres_sq)
@@ -390,7 +401,7 @@ class FaissSearch(MemorySearch):
 
     def _rebuild(self) -> None:
         faiss = self.faiss
-        faiss.omp_set_num_threads(_torch().get_num_threads())
+        faiss.omp_set_num_threads(torch_module().get_num_threads())
         x = self.mem.numpy()
         n, dim = x.shape
         nlist = max(1, min(self.spec.nlist, n // 39))
@@ -406,7 +417,7 @@ class FaissSearch(MemorySearch):
         self.index.add(new.numpy())
 
     def _search(self, query, k: int):
-        torch = _torch()
+        torch = torch_module()
         d2, idx = self.index.search(query.contiguous().numpy(), k)
         d2, idx = torch.from_numpy(d2), torch.from_numpy(idx)
         missing = idx < 0  # fewer than k rows in the probed lists: fall back to the exact search for those

@@ -20,12 +20,12 @@ most unusual patches first), and a defect then finds itself in the memory and sc
    ``suspect_region_cells`` patches above ``median + region_z * MAD``: a defect, not the odd noisy patch every
    good frame has): the pixel threshold their pixels, the image threshold the frame's image score, i.e. what
    the frame would score had its defect not been there, fitted with the false-alarm tail of
-   :mod:`workers.calibration`. The odd noisy patch stays in the pixel sample, as it does in a good frame's:
+   :mod:`workers.memory.calibration`. The odd noisy patch stays in the pixel sample, as it does in a good frame's:
    leaving every suspect patch out cut the normal tail short (stage-0 maps, 60 test images: the label-free
    pixel threshold sat at 0.83x / 0.75x the level of best F1 on hazelnut_toy / commutator; with train/good
    at 0.99x / 0.97x).
 5. *Inspection.* A frame that is one of the references is scored without its own rows
-   (:meth:`workers.memory.MemoryMapper.map` looks its content key up in ``owner_keys``).
+   (:meth:`workers.memory.mapper.MemoryMapper.map` looks its content key up: :class:`BatchFrames`).
 """
 
 from __future__ import annotations
@@ -38,12 +38,11 @@ import cv2
 import numpy as np
 
 from workers.interfaces import ImageEmbedding
-
-
-def _torch():
-    import torch
-
-    return torch
+from workers.memory.coreset import build_memory, kcenter, random_projection
+from workers.memory.features import grid_target_size, image_raw_score, raw_to_image
+from workers.memory.params import MemoryParams
+from workers.memory.search import knn_distance
+from workers.memory.search import torch_module as _torch
 
 
 @dataclass(frozen=True)
@@ -53,10 +52,26 @@ class LabelFreeResult:
     owner: np.ndarray  # int32 [n]: index (into the reference frames) of the frame a row came from
     coverage: float
     loo_maps: tuple[np.ndarray, ...]  # raw leave-one-out maps of the reference frames
-    normal_maxima: tuple[float, ...]  # per reference frame: its map maximum outside clearly anomalous patches
+    normal_maxima: tuple[float, ...]  # per reference frame: its image score outside its suspect regions
     pixel_samples: np.ndarray  # raw LOO map values outside suspect regions (subsampled)
     suspect_patches: int
     suspect_frames: int  # frames with at least one suspect region
+
+
+@dataclass(frozen=True)
+class BatchFrames:
+    """The frames a label-free memory was built from, known by content (step 5 of the module docstring)."""
+
+    owner: np.ndarray  # int32 [n]: the frame each memory row came from
+    keys: dict[str, int]  # the frames by content key (workers.sam.content_key)
+
+    def frame_of(self, image_bgr: np.ndarray | None, size: int) -> int | None:
+        """The batch frame this image is (by content), if its rows are still in the memory (of ``size`` rows)."""
+        if not self.keys or image_bgr is None or len(self.owner) < size:
+            return None
+        from workers.sam import content_key
+
+        return self.keys.get(content_key(image_bgr))
 
 
 def pick_references(n: int, refs: int) -> list[int]:
@@ -69,8 +84,6 @@ def pick_references(n: int, refs: int) -> list[int]:
 def interval_scores(query, refs: Sequence[Any], fraction: float):
     """Per query patch: the mean of the lowest ``fraction`` of its nearest distances to each of ``refs``
     (torch [Q]; also the worker's provisional map while it warms up)."""
-    from workers.memory import knn_distance
-
     torch = _torch()
     d = torch.stack([knn_distance(query, r, 1) for r in refs])
     m = max(1, int(round(fraction * len(refs))))
@@ -92,14 +105,9 @@ def suspect_regions(mask: np.ndarray, min_cells: int) -> np.ndarray:
 
 def _grid_mask_to_image(mask: np.ndarray, embedding: ImageEmbedding, shape: tuple[int, int]) -> np.ndarray:
     """A bool patch-grid mask [gh, gw] -> bool at the map's size, each cell dilated by one cell."""
-    from workers.memory import ENCODER_SIDE
-
-    gh, gw = mask.shape
-    (ih, iw), (oh, ow) = embedding.input_size, embedding.original_size
-    _, gh_all, gw_all = embedding.features.shape
+    oh, ow = embedding.original_size
     grown = cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8))
-    th = max(oh, int(round(gh * ENCODER_SIDE / gh_all * oh / ih)))
-    tw = max(ow, int(round(gw * ENCODER_SIDE / gw_all * ow / iw)))
+    th, tw = grid_target_size(mask.shape, embedding)
     up = cv2.resize(grown, (tw, th), interpolation=cv2.INTER_NEAREST)[:oh, :ow]
     if up.shape != tuple(shape):
         up = cv2.resize(up, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
@@ -107,16 +115,14 @@ def _grid_mask_to_image(mask: np.ndarray, embedding: ImageEmbedding, shape: tupl
 
 
 def build_label_free(frame_feats: Sequence[Any], shapes: Sequence[tuple[int, int]],
-                     embeddings: Sequence[ImageEmbedding], params: Any) -> LabelFreeResult:
+                     embeddings: Sequence[ImageEmbedding], params: MemoryParams) -> LabelFreeResult:
     """Steps 2-4 of the module docstring on the reference frames (``frame_feats``: torch [gh*gw, C] each,
-    ``params``: :class:`workers.memory.MemoryParams`)."""
-    from workers.memory import _projection, build_memory, image_raw_score, kcenter, knn_distance, raw_to_image
-
+    ``params``: the memory's options)."""
     torch = _torch()
     n = len(frame_feats)
     if n < 3:
         raise ValueError(f"label-free memory needs at least three frames, got {n}")
-    proj = _projection(frame_feats[0].shape[1], params.projection_dim, params.seed)
+    proj = random_projection(frame_feats[0].shape[1], params.projection_dim, params.seed)
     cores = []
     for i, f in enumerate(frame_feats):
         idx, _ = kcenter(f, max(1, int(round(2 * params.frame_ratio * f.shape[0]))), proj=proj,

@@ -10,7 +10,7 @@ Keys (``stream.keys.line_keys(prefix, line).memory(part)``):
 - ``memory:stats``: hash ``frames`` (frames that contributed), ``seen`` (patches offered, reservoir).
 - ``memory:held_out``: list of the raw image maxima of the line's most recent OK frames, each scored against a
   memory that did not hold it (newest first, bounded): the image threshold is re-estimated from them
-  (:mod:`workers.calibration`).
+  (:mod:`workers.memory.calibration`).
 
 Concurrency: a rewrite (build, compaction, reservoir replacement, recalibration) bumps ``generation``
 under ``WATCH`` on the header key; an online addition APPENDs rows to ``feats``/``radius`` in a

@@ -1,4 +1,14 @@
-"""Thresholds from normal frames: the image threshold from a false-alarm budget.
+"""Thresholds from normal frames: the image threshold from a false-alarm budget, and the pixel threshold.
+
+Calibration: thresholds from leave-one-out raw maps of normal frames (each frame scored against the memory
+without its own rows, :func:`leave_one_out_maps`; label-free: :mod:`workers.memory.label_free`). Image score:
+the mean of the map's highest ``image_top_share`` of pixels (:func:`workers.memory.features.image_raw_score`). Pixel
+threshold: the ``1 - (1 - q) / 10`` quantile of their pixels (``memory.calibration_quantile`` q; plenty of
+samples). ``settings.detector.image_threshold`` / ``pixel_threshold`` > 0 override them (raw units, as shown by
+``lineinspect memory show LINE``).
+
+Image threshold (:func:`image_threshold`): the ``1 - detector.false_alarm_rate`` quantile of a GEV tail fitted
+to the normal frames' image scores and, in a worker, to the line's most recent OK frames.
 
 A frame's image score is the maximum of its (smoothed) anomaly map, and maxima follow an extreme-value law.
 The normal frames' scores (leave-one-out maps of the memory's own frames, then held-out normal frames from
@@ -25,8 +35,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from workers.interfaces import ImageEmbedding
+from workers.memory.coreset import BuiltMemory
+from workers.memory.features import image_raw_score, raw_to_image, valid_grid
+from workers.memory.params import MemoryParams
+from workers.memory.search import knn_distance
+from workers.memory.search import torch_module as _torch
 
 EULER_GAMMA = 0.5772156649
 MIN_FIT_FRAMES = 8  # fewer normal frames: the threshold is the largest of their scores, no tail is fitted
@@ -125,3 +143,55 @@ def image_threshold(maxima: Sequence[float], false_alarm_rate: float) -> ImageTh
     if dropped:
         rule += f", {dropped} far-out frame{'s' if dropped > 1 else ''} left out"
     return ImageThreshold(float(value), rule, int(len(m)), round(g.exceedance(value), 6))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    image_threshold: float
+    pixel_threshold: float
+    frames: int
+    method: str
+    image_maxima: tuple[float, ...] = ()
+
+
+def calibrate(raw_maps: Sequence[np.ndarray], params: MemoryParams, method: str, maxima: Sequence[float],
+              pixels: np.ndarray | None = None) -> Calibration:
+    """Thresholds from normal frames that were not in the memory they were scored against: their image
+    scores (``maxima``, :func:`image_raw_score`) and raw maps (``pixels`` replaces the maps' pixels when given:
+    label-free calibration)."""
+    if len(maxima) == 0:
+        raise ValueError("calibration needs at least one normal frame")
+    if pixels is None:
+        pixels = np.concatenate([m[:: max(1, m.shape[0] // 256), :: max(1, m.shape[1] // 256)].ravel()
+                                 for m in raw_maps])
+    thr = image_threshold(maxima, params.false_alarm_rate)
+    pixel_thr = float(np.quantile(pixels, params.pixel_quantile))
+    return Calibration(max(thr.value, 1e-6), max(pixel_thr, 1e-6), len(maxima), f"{method}, {thr.rule}",
+                       tuple(round(float(v), 5) for v in maxima))
+
+
+def _grid_scores(feats, mem, mem_sq, k: int, shape: tuple[int, int]) -> np.ndarray:
+    return knn_distance(feats, mem, k, memory_sq=mem_sq).numpy().reshape(shape)
+
+
+def leave_one_out_maps(frame_feats: Sequence[Any], embeddings: Sequence[ImageEmbedding], built: BuiltMemory,
+                       params: MemoryParams) -> tuple[list[np.ndarray], list[float]]:
+    """Raw maps of (up to ``calibration_frames``) build frames, each against the memory without its rows, and
+    their image scores (:func:`image_raw_score`)."""
+    torch = _torch()
+    mem = torch.from_numpy(built.feats.astype(np.float32))
+    pick = np.arange(len(frame_feats))
+    n = len(pick)
+    if n > params.calibration_frames:
+        pick = np.sort(np.random.default_rng(params.seed).choice(pick, params.calibration_frames, replace=False))
+    maps, scores = [], []
+    for i in pick:
+        others = torch.from_numpy(built.owner != i)
+        if not bool(others.any()):
+            continue
+        m = mem[others]
+        grid = _grid_scores(frame_feats[i], m, None, params.k, valid_grid(embeddings[i]))
+        maps.append(raw_to_image(grid, embeddings[i], params.smoothing_sigma))
+        scores.append(image_raw_score(maps[-1], embeddings[i], params))
+    return maps, scores
+
