@@ -95,7 +95,7 @@ def test_defect_above_threshold_good_below(mapper, frames):
     assert good.image_score < 1.0 < bad.image_score, (good.image_score, bad.image_score)
     # normalisation: pixel 1.0 = pixel threshold, image score = raw max / image threshold
     np.testing.assert_allclose(bad.pixel, bad.raw / mapper.pixel_threshold, rtol=1e-5)
-    # the image score: the mean of the map's highest pixels (image_top_share), over the image threshold
+    # the image score: the map's maximum after smoothing to image_sigma, over the image threshold
     want = image_raw_score(bad.raw, frames["defect"], PARAMS) / mapper.image_threshold
     assert bad.image_score == pytest.approx(want, rel=1e-5) and want < float(bad.raw.max()) / mapper.image_threshold
     # the hottest pixel is on the blob, and the blob is above the pixel threshold

@@ -2,7 +2,7 @@
 
 Calibration: thresholds from leave-one-out raw maps of normal frames (each frame scored against the memory
 without its own rows, :func:`leave_one_out_maps`; label-free: :mod:`workers.memory.label_free`). Image score:
-the mean of the map's highest ``image_top_share`` of pixels (:func:`workers.memory.features.image_raw_score`). Pixel
+the maximum of the map smoothed to ``image_sigma`` (:func:`workers.memory.features.image_raw_score`). Pixel
 threshold: the ``1 - (1 - q) / 10`` quantile of their pixels (``memory.calibration_quantile`` q; plenty of
 samples). ``settings.detector.image_threshold`` / ``pixel_threshold`` > 0 override them (raw units, as shown by
 ``lineinspect memory show LINE``).

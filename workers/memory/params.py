@@ -21,7 +21,7 @@ class MemoryParams:
     frame_ratio: float = 0.1  # at most this fraction of a frame's patches enters the memory
     projection_dim: int = 64  # random projection for the k-center selection
     smoothing_sigma: float = 4.0  # Gaussian sigma in 1024-frame pixels
-    image_top_share: float = 0.005  # the image score is the mean of this share of the map's highest pixels
+    image_sigma: float = 16.0  # the image score is the max of the map smoothed to this sigma (1024-frame px)
     calibration_quantile: float = 0.99
     calibration_frames: int = 64  # leave-one-out maps used for calibration (at most)
     online_margin: float = 0.5
