@@ -12,30 +12,24 @@ Every value is checked against the dataclass field types below. A wrong value ra
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 import yaml
 
+from config.checks import MAX_IDENT_LEN, SettingsError, check_ident, in_range, positive
+from config.loading import deep_merge, from_dict, read_yaml, set_dotted, to_dict
+
+__all__ = ["MAX_IDENT_LEN", "SettingsError", "check_ident", "from_dict", "to_dict"]
+
 DEFAULT_YAML = Path(__file__).with_name("default.yaml")
 ENV_PREFIX = "LINEINSPECT__"
-
-
-class SettingsError(ValueError):
-    """A settings value is missing, unknown or out of range. ``key`` is the dotted path."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"settings: {key}: {message}")
-        self.key = key
 
 
 # --------------------------------------------------------------------------------------------- sections
@@ -67,7 +61,7 @@ class RedisSettings:
         if self.is_cluster and self.key_layout != "line_tag":
             raise SettingsError("redis.key_layout", f"{self.key_layout!r}: a cluster needs line_tag (a line's "
                                                     "keys in one slot; see deploy/README.md, Redis Cluster)")
-        _range("redis.socket_timeout_s", self.socket_timeout_s, lo=0.01, hi=3600)
+        in_range("redis.socket_timeout_s", self.socket_timeout_s, lo=0.01, hi=3600)
         for key in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
             if getattr(self, key) and not parsed.scheme.startswith("rediss"):
                 raise SettingsError(f"redis.{key}", "TLS files need a rediss:// url")
@@ -118,18 +112,18 @@ class QueueSettings:
         return int(max(self.result_ttl_s, math.ceil(needed)))
 
     def __post_init__(self) -> None:
-        _positive("queue.max_frame_pixels", self.max_frame_pixels)
-        _positive("queue.maxlen", self.maxlen)
-        _range("queue.batch", self.batch, lo=1, hi=10000)
-        _positive("queue.max_deliveries", self.max_deliveries)
-        _positive("queue.claim_idle_ms", self.claim_idle_ms)
-        _positive("queue.job_timeout_s", self.job_timeout_s)
-        _range("queue.block_ms", self.block_ms, lo=10, hi=60000)  # 0 would make an idle worker spin
-        _range("queue.claim_interval_s", self.claim_interval_s, lo=0.01, hi=3600)
-        _positive("queue.result_ttl_s", self.result_ttl_s)
-        _positive("queue.results_maxlen", self.results_maxlen)
-        _positive("queue.dead_letter_maxlen", self.dead_letter_maxlen)
-        _range("queue.dead_consumer_idle_s", self.dead_consumer_idle_s, lo=0.1, hi=86400 * 30)
+        positive("queue.max_frame_pixels", self.max_frame_pixels)
+        positive("queue.maxlen", self.maxlen)
+        in_range("queue.batch", self.batch, lo=1, hi=10000)
+        positive("queue.max_deliveries", self.max_deliveries)
+        positive("queue.claim_idle_ms", self.claim_idle_ms)
+        positive("queue.job_timeout_s", self.job_timeout_s)
+        in_range("queue.block_ms", self.block_ms, lo=10, hi=60000)  # 0 would make an idle worker spin
+        in_range("queue.claim_interval_s", self.claim_interval_s, lo=0.01, hi=3600)
+        positive("queue.result_ttl_s", self.result_ttl_s)
+        positive("queue.results_maxlen", self.results_maxlen)
+        positive("queue.dead_letter_maxlen", self.dead_letter_maxlen)
+        in_range("queue.dead_consumer_idle_s", self.dead_consumer_idle_s, lo=0.1, hi=86400 * 30)
         if not self.group or any(c in self.group for c in " \t\n"):
             raise SettingsError("queue.group", f"{self.group!r}: must be non-empty, without spaces")
 
@@ -151,17 +145,17 @@ class CameraSettings:
     down_grace_s: float = 30.0  # /healthz fails when the camera is down longer than this
 
     def __post_init__(self) -> None:
-        _ident("camera.id", self.id)
-        _ident("camera.line", self.line)
+        check_ident("camera.id", self.id)
+        check_ident("camera.line", self.line)
         if not 1 <= self.jpeg_quality <= 100:
             raise SettingsError("camera.jpeg_quality", f"{self.jpeg_quality}: allowed 1..100")
         if self.fps < 0:
             raise SettingsError("camera.fps", f"{self.fps}: must be >= 0")
-        _range("camera.device_index", self.device_index, lo=0, hi=1024)
-        _positive("camera.reconnect_initial_s", self.reconnect_initial_s)
-        _range("camera.reconnect_max_s", self.reconnect_max_s, lo=self.reconnect_initial_s, hi=86400)
-        _range("camera.max_reconnects", self.max_reconnects, lo=-1, hi=10**9)
-        _positive("camera.down_grace_s", self.down_grace_s)
+        in_range("camera.device_index", self.device_index, lo=0, hi=1024)
+        positive("camera.reconnect_initial_s", self.reconnect_initial_s)
+        in_range("camera.reconnect_max_s", self.reconnect_max_s, lo=self.reconnect_initial_s, hi=86400)
+        in_range("camera.max_reconnects", self.max_reconnects, lo=-1, hi=10**9)
+        positive("camera.down_grace_s", self.down_grace_s)
 
 
 @dataclass(frozen=True)
@@ -180,7 +174,7 @@ class SamSettings:
     cache_size: int = 8  # frame embeddings kept (keyed by frame id / content hash)
 
     def __post_init__(self) -> None:
-        _positive("sam.cache_size", self.cache_size)
+        positive("sam.cache_size", self.cache_size)
         if not self.providers or not all(p.endswith("ExecutionProvider") for p in self.providers):
             raise SettingsError("sam.providers", f"{list(self.providers)}: one or more onnxruntime provider names, "
                                 "e.g. [TensorrtExecutionProvider, CUDAExecutionProvider, CPUExecutionProvider]")
@@ -205,9 +199,9 @@ class ClipSettings:
     allow_random_weights: bool = False  # tests only
 
     def __post_init__(self) -> None:
-        _positive("clip.image_size", self.image_size)
-        _range("clip.vv_blocks", self.vv_blocks, lo=0, hi=1000)
-        _range("clip.smoothing_sigma", self.smoothing_sigma, lo=0, hi=1000)
+        positive("clip.image_size", self.image_size)
+        in_range("clip.vv_blocks", self.vv_blocks, lo=0, hi=1000)
+        in_range("clip.smoothing_sigma", self.smoothing_sigma, lo=0, hi=1000)
 
 
 @dataclass(frozen=True)
@@ -250,16 +244,16 @@ class MemorySettings:
     device: str = "cpu"  # "cuda" / "cuda:N": memory and search on the GPU (falls back to cpu with a warning)
 
     def __post_init__(self) -> None:
-        _positive("memory.max_patches", self.max_patches)
-        _positive("memory.k", self.k)
-        _positive("memory.held_out_frames", self.held_out_frames)
+        positive("memory.max_patches", self.max_patches)
+        positive("memory.k", self.k)
+        positive("memory.held_out_frames", self.held_out_frames)
         if self.label_free_refs < 3:
             raise SettingsError("memory.label_free_refs", f"{self.label_free_refs}: must be >= 3")
         if self.warmup_frames < 3:
             raise SettingsError("memory.warmup_frames", f"{self.warmup_frames}: must be >= 3")
-        _positive("memory.search_dim", self.search_dim)
-        _positive("memory.search_nlist", self.search_nlist)
-        _positive("memory.search_nprobe", self.search_nprobe)
+        positive("memory.search_dim", self.search_dim)
+        positive("memory.search_nlist", self.search_nlist)
+        positive("memory.search_nprobe", self.search_nprobe)
         if self.search_rerank < 0 or (self.search == "projection" and self.search_rerank < self.k):
             raise SettingsError("memory.search_rerank", f"{self.search_rerank}: must be >= 0, and >= memory.k "
                                 "with search=projection (its candidates are re-ranked exactly)")
@@ -273,8 +267,8 @@ class MemorySettings:
             raise SettingsError("memory.neighbourhood", f"{self.neighbourhood}: must be an odd number >= 1")
         if not 0.0 < self.calibration_quantile <= 1.0:
             raise SettingsError("memory.calibration_quantile", "allowed 0 < q <= 1")
-        _range("memory.warmup_frames", self.warmup_frames, lo=0, hi=10**9)
-        _positive("memory.online_margin", self.online_margin)
+        in_range("memory.warmup_frames", self.warmup_frames, lo=0, hi=10**9)
+        positive("memory.online_margin", self.online_margin)
 
 
 @dataclass(frozen=True)
@@ -291,13 +285,13 @@ class PpgSettings:
     max_regions: int = 5
 
     def __post_init__(self) -> None:
-        _positive("ppg.threshold", self.threshold)
-        _range("ppg.top_k", self.top_k, lo=0, hi=1000)
-        _range("ppg.min_spacing", self.min_spacing, lo=0, hi=1)
-        _range("ppg.kernel_size", self.kernel_size, lo=1, hi=10000)
-        _range("ppg.negatives", self.negatives, lo=0, hi=1000)
-        _range("ppg.min_region_area", self.min_region_area, lo=0, hi=1)
-        _range("ppg.max_regions", self.max_regions, lo=0, hi=1000)
+        positive("ppg.threshold", self.threshold)
+        in_range("ppg.top_k", self.top_k, lo=0, hi=1000)
+        in_range("ppg.min_spacing", self.min_spacing, lo=0, hi=1)
+        in_range("ppg.kernel_size", self.kernel_size, lo=1, hi=10000)
+        in_range("ppg.negatives", self.negatives, lo=0, hi=1000)
+        in_range("ppg.min_region_area", self.min_region_area, lo=0, hi=1)
+        in_range("ppg.max_regions", self.max_regions, lo=0, hi=1000)
 
 
 @dataclass(frozen=True)
@@ -309,7 +303,7 @@ class MaskSettings:
     support_level: float = 0.5
 
     def __post_init__(self) -> None:
-        _positive("detector.mask.max_area_ratio", self.max_area_ratio)
+        positive("detector.mask.max_area_ratio", self.max_area_ratio)
         if not 0.0 <= self.min_support <= 1.0:
             raise SettingsError("detector.mask.min_support", f"{self.min_support}: allowed 0..1")
         if self.support_level < 0:
@@ -337,9 +331,9 @@ class DetectorSettings:
             raise SettingsError("detector.cps_stages", f"{self.cps_stages}: allowed 0, 1, 2, 3")
         if not 0.0 <= self.fusion_weight_clip <= 1.0:
             raise SettingsError("detector.fusion_weight_clip", "allowed 0..1")
-        _range("detector.image_threshold", self.image_threshold, lo=0, hi=1e12)
-        _range("detector.pixel_threshold", self.pixel_threshold, lo=0, hi=1e12)
-        _range("detector.mask_boost", self.mask_boost, lo=0, hi=1e6)
+        in_range("detector.image_threshold", self.image_threshold, lo=0, hi=1e12)
+        in_range("detector.pixel_threshold", self.pixel_threshold, lo=0, hi=1e12)
+        in_range("detector.mask_boost", self.mask_boost, lo=0, hi=1e6)
 
     @property
     def uses_memory(self) -> bool:
@@ -360,7 +354,7 @@ class MetricsSettings:
     port: int = 9400  # 0 = an ephemeral port (tests)
 
     def __post_init__(self) -> None:
-        _range("metrics.port", self.port, lo=0, hi=65535)
+        in_range("metrics.port", self.port, lo=0, hi=65535)
         if not self.host:
             raise SettingsError("metrics.host", "must be an address to listen on, e.g. 127.0.0.1 or 0.0.0.0")
 
@@ -379,13 +373,13 @@ class AlertSettings:
     max_retries: int = 5
 
     def __post_init__(self) -> None:
-        _range("alerts.debounce_count", self.debounce_count, lo=1, hi=10**6)
-        _range("alerts.debounce_window_s", self.debounce_window_s, lo=0, hi=86400 * 7)
-        _range("alerts.cooldown_s", self.cooldown_s, lo=0, hi=86400 * 7)
-        _positive("alerts.webhook_timeout_s", self.webhook_timeout_s)
-        _positive("alerts.retry_initial_s", self.retry_initial_s)
-        _range("alerts.retry_max_s", self.retry_max_s, lo=self.retry_initial_s, hi=86400)
-        _range("alerts.max_retries", self.max_retries, lo=0, hi=10**6)
+        in_range("alerts.debounce_count", self.debounce_count, lo=1, hi=10**6)
+        in_range("alerts.debounce_window_s", self.debounce_window_s, lo=0, hi=86400 * 7)
+        in_range("alerts.cooldown_s", self.cooldown_s, lo=0, hi=86400 * 7)
+        positive("alerts.webhook_timeout_s", self.webhook_timeout_s)
+        positive("alerts.retry_initial_s", self.retry_initial_s)
+        in_range("alerts.retry_max_s", self.retry_max_s, lo=self.retry_initial_s, hi=86400)
+        in_range("alerts.max_retries", self.max_retries, lo=0, hi=10**6)
 
 
 @dataclass(frozen=True)
@@ -395,7 +389,7 @@ class PreviewSettings:
     token: str = ""  # required; the preview refuses to start without one
 
     def __post_init__(self) -> None:
-        _range("preview.port", self.port, lo=0, hi=65535)
+        in_range("preview.port", self.port, lo=0, hi=65535)
 
 
 @dataclass(frozen=True)
@@ -419,20 +413,20 @@ class Settings:
         """Default YAML, then ``paths`` in order, then ``overrides`` (dotted keys), then the environment."""
         data: dict[str, Any] = {}
         for p in (DEFAULT_YAML, *paths):
-            data = _deep_merge(data, _read_yaml(Path(p)))
+            data = deep_merge(data, read_yaml(Path(p)))
         for key, value in (overrides or {}).items():
-            _set_dotted(data, key.split("."), value)
+            set_dotted(data, key.split("."), value)
         for key, raw in sorted((os.environ if env is None else env).items()):
             if key.startswith(ENV_PREFIX):
                 dotted = key[len(ENV_PREFIX):].lower().split("__")
-                _set_dotted(data, dotted, yaml.safe_load(raw) if raw != "" else "")
+                set_dotted(data, dotted, yaml.safe_load(raw) if raw != "" else "")
         return from_dict(cls, data)
 
     def with_overrides(self, **dotted: Any) -> Settings:
         """A copy with dotted keys replaced, validated again: ``s.with_overrides(**{"queue.maxlen": 5})``."""
         data = to_dict(self)
         for key, value in dotted.items():
-            _set_dotted(data, key.split("."), value)
+            set_dotted(data, key.split("."), value)
         return from_dict(type(self), data)
 
     @property
@@ -452,136 +446,3 @@ class Settings:
 
 
 # ----------------------------------------------------------------------------------- validation
-
-
-def _positive(key: str, value: float) -> None:
-    if not value > 0:  # NaN fails too
-        raise SettingsError(key, f"{value}: must be > 0")
-
-
-def _range(key: str, value: float, *, lo: float, hi: float) -> None:
-    if not lo <= value <= hi:  # NaN fails too
-        raise SettingsError(key, f"{value}: allowed {lo:g}..{hi:g}")
-
-
-MAX_IDENT_LEN = 64  # camera and line ids: part of Redis keys and metric labels
-
-
-def check_ident(key: str, value: str) -> str:
-    """A camera or line id: 1..64 characters, none of ':', '{', '}' or whitespace (the Redis key layouts use
-    ':' as separator and '{line}' as cluster hash tag). Returns ``value``; raises :class:`SettingsError`."""
-    if (not value or len(value) > MAX_IDENT_LEN or any(c in value for c in ":{}")
-            or any(c.isspace() for c in value)):
-        raise SettingsError(key, f"{value!r}: must be 1..{MAX_IDENT_LEN} characters, without ':', braces or "
-                                 "whitespace")
-    return value
-
-
-_ident = check_ident
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise SettingsError("config", f"file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise SettingsError("config", f"{path}: not valid YAML: {exc}") from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise SettingsError("config", f"{path}: top level must be a mapping")
-    return loaded
-
-
-def _deep_merge(a: dict[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _set_dotted(data: dict[str, Any], keys: list[str], value: Any) -> None:
-    node = data
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise SettingsError(".".join(keys), "cannot override inside a non-mapping value")
-    node[keys[-1]] = value
-
-
-def to_dict(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    return obj
-
-
-def from_dict(cls: type, data: Any, path: str = "") -> Any:
-    """Build dataclass ``cls`` from plain data, checking every field; errors name the dotted key."""
-    if not isinstance(data, Mapping):
-        raise SettingsError(path or "config", f"expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise SettingsError(_join(path, unknown[0]), f"unknown key (allowed: {', '.join(sorted(names))})")
-    kwargs = {name: _coerce(hints[name], data[name], _join(path, name)) for name in names if name in data}
-    try:
-        return cls(**kwargs)
-    except SettingsError as exc:
-        if path and not exc.key.startswith(path):
-            raise SettingsError(_join(path, exc.key.split(".", 1)[-1]), str(exc).split(": ", 2)[-1]) from None
-        raise
-
-
-def _join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is Literal:
-        if value not in args:
-            allowed = ", ".join(repr(a) for a in args)
-            raise SettingsError(key, f"{value!r} is not allowed (allowed: {allowed})")
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value if value is not None else {}, key)
-    if origin is tuple:
-        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            raise SettingsError(key, f"{value!r}: expected a list")
-        item_t = args[0]
-        return tuple(_coerce(item_t, v, f"{key}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise SettingsError(key, f"{value!r}: expected a mapping")
-        return {str(k): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise SettingsError(key, f"{value!r}: expected true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise SettingsError(key, f"{value!r}: expected an integer")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
-        raise SettingsError(key, f"{value!r}: expected a finite number")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise SettingsError(key, f"{value!r}: expected a string")
-    if tp is Any:
-        return value
-    raise SettingsError(key, f"unsupported settings type {tp!r}")
