@@ -173,6 +173,9 @@ class SamSettings:
     # tried in order; one this onnxruntime lacks (CUDA/TensorRT without onnxruntime-gpu) is dropped with a
     # warning, and the CPU is always the last resort (the providers really used are logged at load)
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    # encoder precision (onnx backend): fp16 converts the encoder to float16 at load (pip install
+    # 'lineinspect[fp16]'), only when the first provider is a GPU one (on the CPU it is slower and stays fp32)
+    precision: Literal["fp32", "fp16"] = "fp32"
     # torch backend (segment-anything checkpoints by path)
     model_type: Literal["vit_h", "vit_l", "vit_b"] = "vit_b"
     checkpoint: str = ""

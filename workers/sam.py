@@ -16,6 +16,7 @@ Construction has no side effects; ``load()`` opens the model files and raises
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -26,13 +27,14 @@ import numpy as np
 
 from stream.contracts import ModelLoadError
 from workers.interfaces import ImageEmbedding, SamBackend
-from workers.sam_onnx import SETUP_HINT, OnnxSamBackend
+from workers.sam_onnx import GPU_PROVIDERS, SETUP_HINT, OnnxSamBackend
 from workers.sam_torch import TorchSamBackend
 
 if TYPE_CHECKING:
     from config.settings import SamSettings, Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger(__name__)
 
 
 def content_key(image: np.ndarray) -> str:
@@ -67,18 +69,18 @@ def build_sam_backend(sam_settings: SamSettings, taps: Sequence[str] = ()) -> Sa
     if sam_settings.backend == "onnx":
         enc = resolve_model_path(sam_settings.encoder_path, "sam.encoder_path")
         dec = resolve_model_path(sam_settings.decoder_path, "sam.decoder_path")
-        return OnnxSamBackend(enc, dec, providers=sam_settings.providers, taps=taps).load()
+        return OnnxSamBackend(enc, dec, providers=sam_settings.providers, taps=taps,
+                              precision=sam_settings.precision).load()
     if sam_settings.backend == "torch":
         if not sam_settings.checkpoint:
             raise ModelLoadError("sam.backend=torch needs sam.checkpoint (path of a segment-anything "
                                  f"{sam_settings.model_type} checkpoint)")
         ckpt = resolve_model_path(sam_settings.checkpoint, "sam.checkpoint")
+        if sam_settings.precision != "fp32":
+            log.warning("sam.precision %s applies to the onnx backend; the torch backend runs float32",
+                        sam_settings.precision)
         return TorchSamBackend(sam_settings.model_type, ckpt, device=sam_settings.device, taps=taps).load()
     raise ModelLoadError(f"unknown sam.backend {sam_settings.backend!r} (allowed: onnx, torch)")
-
-
-GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider",
-                 "MIGraphXExecutionProvider", "DmlExecutionProvider", "CoreMLExecutionProvider")
 
 
 def encoder_on_gpu(backend: SamBackend) -> bool:
