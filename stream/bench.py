@@ -4,9 +4,11 @@
 (b) OpenCV JPEG decode rate of that frame (a limit: every worker decodes every frame);
 (c) frames/s through real separate processes ``ingest -> Redis -> worker (noop) -> result`` at 1080p JPEG,
     as a ratio to min(a, b);
-(d) with ``--detector pipeline``: the real detector's frames/s through the same processes next to the bare
-    detector's in-process rate (``workers.pipeline.build_detector``, imported only in that mode, so that
-    ``stream`` never imports torch at import time), as a ratio.
+(d) with ``--detector pipeline``: the bare SAM encoder's in-process rate on the same frames (the limit: every
+    frame is encoded once), the bare detector's in-process rate (``workers.pipeline.build_detector``, imported
+    only in that mode, so that ``stream`` never imports torch at import time), then the worker's frames/s
+    through the same processes draining a backlog, with ``worker.overlap`` off and on (``--repeat`` times,
+    alternating), each as a ratio to the bare encoder and to the bare detector, and overlap on / off.
 
 Every Redis key it writes lives under a fresh ``libench<hex>`` prefix, deleted at the end.
 """
@@ -14,6 +16,7 @@ Every Redis key it writes lives under a fresh ``libench<hex>`` prefix, deleted a
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -223,6 +226,58 @@ def bare_detector_rate(settings: Settings, client, prefix: str, width: int, heig
     return {"rate": _rate(n, time.perf_counter() - t0), "load_s": load_s, "models": dict(det.models)}
 
 
+def bare_encoder_rate(settings: Settings, width: int, height: int, n: int) -> dict:
+    """The SAM encoder alone in this process (``settings.sam`` with the taps the memory map needs), on ``n``
+    distinct frames after one warm-up call: the limit of a worker's frame rate."""
+    from workers.sam import build_sam_backend
+
+    sam = build_sam_backend(settings.sam, taps=settings.sam_taps)
+    images = [bench_image(width, height, v) for v in range(n + 1)]
+    sam.embed(images[0], "warmup")
+    t0 = time.perf_counter()
+    for i, img in enumerate(images[1:]):
+        sam.embed(img, f"encoder:{i}")
+    providers = getattr(sam, "active_providers", ()) or (getattr(sam, "device", "?"),)
+    return {"rate": _rate(n, time.perf_counter() - t0), "name": sam.name, "providers": list(providers)}
+
+
+def _load() -> str:
+    try:
+        return "load " + " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:  # pragma: no cover - not on every platform
+        return "load ?"
+
+
+def detector_figures(settings: Settings, client, prefix: str, *, n: int, width: int, height: int, quality: int,
+                     repeat: int = 1) -> dict:
+    """(d): the bare encoder, the bare detector, then the worker with ``worker.overlap`` off and on (alternating,
+    ``repeat`` times each, a fresh line memory each run) draining a backlog of ``n`` frames; printed as it goes."""
+    enc = bare_encoder_rate(settings, width, height, n)
+    print(f"(d) bare SAM encoder in-process ({enc['name']} on {', '.join(enc['providers'])}, taps "
+          f"{list(settings.sam_taps) or 'none'}): {enc['rate']:.3f} frames/s ({1 / enc['rate']:.2f} s/frame; "
+          f"{_load()})", flush=True)
+    bare = bare_detector_rate(settings, client, prefix, width, height, n)
+    print(f"(d) bare detector in-process ({bare['models']}, load {bare['load_s']:.1f}s): {bare['rate']:.3f} "
+          f"frames/s = {bare['rate'] / enc['rate']:.2f} x the bare encoder ({_load()})", flush=True)
+    _cleanup(client, prefix)
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(max(1, repeat)):
+        for overlap in (False, True):
+            s = settings.with_overrides(**{"worker.overlap": overlap})
+            d = pipeline_rate(s, client, prefix, frames=n, width=width, height=height, quality=quality,
+                              detector="pipeline", workers=1, ready_timeout_s=300, run_timeout_s=900, prefill=True)
+            _cleanup(client, prefix)  # the next run starts from an empty line memory too
+            rates[overlap].append(d["rate"])
+            print(f"(d) backlog -> worker(pipeline, overlap {'on ' if overlap else 'off'}) -> result: "
+                  f"{d['rate']:.3f} frames/s = {d['rate'] / enc['rate']:.2f} x the bare encoder, "
+                  f"{d['rate'] / bare['rate']:.2f} x the bare detector; {d['results']}/{n} results, latency p50 "
+                  f"{d['latency_p50']:.1f} s ({_load()})", flush=True)
+    off, on = statistics.median(rates[False]), statistics.median(rates[True])
+    print(f"(d) worker frames/s x encoder s/frame: overlap off {off / enc['rate']:.2f}, on {on / enc['rate']:.2f}; "
+          f"overlap on / off = {on / off:.2f} (medians of {len(rates[True])})", flush=True)
+    return {"encoder": enc["rate"], "detector": bare["rate"], "overlap_off": off, "overlap_on": on}
+
+
 # ------------------------------------------------------------------------------------------ CLI
 
 
@@ -289,15 +344,9 @@ def main(settings: Settings, args: argparse.Namespace) -> int:
             _cleanup(client, prefix)
         _cleanup(client, prefix)
         if detector == "pipeline":
-            n = max(3, min(frames, 10))
-            bare = bare_detector_rate(settings, client, prefix, width, height, n)
-            print(f"(d) bare detector in-process ({bare['models']}, load {bare['load_s']:.1f}s): "
-                  f"{bare['rate']:.3f} frames/s", flush=True)
-            d = pipeline_rate(settings, client, prefix, frames=n, width=width, height=height, quality=quality,
-                              detector="pipeline", workers=1, ready_timeout_s=300, run_timeout_s=600)
-            print(f"(d) ingest -> Redis -> worker(pipeline) -> result: {d['rate']:.3f} frames/s "
-                  f"= {d['rate'] / bare['rate']:.2f} x the bare detector; {d['results']}/{n} results, "
-                  f"latency p50 {d['latency_p50']:.1f} s", flush=True)
+            n = max(3, min(frames, int(getattr(args, "detector_frames", 10))))
+            detector_figures(settings, client, prefix, n=n, width=width, height=height, quality=quality,
+                             repeat=int(getattr(args, "repeat", 1)))
         elif detector != "noop":
             print(f"--detector {detector!r}: only noop and pipeline are benchmarked", file=sys.stderr)
             return 2

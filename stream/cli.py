@@ -165,6 +165,10 @@ def _service_and_tool_commands(sub) -> None:
     s.add_argument("--frames", type=int, default=200)
     s.add_argument("--width", type=int, default=1920)
     s.add_argument("--height", type=int, default=1080)
+    s.add_argument("--detector-frames", type=int, default=10,
+                   help="with --detector pipeline: frames per worker run (at most --frames)")
+    s.add_argument("--repeat", type=int, default=1,
+                   help="with --detector pipeline: worker runs with overlap off and on, alternating, each")
     s.add_argument("--prompt-modes", action="store_true",
                    help="instead: per-frame time of the CLIP map with ensemble vs ViP2 prompts")
     s.add_argument("--clip-model", default="ViT-S-32", help="with --prompt-modes: open_clip model")

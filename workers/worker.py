@@ -13,7 +13,17 @@ Loop:
    timings, are described there). Redis as the worker sees it (unreachable, out of memory, held results,
    heartbeat): :class:`workers.redis_link.RedisLink`.
 
-SIGTERM/SIGINT drain: the frames in hand are finished, published and acknowledged, then exit 0.
+Overlap (``worker.overlap``, default on): while the model thread works on frame N, the main thread reads and
+decodes frame N+1 (a non-blocking read: at most one read's entries, ``queue.batch``, prepared ahead), then
+waits for N, hands N+1 to the model and only then builds and publishes N's result. Results are published,
+and entries acknowledged, in the order they were read, each only after its result is published; a frame read
+ahead is pending under this consumer like the frame in hand (reclaimed by another worker if this one dies).
+Off: read, decode, inspect, publish one entry after the other. Batching (``worker.encoder_batch`` > 1, only
+when the SAM encoder runs on a GPU, or with ``worker.encoder_batch_on_cpu``): up to that many entries are read
+at once and embedded in one encoder call before their per-frame inspections.
+
+SIGTERM/SIGINT drain: no new entries are read; the frames in hand (in the model thread and read ahead) are
+finished, published and acknowledged, then exit 0.
 
 Exit codes: 0 stopped/drained, 2 detector could not be loaded or the Redis user lacks a permission the
 worker needs (checked at start-up: :meth:`FrameQueue.check_access`), 3 a job timed out (model thread stuck).
@@ -28,13 +38,14 @@ import signal
 import socket
 import threading
 import time
+from collections import deque
 
 from config.settings import Settings
 from stream.contracts import ModelLoadError, QueueAccessError
 from stream.keys import line_keys
 from stream.redact import redact_text
 from stream.redisclient import redis_backoff, unavailable_errors
-from workers.frame_handler import FrameHandler
+from workers.frame_handler import FrameHandler, ModelStuck, Prepared, Running
 from workers.model_thread import ModelThread
 from workers.redis_link import OOM_RETRY_S, RedisLink
 from workers.worker_metrics import WorkerCounts, WorkerQueueMetrics
@@ -139,8 +150,31 @@ class Worker:
                  (f"; weights: sam={s.sam.backend}:{s.sam.encoder_path},{s.sam.decoder_path} "
                   f"clip={s.clip.model}:{s.clip.pretrained}") if self.detector_name == "pipeline" else "")
         self.detector = detector
+        self.encoder_batch = self._encoder_batch(detector)
         self.handler = FrameHandler(s.queue, self.line, self.worker_id, detector, self.link, self.metrics,
-                                    self.qmetrics, self.counts)
+                                    self.qmetrics, self.counts, encoder_batch=self.encoder_batch)
+        log.info("worker %s: overlap %s, encoder batch %d", self.worker_id,
+                 "on" if s.worker.overlap else "off", self.handler.encoder_batch)
+
+    def _encoder_batch(self, detector) -> int:
+        """``worker.encoder_batch`` where it applies: a detector with ``embed_batch`` whose SAM encoder runs on a
+        GPU (or ``worker.encoder_batch_on_cpu``); else 1, with a log line saying why."""
+        w = self.settings.worker
+        if w.encoder_batch <= 1:
+            return 1
+        if not callable(getattr(detector, "embed_batch", None)):
+            log.info("worker %s: worker.encoder_batch=%d ignored: detector %s embeds frame by frame",
+                     self.worker_id, w.encoder_batch, self.detector_name)
+            return 1
+        from workers.sam import encoder_on_gpu
+
+        sam = getattr(detector, "sam", None)
+        if sam is not None and not encoder_on_gpu(sam) and not w.encoder_batch_on_cpu:
+            log.warning("worker %s: worker.encoder_batch=%d ignored: the SAM encoder runs on the CPU (%s), where "
+                        "a batch does not pay (worker.encoder_batch_on_cpu: true forces it)", self.worker_id,
+                        w.encoder_batch, ", ".join(getattr(sam, "active_providers", ())) or "cpu")
+            return 1
+        return w.encoder_batch
 
     # ------------------------------------------------------------------------------------ housekeeping
     def _prune(self) -> None:
@@ -232,38 +266,72 @@ class Worker:
 
     def _loop(self, stop: threading.Event, model: ModelThread) -> bool:
         """Read and process entries until ``stop``; False when the model thread is stuck. On SIGTERM the entries
-        in hand are still finished (drain)."""
+        in hand (in the model thread, or read ahead) are still finished (drain).
+
+        ``flight``: frames handed to the model thread, oldest first; ``ahead``: frames read and decoded, not
+        handed over yet (only while something is in flight, and only with ``worker.overlap``)."""
         import redis
 
         backoff = redis_backoff()
-        while not stop.is_set():
+        overlap = self.settings.worker.overlap
+        flight: deque[Running] = deque()
+        ahead: list[Prepared] = []
+        while flight or ahead or not stop.is_set():
+            if not ahead and not stop.is_set() and (overlap or not flight):
+                try:
+                    ahead = self._read_ahead(stop, flight)
+                    backoff.reset()
+                except (*unavailable_errors(), redis.OutOfMemoryError) as exc:
+                    self.link.down(exc)
+                    if not flight:
+                        stop.wait(backoff.next_delay())
+                        continue
+            if not flight:
+                flight.extend(self.handler.submit(ahead, model))
+                ahead = []
+                continue
+            head = flight.popleft()
             try:
-                self.link.heartbeat()
-                self.link.flush_held()
-                if self.link.held.full():  # Redis still full: publish what is held before reading more
-                    stop.wait(OOM_RETRY_S)
-                    continue
-                entries = self._next_entries()
-                self.link.up()
-                backoff.reset()
-                for entry in entries:
-                    if not self.handler.handle(entry, model):
-                        return False
-            except (*unavailable_errors(), redis.OutOfMemoryError) as exc:
+                det = self.handler.collect(head)
+            except ModelStuck:
+                return False
+            except (*unavailable_errors(), redis.OutOfMemoryError) as exc:  # the entry stays pending
                 self.link.down(exc)
-                stop.wait(backoff.next_delay())
+                det = None
+            if not flight and ahead:  # the model starts on the next frame while this result is published
+                flight.extend(self.handler.submit(ahead, model))
+                ahead = []
+            try:
+                self.handler.complete(head, det)
+            except (*unavailable_errors(), redis.OutOfMemoryError) as exc:  # the entry stays pending
+                self.link.down(exc)
         return True
 
-    def _next_entries(self) -> list:
+    def _read_ahead(self, stop: threading.Event, flight: deque) -> list[Prepared]:
+        """Heartbeat, held results, then the next entries decoded: waiting up to ``queue.block_ms`` when nothing
+        is in flight, not at all when the model is busy (its frame must not wait for an empty stream)."""
+        self.link.heartbeat()
+        self.link.flush_held()
+        if self.link.held.full():  # Redis still full: publish what is held before reading more
+            if not flight:
+                stop.wait(OOM_RETRY_S)
+            return []
+        in_hand = {r.prepared.entry.entry_id for r in flight}
+        entries = [e for e in self._next_entries(block=not flight) if e.entry_id not in in_hand]
+        self.link.up()
+        return self.handler.prepare(entries)
+
+    def _next_entries(self, block: bool = True) -> list:
         """Reclaimed entries every ``queue.claim_interval_s`` (again at once after a full batch: more may wait),
-        else new ones."""
+        else new ones (``max(queue.batch, encoder batch)`` at most)."""
         q = self.settings.queue
+        count = max(q.batch, self.encoder_batch)
         entries = []
         if time.monotonic() - self._last_claim >= q.claim_interval_s:
             entries = self._reclaim()
             if len(entries) < q.batch:
                 self._last_claim = time.monotonic()
-        return entries or self.queue.read()
+        return entries or self.queue.read(count=count, block_ms=None if block else 0)
 
     def _shut_down(self, model: ModelThread | None, server) -> None:
         import redis
