@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from workers import metrics as M
+from workers import eval_metrics as M
 
 
 def _sk_f1max(y, s):
