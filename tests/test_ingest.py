@@ -128,7 +128,9 @@ def test_ingest_survives_a_redis_restart(own_redis, tmp_path):
     assert stats.dropped_redis > 0
     assert client.xlen(keys.frames) >= 3  # frames flow again after the restart
     assert client.sismember(lines_index("own"), "L1")  # registered again on the new server
-    assert stats.frames_captured == stats.frames_enqueued + stats.dropped_redis
+    # every captured frame is queued or counted under a reason: a frame whose XADD was sent as Redis went down
+    # and never answered is `dropped_unconfirmed` (it may or may not have been queued), the rest `dropped_redis`
+    assert stats.frames_captured == stats.frames_enqueued + stats.dropped_redis + stats.dropped_unconfirmed
 
 
 @pytest.mark.timeout(60)
