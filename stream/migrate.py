@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stream.keys import line_keys, lines_index
+
+if TYPE_CHECKING:
+    from config.settings import Settings
 
 
 def target_key(key: str, prefix: str, to: str) -> str | None:
@@ -58,7 +61,7 @@ def migrate(client: Any, prefix: str, to: str, *, dry_run: bool = False, out=sys
     return counts
 
 
-def main(settings: Any, args: argparse.Namespace) -> int:
+def main(settings: Settings, args: argparse.Namespace) -> int:
     rs = settings.redis
     if args.action != "migrate-keys":  # pragma: no cover - argparse allows only migrate-keys
         return 2

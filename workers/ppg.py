@@ -23,12 +23,15 @@ Points are returned in original image pixel coordinates (x, y), positives first.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
 from workers.interfaces import ImageEmbedding, Prompts
+
+if TYPE_CHECKING:
+    from config.settings import PpgSettings
 
 ENCODER_SIZE = 1024
 _SHAPES = {"ellipse": cv2.MORPH_ELLIPSE, "rect": cv2.MORPH_RECT, "cross": cv2.MORPH_CROSS}
@@ -128,7 +131,7 @@ def cell_similarity(unit_features: np.ndarray, region_cells: np.ndarray) -> np.n
 # ------------------------------------------------------------------------------------------ PPG
 
 
-def extreme_regions(pixel_map: np.ndarray, settings: Any, seed_level: float = 0.0
+def extreme_regions(pixel_map: np.ndarray, settings: PpgSettings, seed_level: float = 0.0
                     ) -> tuple[np.ndarray, list[np.ndarray]]:
     """(S_a, kept region masks sorted by peak, highest first); a region whose peak is below ``seed_level``
     is not kept (it stays in S_a, so no ring lies on it)."""
@@ -144,7 +147,7 @@ def extreme_regions(pixel_map: np.ndarray, settings: Any, seed_level: float = 0.
     return s_a, [labels == i for i in order[: max(0, settings.max_regions)]]
 
 
-def generate_prompts(pixel_map: np.ndarray, embedding: ImageEmbedding, settings: Any,
+def generate_prompts(pixel_map: np.ndarray, embedding: ImageEmbedding, settings: PpgSettings,
                      seed_level: float = 0.0) -> tuple[RegionPrompts, ...]:
     """Prompt sets for every anomalous region of ``pixel_map`` (``settings``: ``detector.ppg``) whose peak
     reaches ``seed_level`` (see :attr:`workers.interfaces.AnomalyMap.seed_level`)."""

@@ -6,13 +6,16 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stream.alerts.alert import Alert
 from stream.alerts.mqtt import MqttSink
 from stream.alerts.sinks import DeliveryError, RedisStreamSink, Sink, WebhookSink
 from stream.backoff import Backoff
 from stream.prometheus_metrics import AlertMetrics
+
+if TYPE_CHECKING:
+    from config.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +108,7 @@ class SinkWorker:
                 return
 
 
-def build_sinks(settings: Any, client: Any, metrics: AlertMetrics, *, queue_size: int = 100) -> list[SinkWorker]:
+def build_sinks(settings: Settings, client: Any, metrics: AlertMetrics, *, queue_size: int = 100) -> list[SinkWorker]:
     """The configured sinks (Redis stream always; webhook and MQTT when their URL is set), not started."""
     a = settings.alerts
     sinks: list[Sink] = [RedisStreamSink(client, settings.redis.key_prefix, layout=settings.redis.key_layout)]

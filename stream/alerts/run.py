@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stream.alerts.debounce import AlertDebouncer
 from stream.alerts.delivery import build_sinks
@@ -13,10 +13,13 @@ from stream.alerts.frames import FrameTail
 from stream.alerts.service import AlertService
 from stream.prometheus_metrics import AlertMetrics
 
+if TYPE_CHECKING:
+    from config.settings import Settings
+
 log = logging.getLogger(__name__)
 
 
-def _service(settings: Any, client: Any, lines: list[str], sinks: list, metrics: AlertMetrics) -> AlertService:
+def _service(settings: Settings, client: Any, lines: list[str], sinks: list, metrics: AlertMetrics) -> AlertService:
     a, prefix, layout = settings.alerts, settings.redis.key_prefix, settings.redis.key_layout
     return AlertService(client, prefix, lines, AlertDebouncer(a.debounce_count, a.debounce_window_s, a.cooldown_s),
                         sinks, metrics, frame_tail=FrameTail(client, prefix, lines, layout=layout), layout=layout)
@@ -37,7 +40,7 @@ def _run_until_signal(service: AlertService) -> None:
             signal.signal(sig, handler)
 
 
-def main(settings: Any, args: Any) -> int:
+def main(settings: Settings, args: Any) -> int:
     """``lineinspect alerts --line L [--line L2]``: run the alert service until SIGTERM/SIGINT."""
     from prometheus_client import CollectorRegistry
 
