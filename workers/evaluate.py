@@ -126,6 +126,7 @@ class _StageAccumulator:
         self.masks = MaskPool(size=pixel_size)
         self.image_scores: list[float] = []
         self.image_labels: list[bool] = []
+        self.image_names: list[str] = []
         self.stage_s: list[float] = []
         self.timings: dict[str, list[float]] = {}
 
@@ -140,7 +141,8 @@ class _StageAccumulator:
             pixel_curve=self.pool.curve(), image_curve=pr_curve(scores, labels),
             flagged_defect=float(flagged[labels].mean()) if labels.any() else float("nan"),
             flagged_good=float(flagged[~labels].mean()) if (~labels).any() else float("nan"),
-            operating=self.masks.result())
+            operating=self.masks.result(),
+            image_scores=tuple(zip(self.image_names, self.image_labels, self.image_scores, strict=True)))
 
 
 def evaluate_category(cat: Category, items: Sequence[EvalImage], session, stages: Sequence[int],
@@ -182,6 +184,7 @@ def evaluate_category(cat: Category, items: Sequence[EvalImage], session, stages
             acc.masks.add(mask_at(det, shape), gt)
             acc.image_scores.append(float(det.image_score))
             acc.image_labels.append(it.is_defect)
+            acc.image_names.append(it.rel)
             acc.stage_s.append(dt)
             for name, v in det.timings.items():
                 acc.timings.setdefault(name, []).append(float(v))

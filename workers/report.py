@@ -42,6 +42,8 @@ class StageResult:
     flagged_good: float = float("nan")
     # the published masks (the result's labels) against the ground truth (workers.operating)
     operating: OperatingPoint = field(default_factory=OperatingPoint.empty)
+    # each test image's normalised image score (the verdict is score > 1): (image, is defect, score)
+    image_scores: tuple[tuple[str, bool, float], ...] = ()
 
     @property
     def total_s(self) -> float:
@@ -181,6 +183,7 @@ def to_json(report: EvalReport) -> dict:
                 "pixel_pr_curve": asdict(r.pixel_curve), "image_pr_curve": asdict(r.image_curve),
                 "at_threshold": {"defects_flagged": r.flagged_defect, "good_flagged": r.flagged_good,
                                  "published_masks": asdict(r.operating)},
+                "image_scores": [{"image": n, "defect": d, "score": v} for n, d, v in r.image_scores],
             })
         cats.append({"name": c.name, "root": c.root, "mode": c.mode, "memory": c.memory, "images": c.images,
                      "defect_images": c.defect_images, "failed": [list(f) for f in c.failed], "stages": stages})
