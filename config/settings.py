@@ -387,6 +387,34 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class DriftSettings:
+    """When a line's results say its appearance changed (lighting, camera, product) rather than that parts are
+    defective (:mod:`stream.alerts.drift`; the rule is in docs/operations.md, "Drift")."""
+
+    enabled: bool = True  # false: no drift events, no suppression (defect alerts as before)
+    window_frames: int = 30  # the rolling window: the line's most recent results ...
+    window_s: float = 600.0  # ... no older than this (by the results' processed_ts)
+    min_frames: int = 15  # no decision (start or end) on fewer frames in the window
+    # drift starts when all three hold over the window:
+    start_share: float = 0.3  # at least this share of frames over the threshold (verdict defect), ...
+    max_p_value: float = 1e-6  # ... a count the calibration (detector.false_alarm_rate) explains with p <= this, ...
+    start_median_ratio: float = 0.9  # ... and the median image score / threshold at least this (most frames moved)
+    end_share: float = 0.1  # drift ends when the window's share over the threshold is back at or below this
+
+    def __post_init__(self) -> None:
+        in_range("alerts.drift.window_frames", self.window_frames, lo=5, hi=10000)
+        in_range("alerts.drift.window_s", self.window_s, lo=1, hi=86400 * 7)
+        in_range("alerts.drift.min_frames", self.min_frames, lo=3, hi=self.window_frames)
+        in_range("alerts.drift.start_share", self.start_share, lo=0.01, hi=1)
+        if not 0.0 < self.max_p_value < 1.0:  # NaN fails too
+            raise SettingsError("alerts.drift.max_p_value", f"{self.max_p_value}: allowed 0 < p < 1")
+        in_range("alerts.drift.start_median_ratio", self.start_median_ratio, lo=0.01, hi=100)
+        if not 0.0 <= self.end_share < self.start_share:
+            raise SettingsError("alerts.drift.end_share", f"{self.end_share}: allowed 0 <= end_share < start_share "
+                                f"({self.start_share})")
+
+
+@dataclass(frozen=True)
 class AlertSettings:
     enabled: bool = True
     debounce_count: int = 3  # N defective frames ...
@@ -398,8 +426,14 @@ class AlertSettings:
     retry_initial_s: float = 1.0
     retry_max_s: float = 60.0
     max_retries: int = 5
+    # the Redis consumer group the service reads results with; a second service on the same lines with its own
+    # group sees every result too (e.g. a shadow configuration while tuning debounce or drift settings)
+    consumer_group: str = "alerts"
+    drift: DriftSettings = field(default_factory=DriftSettings)
 
     def __post_init__(self) -> None:
+        if not self.consumer_group or any(c.isspace() for c in self.consumer_group):
+            raise SettingsError("alerts.consumer_group", f"{self.consumer_group!r}: must be non-empty, without spaces")
         in_range("alerts.debounce_count", self.debounce_count, lo=1, hi=10**6)
         in_range("alerts.debounce_window_s", self.debounce_window_s, lo=0, hi=86400 * 7)
         in_range("alerts.cooldown_s", self.cooldown_s, lo=0, hi=86400 * 7)

@@ -108,3 +108,23 @@ class AlertMetrics:
             registry=registry)
         self.sink_queue_length = Gauge(
             "lineinspect_alert_queue_length", "Alerts waiting in a sink's queue", ["sink"], registry=registry)
+        # drift (stream.alerts.drift): the line's rolling window of results against its calibration
+        self.flagged_share = Gauge(
+            "lineinspect_line_flagged_share_ratio",
+            "Share of the line's results in the drift window over the image threshold", ["line"], registry=registry)
+        self.expected_share = Gauge(
+            "lineinspect_line_expected_flagged_share_ratio",
+            "Share of good frames the calibration expects over the threshold (detector.false_alarm_rate)", ["line"],
+            registry=registry)
+        self.score_median = Gauge(
+            "lineinspect_line_score_median_ratio",
+            "Median image score / threshold of the line's results in the drift window", ["line"], registry=registry)
+        self.drift_window_frames = Gauge(
+            "lineinspect_line_drift_window_frames", "Results in the line's drift window", ["line"], registry=registry)
+        self.drift_active = Gauge(
+            "lineinspect_line_drift_active",
+            "1 while the line's appearance has changed (drift): its per-frame defect alerts are suppressed",
+            ["line"], registry=registry)
+        self.drift_events = Counter(
+            "lineinspect_drift_events_total", "Drift events by kind (started: appearance changed, ended: restored)",
+            ["line", "kind"], registry=registry)

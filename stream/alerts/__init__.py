@@ -9,6 +9,10 @@ results from before its first start). Every defect result goes through the debou
 * after an alert the line is quiet for ``alerts.cooldown_s``; defect results in that time are counted as
   suppressed (reason ``cooldown``) and do not count towards the next alert.
 
+Drift (:mod:`stream.alerts.drift`): each line's results are compared with its calibration over a rolling window;
+when most frames have moved over the threshold the service sends one "line appearance changed" event through
+the sinks and suppresses the line's defect alerts (reason ``drift``) until "line appearance restored".
+
 Results older than ``stale_after_s`` (wall clock, from the worker's ``processed_ts``) are suppressed with
 reason ``stale``: a service that was down for an hour does not page for defects the line had an hour ago.
 
@@ -30,7 +34,8 @@ bounded queue and thread (:class:`SinkWorker`). A failing delivery is retried wi
 results never waits for a sink. Results are acknowledged once the alert is queued, so an alert still queued
 when the process dies is lost (at-most-once per sink after the queue; receivers can dedupe on ``alert_id``).
 
-The modules: ``debounce`` (when defects become an alert), ``alert`` (the alert as sent), ``frames`` (the frame
+The modules: ``debounce`` (when defects become an alert), ``drift`` (when the line's appearance changed),
+``alert`` (the alert and the drift event as sent), ``frames`` (the frame
 tail and the stream lookup), ``snapshot`` (drawing it), ``sinks`` and ``mqtt`` (where alerts go),
 ``delivery`` (a queue and thread per sink), ``service`` (reading results, raising alerts), ``run`` (the
 process: ``lineinspect alerts``).

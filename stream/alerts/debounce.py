@@ -49,6 +49,10 @@ class AlertDebouncer:
             return Decision.RAISE
         return Decision.DEBOUNCE
 
+    def forget(self, line: str) -> None:
+        """Drop the defective frames of ``line`` counted towards the next alert (its cooldown stays)."""
+        self._hits.pop(line, None)
+
     def pending(self, line: str) -> int:
         """Defective frames of ``line`` counted towards the next alert (within the window, as of now)."""
         t = self._clock()

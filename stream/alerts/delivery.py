@@ -8,7 +8,7 @@ import queue
 import threading
 from typing import TYPE_CHECKING, Any
 
-from stream.alerts.alert import Alert
+from stream.alerts.alert import Deliverable
 from stream.alerts.mqtt import MqttSink
 from stream.alerts.sinks import DeliveryError, RedisStreamSink, Sink, WebhookSink
 from stream.backoff import Backoff
@@ -48,7 +48,7 @@ class SinkWorker:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def submit(self, alert: Alert) -> bool:
+    def submit(self, alert: Deliverable) -> bool:
         """Queue ``alert`` without waiting; False (counted as ``dropped``) when the queue is full."""
         try:
             self._queue.put_nowait(alert)
@@ -82,7 +82,7 @@ class SinkWorker:
                 log.exception("alert sink %s crashed on %s", self.name, item.alert_id)
                 self.metrics.sink_deliveries.labels(self.name, "failed").inc()
 
-    def _deliver(self, alert: Alert) -> None:
+    def _deliver(self, alert: Deliverable) -> None:
         backoff = Backoff(self.retry_initial_s, self.retry_max_s)
         for attempt in range(self.max_retries + 1):
             try:

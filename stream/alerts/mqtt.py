@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from stream.alerts.alert import Alert
+from stream.alerts.alert import Deliverable
 from stream.alerts.sinks import DeliveryError
 from stream.redact import redact_url
 
@@ -80,7 +80,7 @@ class MqttSink:
         self._client = client
         return client
 
-    def deliver(self, alert: Alert) -> None:
+    def deliver(self, alert: Deliverable) -> None:
         client = self._connect()
         topic = self.target.topic.replace("{line}", alert.line)
         try:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from stream.alerts.debounce import AlertDebouncer
 from stream.alerts.delivery import build_sinks
+from stream.alerts.drift import DriftMonitor
 from stream.alerts.frames import FrameTail
 from stream.alerts.service import AlertService
 from stream.prometheus_metrics import AlertMetrics
@@ -19,10 +20,28 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def drift_monitors(settings: Settings, lines: list[str]) -> dict[str, DriftMonitor]:
+    """A drift monitor per line (none when ``alerts.drift.enabled`` is false), against the calibrated rate."""
+    d = settings.alerts.drift
+    if not d.enabled:
+        return {}
+    return {line: DriftMonitor(line, d, settings.detector.false_alarm_rate) for line in lines}
+
+
 def _service(settings: Settings, client: Any, lines: list[str], sinks: list, metrics: AlertMetrics) -> AlertService:
     a, prefix, layout = settings.alerts, settings.redis.key_prefix, settings.redis.key_layout
     return AlertService(client, prefix, lines, AlertDebouncer(a.debounce_count, a.debounce_window_s, a.cooldown_s),
-                        sinks, metrics, frame_tail=FrameTail(client, prefix, lines, layout=layout), layout=layout)
+                        sinks, metrics, frame_tail=FrameTail(client, prefix, lines, layout=layout), layout=layout,
+                        drift=drift_monitors(settings, lines), group=a.consumer_group)
+
+
+def _drift_summary(settings: Settings) -> str:
+    d = settings.alerts.drift
+    if not d.enabled:
+        return "off"
+    return (f"on (window {d.window_frames} frames / {d.window_s:g}s, >= {d.min_frames} frames; starts at share >= "
+            f"{d.start_share:g}, p <= {d.max_p_value:g} against {settings.detector.false_alarm_rate:g}, median ratio "
+            f">= {d.start_median_ratio:g}; ends at share <= {d.end_share:g})")
 
 
 def _run_until_signal(service: AlertService) -> None:
@@ -66,8 +85,9 @@ def main(settings: Settings, args: Any) -> int:
     service = _service(settings, client, lines, sinks, metrics)
     server = (start_metrics_server(registry, settings.metrics.host, settings.metrics.port, service.health)
               if settings.metrics.enabled else None)
-    log.info("alerts: lines %s, sinks %s, debounce %d in %.1fs, cooldown %.1fs", ", ".join(lines),
-             ", ".join(s.name for s in sinks), a.debounce_count, a.debounce_window_s, a.cooldown_s)
+    log.info("alerts: lines %s, sinks %s, group %s, debounce %d in %.1fs, cooldown %.1fs, drift %s", ", ".join(lines),
+             ", ".join(s.name for s in sinks), a.consumer_group, a.debounce_count, a.debounce_window_s, a.cooldown_s,
+             _drift_summary(settings))
     try:
         _run_until_signal(service)
     finally:

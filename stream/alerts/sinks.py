@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-from stream.alerts.alert import Alert
+from stream.alerts.alert import Deliverable
 from stream.contracts import LineInspectError
 from stream.keys import line_keys
 from stream.redact import redact_url
@@ -25,7 +25,7 @@ class DeliveryError(LineInspectError):
 class Sink(Protocol):
     name: str
 
-    def deliver(self, alert: Alert) -> None:
+    def deliver(self, alert: Deliverable) -> None:
         """Deliver one alert or raise :class:`DeliveryError`."""
 
     def close(self) -> None: ...
@@ -43,7 +43,7 @@ class WebhookSink:
         self.url = url
         self.timeout_s = timeout_s
 
-    def deliver(self, alert: Alert) -> None:
+    def deliver(self, alert: Deliverable) -> None:
         import urllib.error
         import urllib.request
 
@@ -76,7 +76,7 @@ class RedisStreamSink:
         self.maxlen = maxlen
         self.layout = layout
 
-    def deliver(self, alert: Alert) -> None:
+    def deliver(self, alert: Deliverable) -> None:
         import redis
 
         try:

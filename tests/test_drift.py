@@ -1,0 +1,275 @@
+"""Drift (stream/alerts/drift.py): the monitor on constructed score sequences, and the alert service on the real
+Redis with a real HTTP receiver: a steady line and a burst of real defects raise no drift; a shift of most frames
+over the threshold raises one "line appearance changed" event and suppresses (and counts) the line's per-frame
+defect alerts until "line appearance restored"."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from config.settings import DriftSettings, Settings, SettingsError
+from stream.alerts.alert import DriftAlert
+from stream.alerts.debounce import AlertDebouncer
+from stream.alerts.delivery import SinkWorker
+from stream.alerts.drift import DriftChange, DriftMonitor, binomial_tail
+from stream.alerts.service import AlertService
+from stream.alerts.sinks import RedisStreamSink, WebhookSink
+from stream.contracts import Defect, InspectionResult, Verdict
+from stream.entries import PAYLOAD_FIELD
+from stream.keys import line_keys
+from stream.prometheus_metrics import AlertMetrics
+from stream.wire import encode_result
+from tests.test_alerts import FakeClock, Receiver, wait_for
+
+RATE = 0.01  # detector.false_alarm_rate
+T0 = time.time()
+
+
+def result(seq: int, ratio: float, line: str = "L1", ts: float | None = None) -> InspectionResult:
+    """A result whose image score is ``ratio`` x the threshold (defect when over it), one a second."""
+    defect = ratio > 1.0
+    box = (10, 10, 20, 20)
+    return InspectionResult(
+        frame_id=f"cam1:s1:{seq}", line_id=line, camera_id="cam1", seq=seq, capture_ts=T0 + seq,
+        image_score=2.0 * ratio, threshold=2.0, verdict=Verdict.DEFECT if defect else Verdict.OK,
+        defects=(Defect(label=1, box=box, area=100, score=2.0 * ratio),) if defect else (),
+        processed_ts=T0 + seq if ts is None else ts)
+
+
+def normal_ratios(n: int, seed: int = 0) -> list[float]:
+    """A healthy line: median ~0.7 of the threshold, every hundredth frame over it (the calibrated 1 %)."""
+    rng = np.random.default_rng(seed)
+    ratios = [float(x) for x in np.clip(rng.normal(0.7, 0.07, n), 0.3, 0.95)]
+    for i in range(50, n, 100):
+        ratios[i] = 1.1
+    return ratios
+
+
+def shifted_ratios(n: int, seed: int = 1) -> list[float]:
+    """A changed appearance: nearly every frame over the threshold."""
+    return [float(x) for x in np.random.default_rng(seed).uniform(1.05, 1.6, n)]
+
+
+def run(monitor: DriftMonitor, ratios: list[float], start: int = 0):
+    return [monitor.observe(result(start + i, r)) for i, r in enumerate(ratios)]
+
+
+def changes(updates) -> list[tuple[int, DriftChange]]:
+    return [(i, u.change) for i, u in enumerate(updates) if u.change is not None]
+
+
+# ------------------------------------------------------------------------------------------ the rule
+
+
+def test_binomial_tail_matches_the_exact_sum():
+    for k, n, p in ((5, 15, 0.01), (4, 10, 0.01), (17, 30, 0.3), (0, 5, 0.2), (3, 3, 0.5), (250, 1000, 0.2)):
+        exact = sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1))
+        assert binomial_tail(k, n, p) == pytest.approx(exact, rel=1e-9)
+    assert binomial_tail(6, 5, 0.5) == 0.0
+    assert 0.0 < binomial_tail(5000, 10000, 0.01) < 1e-300 or binomial_tail(5000, 10000, 0.01) == 0.0
+
+
+def test_steady_line_at_its_false_alarm_rate_never_drifts():
+    m = DriftMonitor("L1", DriftSettings(), RATE)
+    updates = run(m, normal_ratios(2000))
+    assert changes(updates) == [] and not m.active
+    f = updates[-1].figures
+    assert f.frames == 30 and f.median_ratio == pytest.approx(0.7, abs=0.05)
+    assert f.reference_median_ratio == pytest.approx(f.median_ratio)
+
+
+def test_burst_of_real_defects_is_no_drift():
+    m = DriftMonitor("L1", DriftSettings(), RATE)
+    ratios = normal_ratios(60)
+    ratios[40:45] = [1.8, 2.2, 1.5, 1.9, 2.5]  # five defective parts in a row
+    updates = run(m, ratios)
+    assert changes(updates) == []
+    # the share was far above the calibration (p tiny), but the median did not move: parts, not the line
+    worst = max((u.figures for u in updates), key=lambda f: f.flagged)
+    assert worst.flagged == 6 and worst.p_value < 1e-6 and worst.median_ratio < 0.8  # 5 + a false alarm
+
+
+def test_shift_starts_drift_within_the_window_once_and_recovery_ends_it():
+    s = DriftSettings()
+    m = DriftMonitor("L1", s, RATE)
+    before = run(m, normal_ratios(100))
+    during = run(m, shifted_ratios(100), start=100)
+    after = run(m, normal_ratios(100, seed=2), start=200)
+    assert changes(before) == [] and changes(after[:1]) == []
+    (started,) = changes(during)
+    assert started[1] is DriftChange.STARTED and started[0] < s.window_frames  # recognised within one window
+    assert started[0] + 1 == 15  # the median crosses 0.9 once half the window is shifted frames
+    f = during[started[0]].figures
+    assert f.flagged_share >= s.start_share and f.p_value <= s.max_p_value and f.median_ratio >= 0.9
+    assert f.reference_median_ratio == pytest.approx(0.7, abs=0.05)  # how the line looked before
+    assert all(u.active for u in during[started[0]:])
+    (ended,) = changes(after)
+    assert ended[1] is DriftChange.ENDED
+    assert s.window_frames * (1 - s.end_share) <= ended[0] + 1 <= s.window_frames  # about a window of good frames
+    episode = after[ended[0]].episode
+    assert episode.frames == 100 - started[0] + ended[0] and episode.flagged == 100 - started[0]
+    assert not m.active and all(not u.active for u in after[ended[0]:])
+
+
+def test_a_raised_median_with_few_frames_over_the_threshold_is_no_drift():
+    m = DriftMonitor("L1", DriftSettings(), RATE)
+    ratios = [0.97] * 40
+    ratios[::8] = [1.1] * 5  # median near the threshold, 1 in 8 over it
+    assert changes(run(m, ratios)) == []
+
+
+def test_a_line_calibrated_for_many_false_alarms_needs_more_evidence():
+    """At false_alarm_rate 0.3, 16 of 30 flagged (53 %) is p = 0.006: no drift; 24 of 30 (p = 2e-8) is."""
+    m = DriftMonitor("L1", DriftSettings(), 0.3)
+    assert changes(run(m, [1.2 if i % 15 < 8 else 0.95 for i in range(30)])) == []
+    assert m.figures().p_value > 1e-6
+    m2 = DriftMonitor("L1", DriftSettings(), 0.3)
+    assert [c for _, c in changes(run(m2, [1.2 if i % 5 else 0.95 for i in range(30)]))] == [DriftChange.STARTED]
+
+
+def test_window_keeps_only_recent_seconds_and_decides_nothing_on_few_frames():
+    s = DriftSettings(window_frames=30, window_s=20.0, min_frames=10)
+    m = DriftMonitor("L1", s, RATE)
+    for i in range(9):
+        assert m.observe(result(i, 1.5)).change is None  # 9 frames: too few to say anything
+    assert m.observe(result(9, 1.5)).change is DriftChange.STARTED
+    # the line stops for a minute: the old frames leave the window, but drift only ends on evidence
+    u = m.observe(result(70, 0.7))
+    assert u.figures.frames == 1 and u.active and u.change is None
+    for i in range(71, 80):
+        u = m.observe(result(i, 0.7))
+    assert u.change is DriftChange.ENDED and u.figures.frames == 10
+
+
+def test_results_without_a_usable_threshold_are_not_counted():
+    m = DriftMonitor("L1", DriftSettings(), RATE)
+    r = result(1, 0.5)
+    u = m.observe(InspectionResult(**{**r.__dict__, "threshold": 0.0}))
+    assert u.figures is None and m.figures().frames == 0
+
+
+@pytest.mark.parametrize("key, value", [
+    ("alerts.drift.min_frames", 31), ("alerts.drift.min_frames", 2), ("alerts.drift.window_frames", 4),
+    ("alerts.drift.end_share", 0.3), ("alerts.drift.max_p_value", 0), ("alerts.drift.max_p_value", 1),
+    ("alerts.drift.start_share", 0), ("alerts.drift.start_median_ratio", float("nan")),
+    ("alerts.drift.window_s", 0), ("alerts.consumer_group", "a b")])
+def test_drift_settings_are_range_checked(key, value):
+    with pytest.raises(SettingsError) as info:
+        Settings.load(env={}, overrides={key: value})
+    assert info.value.key == key
+
+
+def test_drift_settings_defaults_and_environment():
+    d = Settings.load(env={}).alerts.drift
+    assert (d.enabled, d.window_frames, d.min_frames, d.start_share, d.start_median_ratio, d.end_share) == (
+        True, 30, 15, 0.3, 0.9, 0.1)
+    assert not Settings.load(env={"LINEINSPECT__ALERTS__DRIFT__ENABLED": "false"}).alerts.drift.enabled
+
+
+# ------------------------------------------------------------------------- the service, real Redis
+
+
+def sample(registry, name, **labels):
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+def service(redis_client, prefix, sinks, registry, drift: bool, clock):
+    metrics = AlertMetrics(registry)
+    workers = [SinkWorker(s, metrics, queue_size=200, retry_initial_s=0.05) for s in sinks]
+    monitors = {"L1": DriftMonitor("L1", DriftSettings(), RATE)} if drift else {}
+    svc = AlertService(redis_client, prefix, ["L1"], AlertDebouncer(3, 10.0, 20.0, clock), workers, metrics,
+                       consumer="t", drift=monitors, group="alerts-drift" if drift else "alerts")
+    svc.setup()
+    return svc
+
+
+def feed(redis_client, prefix, svcs, clock, ratios, start):
+    keys = line_keys(prefix, "L1")
+    raised: dict[int, list] = {id(s): [] for s in svcs}
+    for i, r in enumerate(ratios):
+        clock.t += 1.0  # one part a second
+        redis_client.xadd(keys.results, {PAYLOAD_FIELD: encode_result(result(start + i, r, ts=time.time()))})
+        if i % 10 == 9 or i == len(ratios) - 1:
+            for s in svcs:
+                while True:
+                    got = s.poll(block_ms=50, count=100)
+                    raised[id(s)] += got
+                    if not got and s.client.xpending(keys.results, s.group)["pending"] == 0:
+                        break
+    return [raised[id(s)] for s in svcs]
+
+
+@pytest.fixture
+def hook():
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def test_service_raises_one_drift_event_instead_of_a_storm_of_defect_alerts(redis_client, key_prefix, hook):
+    """Two services on the same results (own consumer groups): drift detection on and off."""
+    reg_on, reg_off, clock = CollectorRegistry(), CollectorRegistry(), FakeClock(0.0)
+    on = service(redis_client, key_prefix, [WebhookSink(hook.url), RedisStreamSink(redis_client, key_prefix)],
+                 reg_on, True, clock)
+    off = service(redis_client, key_prefix, [], reg_off, False, clock)
+    try:
+        burst = normal_ratios(60)
+        burst[40:44] = [1.8, 2.2, 1.5, 1.9]  # four real defects: a defect alert, as before
+        phases = {"normal+burst": burst, "shift": shifted_ratios(200), "restored": normal_ratios(60, seed=3)}
+        counts, seq = {}, 0
+        for name, ratios in phases.items():
+            got_on, got_off = feed(redis_client, key_prefix, [on, off], clock, ratios, seq)
+            seq += len(ratios)
+            counts[name] = {"on_defect": sum(not isinstance(a, DriftAlert) for a in got_on),
+                            "on_drift": [a.title for a in got_on if isinstance(a, DriftAlert)],
+                            "off_defect": len(got_off)}
+        wait_for(lambda: len(hook.bodies) == sum(c["on_defect"] + len(c["on_drift"]) for c in counts.values()),
+                 what="webhook deliveries")
+    finally:
+        on.close()
+        off.close()
+    print("drift scenario alert counts (unit, 60 normal+burst / 200 shifted / 60 normal):", json.dumps(counts))
+    assert counts["normal+burst"] == {"on_defect": 1, "on_drift": [], "off_defect": 1}
+    assert counts["shift"]["on_drift"] == ["line appearance changed"]
+    assert counts["shift"]["on_defect"] <= 1  # only what came before the drift was recognised
+    assert counts["shift"]["off_defect"] >= 8  # one per debounce + cooldown (22 parts) without drift detection
+    assert counts["restored"]["on_drift"] == ["line appearance restored"] and counts["restored"]["on_defect"] == 0
+    # what the receivers got: the drift events with the window's figures, through the webhook and the stream
+    drift_bodies = [b for b in hook.bodies if b["type"] == "lineinspect.drift"]
+    assert [b["title"] for b in drift_bodies] == ["line appearance changed", "line appearance restored"]
+    changed, restored = drift_bodies
+    assert changed["kind"] == "drift" and changed["event"] == "changed" and changed["line"] == "L1"
+    assert changed["window"]["flagged_share"] >= 0.3 and changed["window"]["median_ratio"] >= 0.9
+    assert changed["window"]["expected_share"] == RATE and changed["window"]["p_value"] <= 1e-6
+    assert restored["window"]["flagged_share"] <= 0.1
+    suppressed = restored["drift"]["defects_suppressed"]
+    assert suppressed >= 180
+    assert sample(reg_on, "lineinspect_alerts_suppressed_total", line="L1", reason="drift") == suppressed
+    assert sample(reg_on, "lineinspect_drift_events_total", line="L1", kind="started") == 1
+    assert sample(reg_on, "lineinspect_drift_events_total", line="L1", kind="ended") == 1
+    assert sample(reg_on, "lineinspect_line_drift_active", line="L1") == 0
+    assert sample(reg_on, "lineinspect_line_flagged_share_ratio", line="L1") <= 0.1
+    assert sample(reg_on, "lineinspect_line_expected_flagged_share_ratio", line="L1") == RATE
+    assert 0.5 < sample(reg_on, "lineinspect_line_score_median_ratio", line="L1") < 0.9
+    assert sample(reg_off, "lineinspect_line_drift_active", line="L1") == 0  # no monitor: no drift series
+    stream = [json.loads(f[b"alert"]) for _, f in redis_client.xrange(line_keys(key_prefix, "L1").alerts)]
+    assert [a["kind"] for a in stream].count("drift") == 2
+
+
+def test_drift_gauges_while_it_lasts(redis_client, key_prefix):
+    reg, clock = CollectorRegistry(), FakeClock(0.0)
+    svc = service(redis_client, key_prefix, [RedisStreamSink(redis_client, key_prefix)], reg, True, clock)
+    try:
+        feed(redis_client, key_prefix, [svc], clock, normal_ratios(30) + shifted_ratios(30), 0)
+    finally:
+        svc.close()
+    assert sample(reg, "lineinspect_line_drift_active", line="L1") == 1
+    assert sample(reg, "lineinspect_line_flagged_share_ratio", line="L1") >= 0.9
+    assert sample(reg, "lineinspect_line_score_median_ratio", line="L1") > 1.0
+    assert sample(reg, "lineinspect_line_drift_window_frames", line="L1") == 30
