@@ -35,6 +35,7 @@ COMMANDS: Mapping[str, str] = MappingProxyType({
     "bench": "stream.bench",
     "redis": "stream.migrate",
     "config": "stream.effective_settings",
+    "review": "stream.review.command",
 })
 
 
@@ -190,6 +191,17 @@ def _service_and_tool_commands(sub) -> None:
     s.add_argument("--dry-run", action="store_true", help="print the renames only")
 
     sub.add_parser("config", help="print the effective settings (after files and environment) and exit")
+
+    s = sub.add_parser("review", help="operator review of a kept frame: ok (false alarm) or defect (confirmed)")
+    s.add_argument("--line", required=True, type=_line_id, help="the frame's line")
+    s.add_argument("frame_id", nargs="?", default=None, metavar="FRAME_ID")
+    s.add_argument("decision", nargs="?", default=None, choices=("ok", "defect"))
+    s.add_argument("--who", default="cli", help="operator name written to the audit stream")
+    s.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for a worker to apply it, then print the outcome")
+    s.add_argument("--list", type=int, nargs="?", const=20, default=None, metavar="N",
+                   help="list the N most recent kept verdicts instead (default 20)")
+    s.add_argument("--defects", action="store_true", help="with --list: DEFECT verdicts only")
 
 
 def load_settings(args: argparse.Namespace) -> Settings:
