@@ -268,3 +268,41 @@ def test_false_alarm_ok_and_confirmed_defect_from_the_browser(tmp_path, redis_ur
     table = [ln for ln in ev.stdout.splitlines() if ln.startswith(f"| {LINE} |")]
     print("review test: lineinspect eval on the labelled folder:\n" + "\n".join(table))
     print(f"review test: {time.monotonic() - t_start:.0f} s in all")
+
+
+@pytest.mark.timeout(120)
+def test_a_detector_without_memory_files_ok_but_says_it_could_not_learn(tmp_path, redis_url, key_prefix,
+                                                                       redis_client):
+    """``--detector noop`` (no memory, like map source clip): OK is filed as good and audited as failed with
+    the reason; a confirmed defect whose result carried no mask gets an empty mask; a malformed request is
+    audited as failed and the worker goes on."""
+    cfg = _settings(tmp_path, redis_url, key_prefix, free_port(), 0)
+    log = open(tmp_path / "worker.log", "w+")  # noqa: SIM115
+    worker = subprocess.Popen([sys.executable, "-m", "stream.cli", "--config", str(cfg), "worker", "--line", LINE,
+                               "--id", "nw", "--detector", "noop"], cwd=ROOT, env=_env(), stdout=log,
+                              stderr=subprocess.STDOUT)
+    try:
+        line = Line(redis_client, key_prefix)
+        fid = line.push(np.full((48, 64, 3), 120, np.uint8))
+        line.wait_results([fid], 60, lambda: Path(log.name).read_text())
+        keys = line_keys(key_prefix, LINE)
+        redis_client.xadd(keys.reviews, {"line": LINE, "decision": "ok"})  # malformed: no frame id, no who
+        ok = _cli(cfg, "review", "--line", LINE, fid, "ok", "--who", "bo", "--wait", "60")
+        assert ok.returncode == 1, ok.stdout + ok.stderr
+        out = json.loads(ok.stdout[ok.stdout.index("{"):])
+        assert out["outcome"] == "failed" and "OK could not be learned" in out["reason"]
+        assert Path(out["files"][0]) == tmp_path / "labelled" / LINE / "test" / "good" / "cam0_1_1.png"
+        bad = _cli(cfg, "review", "--line", LINE, fid, "defect", "--who", "bo", "--wait", "60")
+        assert bad.returncode == 0, bad.stdout + bad.stderr
+        out = json.loads(bad.stdout[bad.stdout.index("{"):])
+        assert out["outcome"] == "applied" and "no mask" in out["reason"]
+        assert cv2.imread(out["files"][1], cv2.IMREAD_GRAYSCALE).max() == 0
+        audit = [{k.decode(): v.decode() for k, v in f.items()} for _, f in redis_client.xrange(keys.audit)]
+        assert [a["outcome"] for a in audit] == ["failed", "failed", "applied"]
+        assert "unreadable" in audit[0]["reason"]
+        assert redis_client.xpending(keys.reviews, "reviewers")["pending"] == 0
+        worker.terminate()
+        assert worker.wait(30) == 0
+    finally:
+        stop_process(worker)
+        log.close()
