@@ -115,6 +115,9 @@ def _offline_commands(sub) -> None:
     mode.add_argument("--mutual", action="store_true", help="label-free: score test images against each other")
     mode.add_argument("--modes", default="", metavar="MODES",
                       help="memory modes to evaluate in one report, comma-separated: train, mutual (e.g. train,mutual)")
+    s.add_argument("--normal", default=None, metavar="DIR",
+                   help="known-good images for every category's memory instead of its train/good (e.g. the "
+                        "line's good parts, for a labelled folder grown by operator review)")
     s.add_argument("--embedding-cache", default="", metavar="DIR",
                    help="keep SAM encoder outputs here and reuse them on later runs (same model and images)")
     s.add_argument("--cps-stages", default="0,1,2,3", help="comma-separated CPS stages to evaluate")

@@ -106,3 +106,26 @@ def test_labelled_folder_is_mvtec_layout(tmp_path):
     assert cat.name == "L1" and sorted(i.rel for i in items) == [
         "confirmed/cam0_17_4.png", "confirmed/cam0_17_5.png", "good/cam0_17_3.png"]
     assert all(i.mask is not None for i in items if i.is_defect)
+
+
+@pytest.mark.slow
+def test_review_window_requests_and_audit_on_a_cluster(redis_cluster):
+    """With redis.key_layout line_tag each line's review keys share its slot: the keep script, requests and
+    audit work on the cluster client (lines on different masters)."""
+    from config.settings import RedisSettings
+    from stream.redisclient import make_client
+
+    client = make_client(RedisSettings(url=redis_cluster.url, key_prefix="lir", key_layout="line_tag"))
+    try:
+        for line in ("a", "b", "c"):
+            keys = line_keys("lir", line, "line_tag")
+            arch = ReviewArchive(client, keys, max_bytes=5000)
+            for i in range(4):
+                arch.keep(f"c:1:{i}", b"f" * 1500, b"r" * 500, float(i), defect=True)
+            assert arch.stats() == (4000, 2) and [e.frame_id for e in arch.recent(5, True)] == ["c:1:3", "c:1:2"]
+            rid = submit_review(client, keys, arch, "c:1:3", "ok", "ann")
+            write_outcome(client, keys, ReviewOutcome(request_id=rid, line=line, frame_id="c:1:3", decision="ok",
+                                                      who="ann", requested_ts=1.0, outcome="applied"))
+            assert find_outcome(client, keys, rid).outcome == "applied"
+    finally:
+        client.close()

@@ -2,7 +2,8 @@
 
 Every ``review.poll_interval_s`` the worker reads at most one request of its line from the reviews stream's
 group (:data:`stream.review.requests.REVIEW_GROUP`: each request goes to one worker), its own unanswered ones
-first (a request it read before Redis went away), without blocking. The request's model work runs in the
+first (a request it read before Redis went away, or one taken over from a worker that died holding it for
+``CLAIM_IDLE_S``), without blocking. The request's model work runs in the
 model thread between frames (:class:`workers.review.apply.ReviewApplier`); once it is done the outcome is
 written to the audit stream, counted, and the request acknowledged. A request that fails for a reason of its
 own is audited as failed; Redis being unreachable leaves it pending for the next poll.
@@ -24,6 +25,9 @@ from workers.review.apply import Applied, ReviewApplier
 from workers.review.metrics import ReviewMetrics
 
 log = logging.getLogger(__name__)
+
+CLAIM_IDLE_S = 300.0  # a request pending this long under another consumer (a worker that died) is taken over
+CLAIM_EVERY_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class ReviewConsumer:
         self._last_read = float("-inf")
         self._group_ready = False
         self._own_pending = True  # read this consumer's unacknowledged requests first ("0"), then new ones
+        self._last_claim = float("-inf")
 
     @property
     def busy(self) -> bool:
@@ -110,6 +115,7 @@ class ReviewConsumer:
         """The next request to apply (its own unacknowledged ones first); a malformed one is audited and
         acknowledged here."""
         self._ensure_group()
+        self._claim_abandoned()
         start = "0" if self._own_pending else ">"
         reply = self.client.xreadgroup(REVIEW_GROUP, self.worker_id, {self.keys.reviews: start}, count=1)
         entries = [(eid, fields) for _, items in reply or () for eid, fields in items]
@@ -130,6 +136,21 @@ class ReviewConsumer:
             self._audit(bad)
             self.client.xack(self.keys.reviews, REVIEW_GROUP, entry_id)
             return None
+
+    def _claim_abandoned(self) -> None:
+        """Every ``CLAIM_EVERY_S``: take over a request another consumer has held for ``CLAIM_IDLE_S`` (its
+        worker died while applying it); it is then read as this consumer's own."""
+        now = time.monotonic()
+        if now - self._last_claim < CLAIM_EVERY_S:
+            return
+        self._last_claim = now
+        reply = self.client.xautoclaim(self.keys.reviews, REVIEW_GROUP, self.worker_id,
+                                       min_idle_time=int(CLAIM_IDLE_S * 1000), start_id="0-0", count=1)
+        claimed = reply[1] if len(reply) > 1 else []
+        if claimed:
+            self._own_pending = True
+            log.info("worker %s: took over review request %s of a worker that went away", self.worker_id,
+                     text(claimed[0][0]))
 
     def _finish(self, running: _Running) -> None:
         """Audit, count and acknowledge a request the model thread is done with."""
