@@ -15,6 +15,7 @@ shown on the page) is printed (``pytest -s``).
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import shutil
@@ -213,6 +214,14 @@ def test_false_alarm_ok_and_confirmed_defect_from_the_browser(tmp_path, redis_ur
                                        base, [false_alarm, *defects])
                 ok = await _click_and_wait(cdp, false_alarm, "review-ok")
                 confirmed = await _click_and_wait(cdp, defects[0], "review-defect")
+                shot = os.environ.get("LINEINSPECT_REVIEW_SCREENSHOT")
+                if shot:  # the review panel after both clicks (troubleshooting, docs)
+                    geom = await cdp.js("(() => { const r = document.getElementById('review')"
+                                        ".getBoundingClientRect(); return [r.left + scrollX, r.top + scrollY, "
+                                        "r.width, r.height]; })()")
+                    cap = await cdp.call("Page.captureScreenshot", {"format": "png", "clip": dict(
+                        zip(("x", "y", "width", "height"), geom, strict=True), scale=1)})
+                    Path(shot).write_bytes(base64.b64decode(cap["data"]))
                 await cdp.ws.close()
                 return ok, confirmed
 
