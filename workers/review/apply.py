@@ -94,11 +94,11 @@ class ReviewApplier:
     def _learn(self, request: ReviewRequest, image) -> Applied:
         memory = memory_of(self.detector)
         if memory is None:
-            path = self.labelled.write_good(self.line, request.frame_id, image)
+            files, note = self._file_good(request, image)
             name = getattr(getattr(self.detector, "mapper", None), "name", type(self.detector).__name__)
             return Applied("failed", reason=f"OK could not be learned: this worker's map source ({name}) has no "
-                                            "memory of normal patches; the frame was filed as good only",
-                           files=(str(path),))
+                                            "memory of normal patches" + (note or "; the frame was filed as good only"),
+                           files=files)
         emb = self.detector.embed(image, request.frame_id)
         mapper = self.detector.mapper
         before = None if mapper is memory else float(mapper.map(image, emb).image_score)
@@ -106,7 +106,14 @@ class ReviewApplier:
         if before is None:
             before = taught.score_before
         after = float(mapper.map(image, emb).image_score)
-        path = self.labelled.write_good(self.line, request.frame_id, image)
-        return Applied("applied", rows_added=taught.rows_added, memory_rows=taught.rows_after,
-                       score_before=before, score_after=after, verdict_after=_verdict(after),
-                       files=(str(path),))
+        files, note = self._file_good(request, image)  # the memory learned it even if the file cannot be written
+        return Applied("applied", reason=note.lstrip("; "), rows_added=taught.rows_added,
+                       memory_rows=taught.rows_after, score_before=before, score_after=after,
+                       verdict_after=_verdict(after), files=files)
+
+    def _file_good(self, request: ReviewRequest, image) -> tuple[tuple[str, ...], str]:
+        """The frame filed under test/good: (its path,) and "", or () and why it could not be written."""
+        try:
+            return (str(self.labelled.write_good(self.line, request.frame_id, image)),), ""
+        except LabelledWriteError as exc:
+            return (), f"; not filed in the labelled folder: {exc}"
