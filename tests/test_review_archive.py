@@ -22,6 +22,7 @@ from stream.review.requests import (
     wait_outcome,
     write_outcome,
 )
+from tests.helpers import wait_for
 from workers.review.labelled import LabelledFolder, safe_stem
 
 
@@ -129,3 +130,33 @@ def test_review_window_requests_and_audit_on_a_cluster(redis_cluster):
             assert find_outcome(client, keys, rid).outcome == "applied"
     finally:
         client.close()
+
+
+def test_consumer_survives_a_lost_group_and_applies_the_next_request(redis_client, key_prefix):
+    """Redis restarted without its data (the reviews group is gone: NOGROUP): the worker's consumer neither
+    raises nor stops; it makes the group again and applies the next request."""
+    from prometheus_client import CollectorRegistry
+
+    from workers.model_thread import ModelThread
+    from workers.review.apply import Applied
+    from workers.review.consumer import ReviewConsumer
+    from workers.review.metrics import ReviewMetrics
+
+    class Applier:
+        def apply(self, request):
+            return Applied("applied", reason=f"seen {request.frame_id}")
+
+    keys = line_keys(key_prefix, "L1")
+    arch = ReviewArchive(redis_client, keys, max_bytes=1 << 20)
+    arch.keep("c:1:1", b"f", b"r", 1.0, defect=True)
+    consumer = ReviewConsumer(redis_client, keys, "w1", Applier(), ReviewMetrics(CollectorRegistry()), 0.01)
+    model = ModelThread().start()
+    try:
+        consumer.poll(model)  # makes the group
+        redis_client.delete(keys.reviews)  # the group goes with the stream
+        rid = submit_review(redis_client, keys, arch, "c:1:1", "defect", "ann")  # a new stream, no group
+        wait_for(lambda: consumer.poll(model) or find_outcome(redis_client, keys, rid) is not None, 10,
+                 "the request applied after the group was lost")
+        assert find_outcome(redis_client, keys, rid).reason == "seen c:1:1"
+    finally:
+        model.shutdown()

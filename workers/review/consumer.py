@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 CLAIM_IDLE_S = 300.0  # a request pending this long under another consumer (a worker that died) is taken over
 CLAIM_EVERY_S = 30.0
+REDIS_RETRY_S = 1.0  # after a Redis error, the next look for requests waits this much longer
+WARN_EVERY_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class ReviewConsumer:
         self._group_ready = False
         self._own_pending = True  # read this consumer's unacknowledged requests first ("0"), then new ones
         self._last_claim = float("-inf")
+        self._last_warning = float("-inf")
 
     @property
     def busy(self) -> bool:
@@ -61,7 +64,8 @@ class ReviewConsumer:
 
     def poll(self, model) -> None:
         """Finish a request the model thread has done; else, every ``poll_interval_s``, hand it the next one.
-        Never blocks and never raises for Redis being away (the request stays pending)."""
+        Never blocks, and never raises for a Redis error: review must not stop inspection (the request stays
+        pending and is read again; a group Redis lost, NOGROUP after a restart without data, is made again)."""
         import redis
 
         try:
@@ -76,10 +80,17 @@ class ReviewConsumer:
             request = self._next()
             if request is not None:
                 self._running = _Running(request, model.submit(self.applier.apply, request), time.perf_counter())
-        except (*unavailable_errors(), redis.OutOfMemoryError) as exc:
+        except redis.RedisError as exc:
             self._running = None
             self._own_pending = True
-            log.warning("worker %s: review requests wait for Redis: %s", self.worker_id, exc)
+            if "NOGROUP" in str(exc):
+                self._group_ready = False
+            self._last_read = time.monotonic() + REDIS_RETRY_S  # no retry storm while Redis is away
+            now = time.monotonic()
+            if now - self._last_warning >= WARN_EVERY_S:
+                self._last_warning = now
+                log.warning("worker %s: review requests wait for Redis: %s: %s", self.worker_id,
+                            type(exc).__name__, exc)
 
     def drain(self, timeout_s: float) -> None:
         """On shutdown: wait up to ``timeout_s`` for the request in the model thread and audit it."""
