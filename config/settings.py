@@ -458,6 +458,30 @@ class PreviewSettings:
 
 
 @dataclass(frozen=True)
+class ReviewSettings:
+    """Operator review (``stream.review``, ``workers.review``): what a worker keeps of each judged frame, and
+    where confirmed verdicts land."""
+
+    enabled: bool = True  # workers keep frames and apply reviews; the preview shows the review panel
+    # per line: the frames (as the worker got them) and results kept for review, oldest dropped first
+    keep_bytes: int = 64 * 1024 * 1024
+    # "OK" frames go to <labelled_dir>/<line>/test/good, confirmed defects to test/confirmed with their masks in
+    # ground_truth/confirmed (MVTec layout: lineinspect eval reads it); a shared volume with several workers
+    labelled_dir: str = "labelled"
+    poll_interval_s: float = 0.5  # how often a worker looks for review requests between frames
+    audit_maxlen: int = 100000  # audit stream entries kept per line
+    requests_maxlen: int = 10000  # review requests kept per line
+
+    def __post_init__(self) -> None:
+        in_range("review.keep_bytes", self.keep_bytes, lo=1 << 20, hi=1 << 40)
+        if not self.labelled_dir.strip():
+            raise SettingsError("review.labelled_dir", "must be a folder path")
+        in_range("review.poll_interval_s", self.poll_interval_s, lo=0.01, hi=60)
+        in_range("review.audit_maxlen", self.audit_maxlen, lo=100, hi=10**8)
+        in_range("review.requests_maxlen", self.requests_maxlen, lo=100, hi=10**8)
+
+
+@dataclass(frozen=True)
 class Settings:
     redis: RedisSettings = field(default_factory=RedisSettings)
     queue: QueueSettings = field(default_factory=QueueSettings)
@@ -470,6 +494,7 @@ class Settings:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
     preview: PreviewSettings = field(default_factory=PreviewSettings)
+    review: ReviewSettings = field(default_factory=ReviewSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     def __post_init__(self) -> None:

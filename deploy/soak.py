@@ -150,6 +150,9 @@ def run(args) -> dict:
                   # (defaults: 10000 and 300 s), so that memory reaches its plateau within the run
                   "queue": {"maxlen": 2000, "results_maxlen": RESULTS_MAXLEN, "result_ttl_s": 30,
                             "claim_idle_ms": 5000, "claim_interval_s": 1.0, "job_timeout_s": 10},
+                  # the review window (frames kept for operator review) per line: 8 MiB instead of 64, so that it
+                  # too is full within the run (at 25 fps of 640x360 JPEG: after about 15 s)
+                  "review": {"keep_bytes": 8 << 20},
                   "cameras": [{"id": f"cam{i}", "line": lines[i], "source": "url",
                                "path": f"rtsp://127.0.0.1:{port}/stream", "fps": args.fps, "encoding": "jpeg",
                                "jpeg_quality": args.quality, "reconnect_initial_s": 0.2, "reconnect_max_s": 2.0}

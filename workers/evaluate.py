@@ -2,7 +2,8 @@
 
 ::
 
-    lineinspect eval DATASET_ROOT [--categories a,b] [--normal-from-train | --mutual] [--cps-stages 0,1,2,3]
+    lineinspect eval DATASET_ROOT [--categories a,b] [--normal-from-train | --mutual] [--normal DIR]
+                     [--cps-stages 0,1,2,3]
                      [--kernel ellipse:25] [--max-images N] [--out DIR] [--prompts vip2|ensemble]
 
 Layout: a category is a folder with ``test/<defect type>/*`` images (``good`` = defect-free) and
@@ -16,7 +17,8 @@ every CPS setting: the detectors of all settings share one caching SAM backend a
 measured apart ("shared" vs "stage" in the table).
 
 Memory (map source memory/fusion): ``--normal-from-train`` (the default when ``train/good`` exists) fills the
-memory from the category's ``train/good``; ``--mutual`` scores the (selected) test images against each other.
+memory from the category's ``train/good`` (or from ``--normal DIR`` for every category: a labelled folder grown by
+operator review has no ``train/good``); ``--mutual`` scores the (selected) test images against each other.
 ``--max-images N`` keeps at most N test images per category, taken round-robin over the defect types (good
 included) so that a slice still has both classes. Pixel maps are pooled at a longest side of
 :data:`DEFAULT_PIXEL_SIZE` px (``args.pixel_size`` when the CLI gives one; 0 = native size).
@@ -209,13 +211,15 @@ def evaluate_category(cat: Category, items: Sequence[EvalImage], session, stages
 def run_eval(settings: Settings, root: Path, out_dir: Path, categories: str = "", stages: Sequence[int] = (0,),
              mode: str | Sequence[str] = "auto", max_images: int = 0, pixel_size: int | None = DEFAULT_PIXEL_SIZE,
              command: str = "", progress: bool = True, mapper_factory=None,
-             backend=None) -> tuple[EvalReport, dict[str, Path]]:
+             backend=None, normal: Path | None = None) -> tuple[EvalReport, dict[str, Path]]:
     """Evaluate ``stages`` on the categories under ``root``; writes the report files into ``out_dir``.
 
     ``mode``: ``train`` (memory from train/good), ``mutual`` (label-free), ``auto`` (train when train/good has
     images, else mutual), or several of them (one result per category and mode, in one report). Ignored when
     the map source needs no memory. ``backend``: an already loaded SAM backend (default: built from
-    ``settings.sam``); ``mapper_factory``: see :mod:`workers.offline`.
+    ``settings.sam``); ``mapper_factory``: see :mod:`workers.offline`. ``normal``: a folder of known-good
+    images that mode ``train`` (and ``auto``) uses for every category instead of its ``train/good`` (e.g. the
+    line's own good parts for a labelled folder grown by operator review, which has no ``train/good``).
     """
     from workers import offline
 
@@ -241,9 +245,10 @@ def run_eval(settings: Settings, root: Path, out_dir: Path, categories: str = ""
         if not items:
             print(f"eval: {cat.name}: no test images, skipped", file=sys.stderr)
             continue
-        train = images_in(cat.train_good)
+        train_dir = Path(normal) if normal is not None else cat.train_good
+        train = images_in(train_dir)
         for cat_mode in modes:
-            done = _evaluate_mode(settings, cat, items, train, cat_mode, stages, backend, pixel_size,
+            done = _evaluate_mode(settings, cat, items, (train_dir, train), cat_mode, stages, backend, pixel_size,
                                   mapper_factory, progress)
             if done is None:
                 continue
@@ -263,24 +268,27 @@ def parse_modes(mode: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
-def _evaluate_mode(settings: Settings, cat: Category, items: Sequence[EvalImage], train: Sequence[Path],
-                   mode: str, stages: Sequence[int], backend, pixel_size: int | None, mapper_factory,
+def _evaluate_mode(settings: Settings, cat: Category, items: Sequence[EvalImage],
+                   normal: tuple[Path, Sequence[Path]], mode: str, stages: Sequence[int], backend,
+                   pixel_size: int | None, mapper_factory,
                    progress: bool) -> tuple[CategoryResult, dict[str, str]] | None:
     """One category under one memory mode; None (reported) when it cannot be evaluated."""
     from dataclasses import replace
 
     from workers import offline
 
+    train_dir, train = normal
     if mode == "auto":
         mode = "train" if train else "mutual"
     if mode == "train" and not train:
-        print(f"eval: {cat.name}: no metrics: memory from train/good asked, but {cat.train_good} has no "
+        print(f"eval: {cat.name}: no metrics: memory from train/good asked, but {train_dir} has no "
               "images", file=sys.stderr, flush=True)
         return None
-    normal_dir = cat.train_good if mode == "train" else None
+    normal_dir = train_dir if mode == "train" else None
+    source = "train/good" if train_dir == cat.train_good else str(train_dir)
     uses_memory = settings.detector.uses_memory
     memory = ("none" if not uses_memory else
-              f"train/good ({len(train)} images)" if normal_dir else f"mutual ({len(items)} test images)")
+              f"{source} ({len(train)} images)" if normal_dir else f"mutual ({len(items)} test images)")
     print(f"eval: {cat.name}: {len(items)} test images, memory: {memory}", flush=True)
     try:
         session = offline.StageSession.build(settings, stages, backend=backend, normal_dir=normal_dir,
@@ -328,9 +336,11 @@ def main(settings: Settings, args: argparse.Namespace, mapper_factory=None) -> i
     command = "lineinspect " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv else ""
     try:
         backend = offline.build_backend(settings, getattr(args, "embedding_cache", "") or "")
+        normal = getattr(args, "normal", None)
         report, paths = run_eval(settings, root, Path(args.out), getattr(args, "categories", "") or "", stages,
                                  modes, int(getattr(args, "max_images", 0) or 0), pixel_size, command,
-                                 mapper_factory=mapper_factory, backend=backend)
+                                 mapper_factory=mapper_factory, backend=backend,
+                                 normal=Path(normal) if normal else None)
     except ModelLoadError as exc:
         print(f"lineinspect eval: cannot load the models: {exc}", file=sys.stderr)
         return 3

@@ -30,7 +30,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from stream.contracts import InspectionResult, PayloadError
+from stream.contracts import InspectionResult, PayloadError, Verdict
 from stream.redisclient import unavailable_errors
 from workers.held import HeldResult
 from workers.model_thread import ModelThread
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from stream.contracts import Frame
     from stream.prometheus_metrics import WorkerMetrics
     from workers.interfaces import Detection, FrameDetector
+    from workers.review.keeper import FrameKeeper
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class FrameHandler:
 
     def __init__(self, config: QueueSettings, line: str, worker_id: str, detector: FrameDetector,
                  link: RedisLink, metrics: WorkerMetrics, qmetrics: WorkerQueueMetrics, counts: WorkerCounts,
-                 encoder_batch: int = 1):
+                 encoder_batch: int = 1, keeper: FrameKeeper | None = None):
         self.config = config
         self.line = line
         self.worker_id = worker_id
@@ -102,6 +103,7 @@ class FrameHandler:
         # frames per embed_batch call in submit (1: every frame embedded by its own inspect call)
         self.encoder_batch = encoder_batch if callable(getattr(detector, "embed_batch", None)) else 1
         self._in_flight = 0  # frames handed to the model thread and not collected yet (the busy gauge)
+        self.keeper = keeper  # review window sink: each published frame and its result (workers.review.keeper)
 
     def handle(self, entry, model: ModelThread) -> bool:
         """One entry from start to end: :meth:`prepare`, :meth:`submit`, :meth:`collect`, :meth:`complete`.
@@ -299,6 +301,9 @@ class FrameHandler:
             return
         self.link.oom_error = ""
         _finished(published)
+        if published and self.keeper is not None:
+            r = built.result
+            self.keeper.keep(frame_id, entry.payload, built.payload, r.processed_ts, r.verdict is Verdict.DEFECT)
 
     def _finished(self, result: InspectionResult, timings: dict, publish_s: float, published: bool) -> None:
         """Metrics of a frame whose result was published (or found published already)."""

@@ -97,6 +97,7 @@ class Worker:
         self.detector = None
         self.queue = None
         self.handler: FrameHandler | None = None  # once the detector is loaded
+        self.review = None  # workers.review.consumer.ReviewConsumer once loaded (review.enabled)
         self._last_prune = float("-inf")
         self._last_claim = float("-inf")
 
@@ -151,8 +152,13 @@ class Worker:
                   f"clip={s.clip.model}:{s.clip.pretrained}") if self.detector_name == "pipeline" else "")
         self.detector = detector
         self.encoder_batch = self._encoder_batch(detector)
+        keeper = None
+        if s.review.enabled:
+            from workers.review.setup import review_parts
+
+            keeper, self.review = review_parts(s, self.client, self.keys, self.worker_id, detector, self.registry)
         self.handler = FrameHandler(s.queue, self.line, self.worker_id, detector, self.link, self.metrics,
-                                    self.qmetrics, self.counts, encoder_batch=self.encoder_batch)
+                                    self.qmetrics, self.counts, encoder_batch=self.encoder_batch, keeper=keeper)
         log.info("worker %s: overlap %s, encoder batch %d", self.worker_id,
                  "on" if s.worker.overlap else "off", self.handler.encoder_batch)
 
@@ -277,6 +283,8 @@ class Worker:
         flight: deque[Running] = deque()
         ahead: list[Prepared] = []
         while flight or ahead or not stop.is_set():
+            if self.review is not None and not stop.is_set():
+                self.review.poll(model)  # between frames: a review's model work runs in the model thread
             if not ahead and not stop.is_set() and (overlap or not flight):
                 try:
                     ahead = self._read_ahead(stop, flight)
@@ -337,6 +345,8 @@ class Worker:
         import redis
 
         if model is not None:
+            if self.review is not None:
+                self.review.drain(self.settings.queue.job_timeout_s)
             model.shutdown()
         if self.queue is not None:
             try:

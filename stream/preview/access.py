@@ -14,7 +14,7 @@ SECURITY_HEADERS = MappingProxyType({
     "Referrer-Policy": "no-referrer",  # the page URL carries the token
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Content-Security-Policy": "default-src 'self'; media-src 'self' blob:; img-src 'self' data:; "
+    "Content-Security-Policy": "default-src 'self'; media-src 'self' blob:; img-src 'self' data: blob:; "
                                "frame-ancestors 'none'",
 })
 

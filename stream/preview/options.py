@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from config.settings import RedisSettings, Settings
+from config.settings import RedisSettings, ReviewSettings, Settings
 from stream.contracts import LineInspectError
 
 INSTALL_HINT = "pip install 'lineinspect[preview]'"
@@ -29,6 +29,7 @@ class PreviewOptions:
     result_wait_s: float = 0.25  # hold a frame this long for the result of the same frame id
     block_ms: int = 1000
     max_viewers: int = 32
+    review: ReviewSettings = field(default_factory=ReviewSettings)  # the review panel (stream.preview.review_api)
 
     def __post_init__(self) -> None:
         if not self.token:
@@ -51,7 +52,7 @@ class PreviewOptions:
             if getattr(args, "max_viewers", None) is not None:
                 extra["max_viewers"] = int(args.max_viewers)
         return cls(redis=settings.redis, host=settings.preview.host, port=settings.preview.port,
-                   token=settings.preview.token, **extra)
+                   token=settings.preview.token, review=settings.review, **extra)
 
 
 def require_webrtc() -> None:

@@ -15,6 +15,7 @@ from stream.entries import text
 from stream.keys import line_keys, lines_index
 from stream.preview.access import PUBLIC_PREFIX, token_guard
 from stream.preview.options import PreviewOptions, require_webrtc
+from stream.preview.review_api import ReviewApi
 from stream.preview.source import LineSource
 from stream.preview.track import viewer_track_class
 from stream.redact import redact_text, redact_url
@@ -54,6 +55,7 @@ class PreviewServer:
         self._site: Any = None
         self._port: int | None = None
         self._background: set[asyncio.Task] = set()
+        self.review = ReviewApi(options.redis, options.review, self._known_lines)
 
     @property
     def port(self) -> int:
@@ -68,6 +70,7 @@ class PreviewServer:
         app.router.add_get("/", self._index)
         app.router.add_get("/api/lines", self._lines)
         app.router.add_post("/api/offer", self._offer)
+        self.review.add_routes(app)
         app.router.add_static(PUBLIC_PREFIX.rstrip("/"), STATIC_DIR, show_index=False, follow_symlinks=False)
         app.on_shutdown.append(self._on_shutdown)
         return app
@@ -93,6 +96,7 @@ class PreviewServer:
             await self._runner.cleanup()  # runs _on_shutdown
             self._runner = None
         await self._close_all()
+        self.review.close()
         if self.client is not None:
             await self.client.aclose()
             self.client = None

@@ -62,6 +62,7 @@
   async function watch(line) {
     closePeer();
     state.line = line; state.error = null; state.connection = "connecting";
+    window.dispatchEvent(new CustomEvent("previewline", { detail: line })); // the review panel follows the line
     currentEl.textContent = camera ? line + " / " + camera : line;
     for (const b of linesEl.querySelectorAll("button")) b.classList.toggle("active", b.dataset.line === line);
     setStatus("connecting to " + line + "\u2026");

@@ -161,6 +161,11 @@ class MemoryMapper:
         return patch_features(embedding, self.params.neighbourhood, self.params.norm, self.params.layers), embedding
 
 
+    def patch_features(self, image_bgr: np.ndarray | None, embedding: ImageEmbedding):
+        """The frame's patch features as the memory compares them (torch float32 [n, C]) and their grid."""
+        (feats, shape), _ = self._features(image_bgr, embedding)
+        return feats, shape
+
     def build(self, embeddings: Sequence[ImageEmbedding], images: Sequence[np.ndarray] | None = None,
               keep: Sequence[Any] | None = None, base: StoredMemory | None = None,
               method: str = "leave-one-out") -> MemoryMapper:

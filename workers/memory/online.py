@@ -64,6 +64,11 @@ class OnlineFill:
         m.rewrite(feats, rad, m.header)
         return len(head) + replaced
 
+    def bound(self) -> None:
+        """Compact the memory when rows added outside :meth:`add` (a taught frame) took it over the bound."""
+        if self.rows.size > self.params.max_patches:
+            self._compact()
+
     def _compact(self) -> None:
         p, m = self.params, self.rows
         target = int(0.9 * p.max_patches)
