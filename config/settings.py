@@ -231,11 +231,14 @@ class MemorySettings:
     label_free_refs: int = 32
     # the image threshold is re-estimated from the line's most recent OK frames (their maxima, kept in Redis)
     held_out_frames: int = 256
+    # ... from OK frames scoring under this share of the threshold the memory was built with (not the one in
+    # force: a defect just under a threshold must not raise it, and the next one's, frame after frame)
+    held_out_margin: float = 0.9
     online_margin: float = 0.5  # online: add a frame only when its score < margin * image threshold
     calibration_quantile: float = 0.99
     # the image score: the maximum of the anomaly map smoothed to this Gaussian sigma (pixels of a 1024 px
     # frame; >= the map's own 4 px): a defect is a region, a lone noisy patch of normal texture is not
-    image_sigma: float = 16.0
+    image_sigma: float = 24.0
     store: Literal["redis", "none"] = "redis"
     # nearest-neighbour search over the memory (workers/memory/search.py): exact (float32 matmul), bf16
     # (bfloat16 matmul, the best search_rerank candidates re-ranked in float32; 0 = none), projection (to
@@ -257,6 +260,7 @@ class MemorySettings:
         positive("memory.max_patches", self.max_patches)
         positive("memory.k", self.k)
         positive("memory.held_out_frames", self.held_out_frames)
+        in_range("memory.held_out_margin", self.held_out_margin, lo=0.1, hi=1.0)
         if self.label_free_refs < 3:
             raise SettingsError("memory.label_free_refs", f"{self.label_free_refs}: must be >= 3")
         if self.warmup_frames < 3:

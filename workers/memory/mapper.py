@@ -326,14 +326,25 @@ class MemoryMapper:
             nn = self.rows.search.knn_distance(feats, 1) if self.size else None
         if self.header is None:
             return self._observe_warmup(embedding, anomaly_map, feats)
-        if anomaly_map.raw is not None and anomaly_map.image_score < 1.0:
-            self.rows.held_out.offer(float(anomaly_map.image_score) * self.image_threshold)
+        self._offer_held_out(anomaly_map)
         if anomaly_map.image_score >= self.params.online_margin:
             return False
         if nn is None or self.params.k != 1:
             nn = self.rows.search.knn_distance(feats, 1)
         self.online.add(feats, nn)
         return True
+
+    def _offer_held_out(self, anomaly_map: AnomalyMap) -> None:
+        """An OK frame joins the held-out window when its raw score is under ``held_out_margin`` x the threshold
+        the memory was built with. The reference is fixed: against the threshold in force, defects scoring just
+        under it raised it, which let the next ones under it (the demo's colour defects fell from 1.1 to 0.7 x
+        the threshold within 20 frames). A frame an operator confirms OK is offered directly
+        (:mod:`workers.memory.teach`)."""
+        if anomaly_map.raw is None or anomaly_map.image_score >= 1.0 or self.image_threshold_override > 0:
+            return
+        raw = float(anomaly_map.image_score) * self.image_threshold
+        if raw < self.params.held_out_margin * self.header.image_threshold:
+            self.rows.held_out.offer(raw)
 
     def _observe_warmup(self, embedding: ImageEmbedding, anomaly_map: AnomalyMap, feats) -> bool:
         if self.store is not None:  # another worker may have finished its warm-up already

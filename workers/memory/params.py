@@ -21,7 +21,7 @@ class MemoryParams:
     frame_ratio: float = 0.1  # at most this fraction of a frame's patches enters the memory
     projection_dim: int = 64  # random projection for the k-center selection
     smoothing_sigma: float = 4.0  # Gaussian sigma in 1024-frame pixels
-    image_sigma: float = 16.0  # the image score is the max of the map smoothed to this sigma (1024-frame px)
+    image_sigma: float = 24.0  # the image score is the max of the map smoothed to this sigma (1024-frame px)
     calibration_quantile: float = 0.99
     calibration_frames: int = 64  # leave-one-out maps used for calibration (at most)
     online_margin: float = 0.5
@@ -33,6 +33,7 @@ class MemoryParams:
     region_z: float = 4.0  # ... above median + region_z * MAD of the mutual scores (see workers.memory.label_free)
     false_alarm_rate: float = 0.01  # image threshold: share of good frames flagged (workers.memory.calibration)
     held_out_frames: int = 256  # recent OK frames' maxima kept for re-estimating the image threshold
+    held_out_margin: float = 0.9  # ... those under this share of the memory's built threshold (settings doc)
     reload_interval_s: float = 5.0
     seed: int = 0
     layers: tuple[str, ...] = ("neck",)  # encoder outputs per patch (ImageEmbedding.features / .taps)
@@ -52,6 +53,7 @@ class MemoryParams:
                    calibration_quantile=m.calibration_quantile, online_margin=m.online_margin,
                    warmup_frames=m.warmup_frames, label_free_refs=m.label_free_refs,
                    held_out_frames=m.held_out_frames, image_sigma=float(getattr(m, "image_sigma", cls.image_sigma)),
+                   held_out_margin=float(getattr(m, "held_out_margin", cls.held_out_margin)),
                    reload_interval_s=float(getattr(m, "reload_interval_s", cls.reload_interval_s)), **extra)
 
     @property

@@ -1,0 +1,111 @@
+"""Image scores compared at the operating point: which reading of the anomaly map makes a verdict.
+
+    .venv/bin/python -m workers.bench.image_scores [--data ../shared/data] [--cache /tmp/li-emb]
+        [--max-test 60] [--false-alarm-rate 0.01]
+
+Per category (MVTec layout): the memory is built from ``train/good`` as ``memory add`` builds it (default
+settings), the leave-one-out maps of the good images are computed as the calibration computes them, and each
+test image (a slice balanced over defect types) is mapped with the line's search. Every candidate image score
+is then read off the same maps: the maximum after smoothing to sigma 8 / 16 / 24 / 32 / 64 px (at 1024) and the
+98th-99.9th percentiles of the map. For each it prints image AUROC (the ranking) and, at the threshold the
+calibration sets from the leave-one-out scores for ``--false-alarm-rate`` (:func:`image_threshold`), the
+share of defective and of good test images flagged (what the line does). Label-free mode is not covered
+(its calibration reads its own references; use ``lineinspect eval --modes mutual``). Prints figures, asserts
+nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from workers.bench import REPO_ROOT
+
+SIGMAS = (8.0, 16.0, 24.0, 32.0, 64.0)
+PERCENTILES = (99.9, 99.5, 99.0, 98.0)
+
+
+def candidate_scores(raw: np.ndarray, embedding, params) -> dict[str, float]:
+    from workers.memory.features import image_raw_score
+
+    out = {f"max@{s:g}": image_raw_score(raw, embedding, replace(params, image_sigma=s)) for s in SIGMAS}
+    flat = raw.ravel()
+    out.update({f"p{q:g}": float(np.percentile(flat, q)) for q in PERCENTILES})
+    return out
+
+
+def auroc(good: np.ndarray, bad: np.ndarray) -> float:
+    if not len(good) or not len(bad):
+        return float("nan")
+    return float((bad[:, None] > good[None]).mean() + 0.5 * (bad[:, None] == good[None]).mean())
+
+
+def category_scores(cat, backend, settings, max_test: int) -> tuple[list[dict], list[tuple[bool, dict]]]:
+    """(leave-one-out candidate scores of the good images, [(is defect, candidate scores)] of the test slice)."""
+    from workers.dataset import limit_images, test_images
+    from workers.imageio import read_image
+    from workers.memory.calibration import leave_one_out_maps
+    from workers.memory.coreset import build_memory
+    from workers.memory.features import patch_features
+    from workers.memory.folder import load_images
+    from workers.memory.mapper import MemoryMapper
+    from workers.memory.params import MemoryParams
+
+    params = MemoryParams.from_settings(settings.memory, settings.detector.false_alarm_rate)
+    embs = [backend.embed(im, f"train:{i}") for i, (_, im) in enumerate(load_images(cat.root / "train" / "good"))]
+    feats = [patch_features(e, params.neighbourhood, params.norm, params.layers)[0] for e in embs]
+    maps, _ = leave_one_out_maps(feats, embs, build_memory(feats, params), params)
+    loo = [candidate_scores(m, embs[i], params) for i, m in enumerate(maps)]
+    mapper = MemoryMapper.from_embeddings("bench", embs, params)
+    tests = []
+    for it in limit_images(test_images(cat), max_test):
+        image = read_image(it.path)
+        emb = backend.embed(image, it.rel)
+        tests.append((it.is_defect, candidate_scores(mapper.map(image, emb).raw, emb, params)))
+    return loo, tests
+
+
+def report(name: str, loo: list[dict], tests: list[tuple[bool, dict]], rate: float) -> None:
+    from workers.memory.calibration import image_threshold
+
+    print(f"\n{name}: {len(loo)} good images calibrate, {len(tests)} test images "
+          f"({sum(d for d, _ in tests)} defective); threshold for a false-alarm rate of {rate:g}")
+    print(f"  {'score':10s} {'AUROC':>6s} {'defects flagged':>16s} {'good flagged':>13s}")
+    for key in loo[0]:
+        thr = image_threshold([x[key] for x in loo], rate).value
+        bad = np.array([s[key] for d, s in tests if d])
+        good = np.array([s[key] for d, s in tests if not d])
+        print(f"  {key:10s} {100 * auroc(good, bad):6.1f} {100 * float(np.mean(bad > thr)):15.1f}% "
+              f"{100 * float(np.mean(good > thr)):12.1f}%")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m workers.bench.image_scores", description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default=str(REPO_ROOT.parent / "shared" / "data"))
+    ap.add_argument("--cache", default="", help="folder for cached embeddings (empty: no cache)")
+    ap.add_argument("--categories", default="", help="comma-separated category folder names (default all)")
+    ap.add_argument("--max-test", type=int, default=60, help="test images per category (balanced; 0 = all)")
+    ap.add_argument("--false-alarm-rate", type=float, default=0.0, help="default: detector.false_alarm_rate")
+    args = ap.parse_args(argv)
+
+    from config.settings import Settings
+    from workers.dataset import find_categories
+    from workers.offline import build_backend
+
+    settings = Settings()
+    rate = args.false_alarm_rate or settings.detector.false_alarm_rate
+    backend = build_backend(settings, args.cache)
+    wanted = {c for c in args.categories.split(",") if c}
+    for cat in find_categories(Path(args.data)):
+        if wanted and cat.name not in wanted:
+            continue
+        loo, tests = category_scores(cat, backend, settings, args.max_test)
+        report(cat.name, loo, tests, rate)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
