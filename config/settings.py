@@ -408,6 +408,11 @@ class DriftSettings:
     max_p_value: float = 1e-6  # ... a count the calibration (detector.false_alarm_rate) explains with p <= this, ...
     start_median_ratio: float = 0.9  # ... and the median image score / threshold at least this (most frames moved)
     end_share: float = 0.1  # drift ends when the window's share over the threshold is back at or below this
+    # drift also starts when the window's median image score / threshold is this much above the line's reference
+    # median (of earlier frames that matched the calibration), however few frames are flagged; it ends when the
+    # median is back within half of it. Measured: good frames' window medians rose at most 0.14 (hazelnut),
+    # 0.12 (commutator), 0.06 (metal plate); gain 2.6 on hazelnut +0.25, gain 1.6 +0.10 (docs/operations.md)
+    start_median_rise: float = 0.15
 
     def __post_init__(self) -> None:
         in_range("alerts.drift.window_frames", self.window_frames, lo=5, hi=10000)
@@ -417,6 +422,7 @@ class DriftSettings:
         if not 0.0 < self.max_p_value < 1.0:  # NaN fails too
             raise SettingsError("alerts.drift.max_p_value", f"{self.max_p_value}: allowed 0 < p < 1")
         in_range("alerts.drift.start_median_ratio", self.start_median_ratio, lo=0.01, hi=100)
+        in_range("alerts.drift.start_median_rise", self.start_median_rise, lo=0.01, hi=100)
         if not 0.0 <= self.end_share < self.start_share:
             raise SettingsError("alerts.drift.end_share", f"{self.end_share}: allowed 0 <= end_share < start_share "
                                 f"({self.start_share})")

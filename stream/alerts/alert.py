@@ -107,6 +107,7 @@ class DriftAlert:
             "kind": "drift",
             "event": "changed" if self.change is DriftChange.STARTED else "restored",
             "title": self.title,
+            "reason": e.reason.value,  # the start rule: "flagged_share" or "median_rise"
             "alert_id": self.alert_id,
             "line": self.line,
             "frame_id": self.frame_id,

@@ -11,17 +11,26 @@ older than ``window_s``) and compares them with that:
 * **median ratio**: the median of ``image_score / threshold``; a healthy line sits well below 1, a few defective
   parts do not move it, a changed appearance moves most frames and with them the median.
 
-Drift **starts** when the window holds at least ``min_frames`` frames and all three hold: flagged share
->= ``start_share``, p-value <= ``max_p_value``, median ratio >= ``start_median_ratio``. A burst of real
-defects raises the share but not the median (most parts are still good), so it stays a matter for the
-per-frame defect alerts. Drift **ends** when the window (again >= ``min_frames`` frames) has a flagged share
-<= ``end_share``: with a window that was mostly flagged, that takes nearly a window of good frames
-(hysteresis); a window that empties (the line stopped) ends nothing. The rule and its defaults are explained
-for plant engineers in docs/operations.md, "Drift".
+Drift **starts** when the window holds at least ``min_frames`` frames and either rule holds:
+
+* ``flagged_share`` (a flood over the threshold): flagged share >= ``start_share``, p-value <= ``max_p_value``
+  and median ratio >= ``start_median_ratio``. A burst of real defects raises the share but not the median
+  (most parts are still good), so it stays a matter for the per-frame defect alerts;
+* ``median_rise`` (the line looks different, however few frames cross the threshold): the median ratio is
+  at least ``start_median_rise`` above the line's **reference median**, the window's median a window earlier
+  (``window_frames`` calm windows back) while the line matched its calibration (p-value > ``max_p_value``).
+  The lag makes a change within about a window visible (a rise slower than that is followed, not reported);
+  while drift lasts, the reference stays the one from before it.
+
+Drift **ends** when the window (again >= ``min_frames`` frames) is calm by both rules: flagged share <=
+``end_share`` and the median at most half of ``start_median_rise`` above the reference (hysteresis: a window
+that was mostly flagged takes nearly a window of good frames). A window that empties (the line stopped) ends
+nothing. The rule and its defaults are explained for plant engineers in docs/operations.md, "Drift".
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections import deque
@@ -33,6 +42,8 @@ from stream.contracts import InspectionResult, Verdict
 
 if TYPE_CHECKING:
     from config.settings import DriftSettings
+
+REFERENCE_WINDOWS = 4  # the reference median is taken over up to this many windows of calm frames
 
 
 def binomial_tail(k: int, n: int, p: float) -> float:
@@ -57,6 +68,13 @@ class DriftChange(str, Enum):
     ENDED = "ended"  # "line appearance restored"
 
 
+class DriftReason(str, Enum):
+    """Which start rule fired."""
+
+    FLAGGED_SHARE = "flagged_share"  # most frames over the threshold, improbably many for the calibration
+    MEDIAN_RISE = "median_rise"  # the median ratio rose start_median_rise above the reference median
+
+
 @dataclass(frozen=True)
 class DriftFigures:
     """The window as of one result."""
@@ -66,12 +84,18 @@ class DriftFigures:
     expected_share: float  # the calibrated false-alarm rate
     p_value: float  # P(>= flagged of frames flagged | expected_share)
     median_ratio: float  # median image_score / threshold
-    reference_median_ratio: float | None  # the window's median when the line last matched its calibration
+    reference_median_ratio: float | None  # the window's median a window earlier, when it matched its calibration
     window_s: float  # time the window spans (newest - oldest processed_ts)
 
     @property
     def flagged_share(self) -> float:
         return self.flagged / self.frames if self.frames else 0.0
+
+    @property
+    def median_rise(self) -> float | None:
+        """The median ratio above the reference (None: no reference yet)."""
+        ref = self.reference_median_ratio
+        return None if ref is None else self.median_ratio - ref
 
 
 @dataclass(frozen=True)
@@ -81,6 +105,7 @@ class DriftEpisode:
     started_ts: float  # processed_ts of the result that started it
     frames: int  # results seen while it lasted (the starting one included)
     flagged: int  # of those, defects (their per-frame alerts were suppressed)
+    reason: DriftReason  # the rule that started it
 
 
 @dataclass(frozen=True)
@@ -111,7 +136,9 @@ class DriftMonitor:
         self.expected_share = expected_share
         self._window: deque[_Sample] = deque(maxlen=settings.window_frames)
         self._newest_ts = -math.inf
-        self._reference: float | None = None
+        # ratios of frames that arrived while the line matched its calibration: the newest window_frames of them
+        # are the lag, the REFERENCE_WINDOWS x window_frames before those the reference
+        self._calm: deque[float] = deque(maxlen=(REFERENCE_WINDOWS + 1) * settings.window_frames)
         self._episode: DriftEpisode | None = None
         self._ended: DriftEpisode | None = None  # the last finished drift
 
@@ -133,7 +160,7 @@ class DriftMonitor:
         change = self._decide(figures, ts)
         if self._episode is not None and change is None:
             e = self._episode
-            self._episode = DriftEpisode(e.started_ts, e.frames + 1, e.flagged + self._window[-1].flagged)
+            self._episode = DriftEpisode(e.started_ts, e.frames + 1, e.flagged + self._window[-1].flagged, e.reason)
         if change is DriftChange.ENDED:
             return DriftUpdate(False, change, figures, self._ended)
         return DriftUpdate(self.active, change, figures, self._episode)
@@ -143,22 +170,46 @@ class DriftMonitor:
         if f.frames < s.min_frames:
             return None
         if self._episode is None:
-            if self.starts(f):
-                self._episode = DriftEpisode(ts, 1, int(self._window[-1].flagged))
+            reason = self.start_reason(f)
+            if reason is not None:
+                self._episode = DriftEpisode(ts, 1, int(self._window[-1].flagged), reason)
+                self._forget_lag()  # frames of the change itself never become the reference
                 return DriftChange.STARTED
-            if f.p_value > s.max_p_value:  # the line matches its calibration: remember how its median looks
-                self._reference = f.median_ratio
+            if f.p_value > s.max_p_value:  # the line matches its calibration: the frame may become the reference
+                self._calm.append(self._window[-1].ratio)
             return None
-        if f.flagged_share <= s.end_share:
+        if self.calm(f):
             self._ended, self._episode = self._episode, None
             return DriftChange.ENDED
         return None
 
-    def starts(self, f: DriftFigures) -> bool:
-        """The start rule on a window's figures (``min_frames`` aside)."""
+    def _reference(self) -> float | None:
+        """The median ratio of the calm frames older than the lag (None: fewer than ``min_frames`` of them)."""
+        lag = self.settings.window_frames
+        if len(self._calm) - lag < self.settings.min_frames:
+            return None
+        return statistics.median(itertools.islice(self._calm, 0, len(self._calm) - lag))
+
+    def _forget_lag(self) -> None:
+        for _ in range(min(self.settings.window_frames, len(self._calm))):
+            self._calm.pop()
+
+    def start_reason(self, f: DriftFigures) -> DriftReason | None:
+        """The start rule on a window's figures (``min_frames`` aside): which part fired, or None."""
         s = self.settings
-        return (f.flagged_share >= s.start_share and f.p_value <= s.max_p_value
-                and f.median_ratio >= s.start_median_ratio)
+        if (f.flagged_share >= s.start_share and f.p_value <= s.max_p_value
+                and f.median_ratio >= s.start_median_ratio):
+            return DriftReason.FLAGGED_SHARE
+        rise = f.median_rise
+        if rise is not None and rise >= s.start_median_rise:
+            return DriftReason.MEDIAN_RISE
+        return None
+
+    def calm(self, f: DriftFigures) -> bool:
+        """The end rule (``min_frames`` aside): few frames over the threshold and the median near the reference."""
+        rise = f.median_rise
+        return f.flagged_share <= self.settings.end_share and (
+            rise is None or rise <= self.settings.start_median_rise / 2)
 
     def figures(self) -> DriftFigures:
         n = len(self._window)
@@ -167,5 +218,5 @@ class DriftMonitor:
             frames=n, flagged=flagged, expected_share=self.expected_share,
             p_value=binomial_tail(flagged, n, self.expected_share),
             median_ratio=statistics.median(x.ratio for x in self._window) if n else 0.0,
-            reference_median_ratio=self._reference,
+            reference_median_ratio=self._reference(),
             window_s=(self._window[-1].ts - self._window[0].ts) if n else 0.0)

@@ -41,7 +41,8 @@ def _drift_summary(settings: Settings) -> str:
         return "off"
     return (f"on (window {d.window_frames} frames / {d.window_s:g}s, >= {d.min_frames} frames; starts at share >= "
             f"{d.start_share:g}, p <= {d.max_p_value:g} against {settings.detector.false_alarm_rate:g}, median ratio "
-            f">= {d.start_median_ratio:g}; ends at share <= {d.end_share:g})")
+            f">= {d.start_median_ratio:g}; or median ratio >= reference + {d.start_median_rise:g}; ends at share <= "
+            f"{d.end_share:g} and median <= reference + {d.start_median_rise / 2:g})")
 
 
 def _run_until_signal(service: AlertService) -> None:

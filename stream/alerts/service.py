@@ -207,10 +207,10 @@ class AlertService:
             snapshot_source=source)
         f, e = update.figures, update.episode
         ref = "?" if f.reference_median_ratio is None else f"{f.reference_median_ratio:.2f}"
-        log.warning("DRIFT line %s: %s at frame %s: %d of %d frames over the threshold (calibration expects "
-                    "%.1f%%, p=%.1e), median score %.2f x threshold (was %s); %d defect result(s) suppressed so far",
-                    result.line_id, event.title, result.frame_id, f.flagged, f.frames, 100 * f.expected_share,
-                    f.p_value, f.median_ratio, ref, e.flagged)
+        log.warning("DRIFT line %s: %s (%s) at frame %s: %d of %d frames over the threshold (calibration "
+                    "expects %.1f%%, p=%.1e), median score %.2f x threshold (reference %s); %d defect result(s) "
+                    "suppressed so far", result.line_id, event.title, e.reason.value, result.frame_id, f.flagged,
+                    f.frames, 100 * f.expected_share, f.p_value, f.median_ratio, ref, e.flagged)
         return event
 
     def _frame_image(self, result: InspectionResult):
