@@ -13,6 +13,18 @@ from stream.alerts.drift import DriftChange, DriftEpisode, DriftFigures
 from stream.contracts import Defect
 
 
+def _with_snapshot(out: dict[str, Any], alert: Any, with_snapshot: bool) -> dict[str, Any]:
+    """``out`` with the alert's ``snapshot`` entry: its mime type and source, and the image as base64 when asked."""
+    out["snapshot"] = {"mime": alert.snapshot_mime, "source": alert.snapshot_source}
+    if with_snapshot:
+        out["snapshot"]["base64"] = base64.b64encode(alert.snapshot).decode("ascii")
+    return out
+
+
+def _compact_json(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
 @dataclass(frozen=True)
 class Alert:
     """One raised alert. ``snapshot`` is an encoded image (``snapshot_mime``), empty when none could be drawn."""
@@ -47,14 +59,11 @@ class Alert:
             "capture_ts": self.capture_ts,
             "raised_ts": self.raised_ts,
             "defect_frames": self.defect_frames,
-            "snapshot": {"mime": self.snapshot_mime, "source": self.snapshot_source},
         }
-        if with_snapshot:
-            out["snapshot"]["base64"] = base64.b64encode(self.snapshot).decode("ascii")
-        return out
+        return _with_snapshot(out, self, with_snapshot)
 
     def to_json(self, with_snapshot: bool = True) -> bytes:
-        return json.dumps(self.to_dict(with_snapshot), separators=(",", ":")).encode()
+        return _compact_json(self.to_dict(with_snapshot))
 
 
 class Deliverable(Protocol):
@@ -118,11 +127,8 @@ class DriftAlert:
                        "expected_share": f.expected_share, "p_value": f.p_value, "median_ratio": f.median_ratio,
                        "reference_median_ratio": f.reference_median_ratio, "span_s": f.window_s},
             "drift": {"started_ts": e.started_ts, "frames": e.frames, "defects_suppressed": e.flagged},
-            "snapshot": {"mime": self.snapshot_mime, "source": self.snapshot_source},
         }
-        if with_snapshot:
-            out["snapshot"]["base64"] = base64.b64encode(self.snapshot).decode("ascii")
-        return out
+        return _with_snapshot(out, self, with_snapshot)
 
     def to_json(self, with_snapshot: bool = True) -> bytes:
-        return json.dumps(self.to_dict(with_snapshot), separators=(",", ":")).encode()
+        return _compact_json(self.to_dict(with_snapshot))

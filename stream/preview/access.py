@@ -57,3 +57,18 @@ def token_guard(token: str):
         return response
 
     return guard
+
+
+async def json_object_body(request: Any) -> tuple[dict[str, Any] | None, Any]:
+    """A POST body that must be a JSON object: ``(body, None)``, or ``(None, a 400 response saying why)``."""
+    import json
+
+    from aiohttp import web
+
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None, web.json_response({"error": "body is not JSON"}, status=400)
+    if not isinstance(body, dict):
+        return None, web.json_response({"error": "body must be a JSON object"}, status=400)
+    return body, None

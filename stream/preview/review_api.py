@@ -14,12 +14,12 @@ the event loop that serves the video is never held up.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from typing import Any
 
 from config.settings import ReviewSettings, SettingsError, check_ident
 from stream.keys import LineKeys, line_keys
+from stream.preview.access import json_object_body
 from stream.review.archive import ReviewArchive
 from stream.review.requests import FrameNotKept, ReviewInputError, find_outcome, submit_review
 
@@ -151,12 +151,9 @@ class ReviewApi:
     async def _submit(self, request):
         from aiohttp import web
 
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return web.json_response({"error": "body is not JSON"}, status=400)
-        if not isinstance(body, dict):
-            return web.json_response({"error": "body must be a JSON object"}, status=400)
+        body, refused = await json_object_body(request)
+        if body is None:
+            return refused
         line = await self._line(body.get("line"))
         if line is None or not self.review.enabled:
             return web.json_response({"error": "unknown line" if self.review.enabled else "review disabled"},

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 from stream.contracts import QueueUnavailableError
 from stream.entries import text
 from stream.keys import line_keys, lines_index
-from stream.preview.access import PUBLIC_PREFIX, token_guard
+from stream.preview.access import PUBLIC_PREFIX, json_object_body, token_guard
 from stream.preview.options import PreviewOptions, require_webrtc
 from stream.preview.review_api import ReviewApi
 from stream.preview.source import LineSource
@@ -130,12 +129,9 @@ class PreviewServer:
         from aiohttp import web
         from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return web.json_response({"error": "body is not JSON"}, status=400)
-        if not isinstance(body, dict):
-            return web.json_response({"error": "body must be a JSON object"}, status=400)
+        body, refused = await json_object_body(request)
+        if body is None:
+            return refused
         line, camera = body.get("line"), body.get("camera") or ""
         sdp, kind = body.get("sdp"), body.get("type")
         if not isinstance(line, str) or not isinstance(camera, str) or not isinstance(sdp, str) or kind != "offer":
