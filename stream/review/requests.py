@@ -1,4 +1,4 @@
-"""Review requests and their audit trail, on Redis streams of the line (plain string fields, never pickle).
+"""Review requests and their audit trail, on Redis streams of the line (plain string fields, no serialised Python objects).
 
 - ``<base>:reviews``: one entry per operator decision (:class:`ReviewRequest`), read by the workers' group
   :data:`REVIEW_GROUP`, so exactly one worker applies each; the entry id is the request id.
