@@ -161,10 +161,19 @@ class MemoryMapper:
         return patch_features(embedding, self.params.neighbourhood, self.params.norm, self.params.layers), embedding
 
 
-    def patch_features(self, image_bgr: np.ndarray | None, embedding: ImageEmbedding):
-        """The frame's patch features as the memory compares them (torch float32 [n, C]) and their grid."""
-        (feats, shape), _ = self._features(image_bgr, embedding)
-        return feats, shape
+    def nearest_rows(self, image_bgr: np.ndarray | None, embedding: ImageEmbedding):
+        """The frame's patch features as the memory compares them (torch float32 [n, C]) and each patch's
+        distance to its nearest memory row [n]. After :meth:`map` of the same frame both come from that call
+        (with ``memory.k`` 1) instead of a second feature pass and search."""
+        last = self._last if self._last is not None and self._last[0] == embedding.key else None
+        if last is not None:
+            feats, nn = last[1], last[2]
+        else:
+            (feats, _), _ = self._features(image_bgr, embedding)
+            nn = None
+        if nn is None or self.params.k != 1:
+            nn = self.rows.search.knn_distance(feats, 1)
+        return feats, nn
 
     def build(self, embeddings: Sequence[ImageEmbedding], images: Sequence[np.ndarray] | None = None,
               keep: Sequence[Any] | None = None, base: StoredMemory | None = None,
@@ -319,19 +328,16 @@ class MemoryMapper:
         once enough frames pass the mutual outlier cut. Afterwards: a frame with ``image_score <
         online_margin`` (normalised) adds its patches farther than the coverage radius (True); others are
         refused (False). Additions are appended to Redis atomically."""
-        if self._last is not None and self._last[0] == embedding.key:
-            _, feats, nn, shape = self._last
-        else:
-            (feats, shape), _ = self._features(None, embedding)
-            nn = self.rows.search.knn_distance(feats, 1) if self.size else None
         if self.header is None:
+            if self._last is not None and self._last[0] == embedding.key:
+                feats = self._last[1]
+            else:
+                (feats, _), _ = self._features(None, embedding)
             return self._observe_warmup(embedding, anomaly_map, feats)
         self._offer_held_out(anomaly_map)
         if anomaly_map.image_score >= self.params.online_margin:
             return False
-        if nn is None or self.params.k != 1:
-            nn = self.rows.search.knn_distance(feats, 1)
-        self.online.add(feats, nn)
+        self.online.add(*self.nearest_rows(None, embedding))
         return True
 
     def _offer_held_out(self, anomaly_map: AnomalyMap) -> None:

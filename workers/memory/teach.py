@@ -56,8 +56,7 @@ def teach_normal(mapper: MemoryMapper, image_bgr: np.ndarray, embedding: ImageEm
         raise TeachError("the line has no memory yet (warm-up): nothing to add the frame to")
     amap = mapper.map(image_bgr, embedding)
     raw_before = float(amap.image_score) * mapper.image_threshold
-    feats, _ = mapper.patch_features(image_bgr, embedding)
-    nn = mapper.rows.search.knn_distance(feats, 1)
+    feats, nn = mapper.nearest_rows(image_bgr, embedding)  # from the map() above: no second search
     target = min(float(mapper.header.radius), TEACH_PIXEL_FRACTION * mapper.pixel_threshold)
     idx, radius = kcenter(feats, feats.shape[0], init_dist=nn, min_radius=target)
     mapper.rows.held_out.offer(raw_before)
