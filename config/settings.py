@@ -239,6 +239,9 @@ class MemorySettings:
     # the image score: the maximum of the anomaly map smoothed to this Gaussian sigma (pixels of a 1024 px
     # frame; >= the map's own 4 px): a defect is a region, a lone noisy patch of normal texture is not
     image_sigma: float = 24.0
+    # ... or the maximum smoothed to this wider sigma, for wide shallow defects (rust, stains, worn areas);
+    # each reading in units of the normal frames' own (workers/memory/image_score.py). 0 = off
+    area_sigma: float = 64.0
     store: Literal["redis", "none"] = "redis"
     # nearest-neighbour search over the memory (workers/memory/search.py): exact (float32 matmul), bf16
     # (bfloat16 matmul, the best search_rerank candidates re-ranked in float32; 0 = none), projection (to
@@ -284,6 +287,9 @@ class MemorySettings:
         in_range("memory.warmup_frames", self.warmup_frames, lo=0, hi=10**9)
         positive("memory.online_margin", self.online_margin)
         in_range("memory.image_sigma", self.image_sigma, lo=4.0, hi=256.0)
+        if self.area_sigma != 0 and not self.image_sigma < self.area_sigma <= 512.0:
+            raise SettingsError("memory.area_sigma", f"{self.area_sigma}: allowed 0 (off) or more than "
+                                f"memory.image_sigma ({self.image_sigma:g}) and at most 512")
 
 
 @dataclass(frozen=True)

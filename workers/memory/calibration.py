@@ -2,7 +2,7 @@
 
 Calibration: thresholds from leave-one-out raw maps of normal frames (each frame scored against the memory
 without its own rows, :func:`leave_one_out_maps`; label-free: :mod:`workers.memory.label_free`). Image score:
-the maximum of the map smoothed to ``image_sigma`` (:func:`workers.memory.features.image_raw_score`). Pixel
+the larger of the map's smoothed maxima in units of the normal frames' (:mod:`workers.memory.image_score`). Pixel
 threshold: the ``1 - (1 - q) / 10`` quantile of their pixels (``memory.calibration_quantile`` q; plenty of
 samples). ``settings.detector.image_threshold`` / ``pixel_threshold`` > 0 override them (raw units, as shown by
 ``lineinspect memory show LINE``).
@@ -41,7 +41,8 @@ import numpy as np
 
 from workers.interfaces import ImageEmbedding
 from workers.memory.coreset import BuiltMemory
-from workers.memory.features import image_raw_score, raw_to_image, valid_grid
+from workers.memory.features import raw_to_image, valid_grid
+from workers.memory.image_score import ImageScoreRule, smoothed_maxima
 from workers.memory.params import MemoryParams
 from workers.memory.search import knn_distance
 from workers.memory.search import torch_module as _torch
@@ -151,23 +152,27 @@ class Calibration:
     pixel_threshold: float
     frames: int
     method: str
-    image_maxima: tuple[float, ...] = ()
+    image_maxima: tuple[float, ...] = ()  # the normal frames' image scores under ``score_rule``
+    score_rule: ImageScoreRule | None = None
 
 
-def calibrate(raw_maps: Sequence[np.ndarray], params: MemoryParams, method: str, maxima: Sequence[float],
-              pixels: np.ndarray | None = None) -> Calibration:
-    """Thresholds from normal frames that were not in the memory they were scored against: their image
-    scores (``maxima``, :func:`image_raw_score`) and raw maps (``pixels`` replaces the maps' pixels when given:
+def calibrate(raw_maps: Sequence[np.ndarray], params: MemoryParams, method: str,
+              readings: Sequence[Sequence[float]], pixels: np.ndarray | None = None) -> Calibration:
+    """Thresholds from normal frames that were not in the memory they were scored against: their image score
+    readings (``readings``: per frame, the smoothed maxima at ``params.score_sigmas``; the rule's references
+    are fitted to them, :class:`ImageScoreRule`) and raw maps (``pixels`` replaces the maps' pixels when given:
     label-free calibration)."""
-    if len(maxima) == 0:
+    if len(readings) == 0:
         raise ValueError("calibration needs at least one normal frame")
     if pixels is None:
         pixels = np.concatenate([m[:: max(1, m.shape[0] // 256), :: max(1, m.shape[1] // 256)].ravel()
                                  for m in raw_maps])
+    rule = ImageScoreRule.fit(params.score_sigmas, readings)
+    maxima = [rule.combine(r) for r in readings]
     thr = image_threshold(maxima, params.false_alarm_rate)
     pixel_thr = float(np.quantile(pixels, params.pixel_quantile))
     return Calibration(max(thr.value, 1e-6), max(pixel_thr, 1e-6), len(maxima), f"{method}, {thr.rule}",
-                       tuple(round(float(v), 5) for v in maxima))
+                       tuple(round(float(v), 5) for v in maxima), rule)
 
 
 def _grid_scores(feats, mem, mem_sq, k: int, shape: tuple[int, int]) -> np.ndarray:
@@ -175,9 +180,9 @@ def _grid_scores(feats, mem, mem_sq, k: int, shape: tuple[int, int]) -> np.ndarr
 
 
 def leave_one_out_maps(frame_feats: Sequence[Any], embeddings: Sequence[ImageEmbedding], built: BuiltMemory,
-                       params: MemoryParams) -> tuple[list[np.ndarray], list[float]]:
+                       params: MemoryParams) -> tuple[list[np.ndarray], list[tuple[float, ...]]]:
     """Raw maps of (up to ``calibration_frames``) build frames, each against the memory without its rows, and
-    their image scores (:func:`image_raw_score`)."""
+    their image score readings (the smoothed maxima at ``params.score_sigmas``, :func:`smoothed_maxima`)."""
     torch = _torch()
     mem = torch.from_numpy(built.feats.astype(np.float32))
     pick = np.arange(len(frame_feats))
@@ -192,6 +197,6 @@ def leave_one_out_maps(frame_feats: Sequence[Any], embeddings: Sequence[ImageEmb
         m = mem[others]
         grid = _grid_scores(frame_feats[i], m, None, params.k, valid_grid(embeddings[i]))
         maps.append(raw_to_image(grid, embeddings[i], params.smoothing_sigma))
-        scores.append(image_raw_score(maps[-1], embeddings[i], params))
+        scores.append(smoothed_maxima(maps[-1], embeddings[i], params.score_sigmas, params.smoothing_sigma))
     return maps, scores
 

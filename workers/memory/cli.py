@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from workers.memory.calibration import image_threshold
 from workers.memory.features import sam_source
 from workers.memory.folder import embed_all, load_images
+from workers.memory.image_score import ImageScoreRule
 from workers.memory.mapper import MemoryMapper
 from workers.memory.params import MemoryParams
 from workers.memory.search import SearchSpec
@@ -43,6 +44,7 @@ def describe(stored: StoredMemory | None, line: str, held_out: Sequence[float] =
             "policy": h.policy, "max_patches": h.max_patches, "neighbourhood": h.neighbourhood, "norm": h.norm,
             "frames": stored.frames, "patches_seen": stored.seen, "coverage_radius": round(h.radius, 5),
             "image_threshold": now.value, "pixel_threshold": h.pixel_threshold,
+            "image_score": ImageScoreRule.from_calibration(h.calibration).describe(),
             "image_threshold_basis": {"false_alarm_rate_target": false_alarm_rate,
                                       "expected_false_alarm_rate": now.expected_false_alarm_rate,
                                       "rule": now.rule, "frames": now.frames,

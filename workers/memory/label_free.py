@@ -39,7 +39,8 @@ import numpy as np
 
 from workers.interfaces import ImageEmbedding
 from workers.memory.coreset import build_memory, kcenter, random_projection
-from workers.memory.features import grid_target_size, image_raw_score, raw_to_image
+from workers.memory.features import grid_target_size, raw_to_image
+from workers.memory.image_score import smoothed_maxima
 from workers.memory.params import MemoryParams
 from workers.memory.search import knn_distance
 from workers.memory.search import torch_module as _torch
@@ -52,7 +53,8 @@ class LabelFreeResult:
     owner: np.ndarray  # int32 [n]: index (into the reference frames) of the frame a row came from
     coverage: float
     loo_maps: tuple[np.ndarray, ...]  # raw leave-one-out maps of the reference frames
-    normal_maxima: tuple[float, ...]  # per reference frame: its image score outside its suspect regions
+    normal_maxima: tuple[tuple[float, ...], ...]  # per reference frame: its image score readings outside its
+    # suspect regions (smoothed maxima at params.score_sigmas, workers.memory.image_score)
     pixel_samples: np.ndarray  # raw LOO map values outside suspect regions (subsampled)
     suspect_patches: int
     suspect_frames: int  # frames with at least one suspect region
@@ -153,7 +155,8 @@ def build_label_free(frame_feats: Sequence[Any], shapes: Sequence[tuple[int, int
         regions = suspect_regions(suspicion[i].reshape(shapes[i]) > region_cut, params.suspect_region_cells)
         anomalous = _grid_mask_to_image(regions, embeddings[i], raw.shape)
         region_frames += bool(regions.any())
-        maxima.append(image_raw_score(raw, embeddings[i], params, exclude=anomalous))
+        maxima.append(smoothed_maxima(raw, embeddings[i], params.score_sigmas, params.smoothing_sigma,
+                                      exclude=anomalous))
         step = max(1, raw.shape[0] // 256), max(1, raw.shape[1] // 256)
         keep = ~anomalous[:: step[0], :: step[1]]
         pixels.append(raw[:: step[0], :: step[1]][keep])

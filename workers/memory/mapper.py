@@ -29,13 +29,13 @@ from workers.memory.calibration import Calibration, ImageThreshold, calibrate, l
 from workers.memory.coreset import BuiltMemory, bound_memory, build_memory
 from workers.memory.features import (
     FeaturesFn,
-    image_raw_score,
     patch_features,
     raw_to_image,
     sam_source,
     torch_bool,
 )
 from workers.memory.folder import embed_all, load_images
+from workers.memory.image_score import ImageScoreRule
 from workers.memory.label_free import BatchFrames, build_label_free, interval_scores, pick_references
 from workers.memory.online import OnlineFill
 from workers.memory.params import MemoryParams
@@ -55,7 +55,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LEGACY_IMAGE_SIGMA = 16.0  # the image sigma of memories whose header does not record one
 
 
 class MemoryMapper:
@@ -85,7 +84,7 @@ class MemoryMapper:
         # a label-free batch's frames, scored without their own rows (workers.memory.label_free)
         self.batch: BatchFrames | None = None
         self._last: tuple[str, Any, Any, tuple[int, int]] | None = None  # key, feats, nn dist, grid
-        self._sigma_noted = 0.0  # the stored image sigma last warned about (see _scoring_params)
+        self._rule: tuple[MemoryHeader, ImageScoreRule] | None = None  # (header, its rule): see _score_rule
 
     # -------------------------------------------------------------------------------- state
     @property
@@ -151,6 +150,8 @@ class MemoryMapper:
                             calibration={"quantile": self.params.calibration_quantile,
                                          "pixel_quantile": self.params.pixel_quantile, "frames": cal.frames,
                                          "image_sigma": self.params.image_sigma,
+                                         "image_score": (cal.score_rule or ImageScoreRule.fit(
+                                             (self.params.image_sigma,), [])).as_dict(),
                                          "method": cal.method, "image_maxima": list(cal.image_maxima)})
 
 
@@ -192,10 +193,10 @@ class MemoryMapper:
                                 np.concatenate([base.radius, built.radius]),
                                 np.concatenate([np.full(base.n, -1, np.int32), built.owner]),
                                 max(base.header.radius, built.coverage))
-        maps, maxima = leave_one_out_maps(feats, embs, built, self.params) if len(feats) > 1 else ([], [])
+        maps, readings = leave_one_out_maps(feats, embs, built, self.params) if len(feats) > 1 else ([], [])
         if not maps:
             raise ValueError("calibration needs at least two normal frames (leave-one-out)")
-        cal = calibrate(maps, self.params, method, maxima)
+        cal = calibrate(maps, self.params, method, readings)
         f16, rad, _, coverage = bound_memory(built.feats, built.radius, built.owner, built.coverage, self.params)
         header = self._new_header(f16.shape[1], coverage, cal)
         self.rows.set(header, f16, rad, frames=len(feats) + (base.frames if base else 0),
@@ -252,8 +253,11 @@ class MemoryMapper:
             f, shape = patch_features(e, self.params.neighbourhood, self.params.norm, self.params.layers)
             feats.append(f)
             shapes.append(shape)
-        res = build_label_free(feats, shapes, embs, self.params)
-        cal = calibrate(res.loo_maps, self.params, "label-free leave-one-out", maxima=res.normal_maxima,
+        # one reading only: the area reading's normal reference cannot be read off unlabeled frames (a wide
+        # shallow defect escapes the suspect regions and lifts it; workers.memory.image_score)
+        params = replace(self.params, area_sigma=0.0)
+        res = build_label_free(feats, shapes, embs, params)
+        cal = calibrate(res.loo_maps, params, "label-free leave-one-out", res.normal_maxima,
                         pixels=res.pixel_samples)
         header = self._new_header(res.feats.shape[1], res.coverage, cal)
         header = replace(header, calibration={**header.calibration, "label_free_frames": len(embs),
@@ -288,7 +292,8 @@ class MemoryMapper:
                               timings={"memory_features": t1 - t0, "memory_knn": 0.0})
         raw = raw_to_image(nn.numpy().reshape(shape), emb, self.params.smoothing_sigma)
         img_thr, pix_thr = self._thresholds()
-        score = image_raw_score(raw, emb, self._scoring_params())
+        rule = self._score_rule()
+        score = rule.score(raw, emb, self.params.smoothing_sigma)
         t3 = time.perf_counter()
         if img_thr <= 0:  # warm-up with too few frames for provisional thresholds
             return AnomalyMap(pixel=np.zeros((h, w), np.float32), image_score=0.0, raw=raw,
@@ -296,22 +301,23 @@ class MemoryMapper:
                                        "memory_upsample": t3 - t2})
         return AnomalyMap(pixel=raw / np.float32(pix_thr), image_score=score / img_thr, raw=raw,
                           timings={"memory_features": t1 - t0, "memory_knn": t2 - t1, "memory_upsample": t3 - t2},
-                          seed_level=img_thr / pix_thr)
+                          seed_level=rule.raw_level(img_thr) / pix_thr)
 
-    def _scoring_params(self) -> MemoryParams:
-        """The params a frame's image score is computed with: the image sigma the memory's threshold was
-        calibrated with (a memory built before the sigma was stored: :data:`LEGACY_IMAGE_SIGMA`), whatever
-        ``memory.image_sigma`` says now (a new build takes the configured one)."""
+    def _score_rule(self) -> ImageScoreRule:
+        """The image score rule the memory's threshold was calibrated with (:mod:`workers.memory.image_score`;
+        an older header: the plain maximum at its recorded sigma), whatever ``memory.image_sigma`` /
+        ``area_sigma`` say now (a new build takes the configured ones)."""
         if self.header is None:
-            return self.params
-        sigma = float(self.header.calibration.get("image_sigma", LEGACY_IMAGE_SIGMA))
-        if sigma == self.params.image_sigma:
-            return self.params
-        if self._sigma_noted != sigma:
-            self._sigma_noted = sigma
-            log.warning("memory %s: image threshold calibrated with image_sigma %g, configured %g: scoring with "
-                        "%g until the memory is rebuilt", self.source, sigma, self.params.image_sigma, sigma)
-        return replace(self.params, image_sigma=sigma)
+            return ImageScoreRule((self.params.image_sigma,), (1.0,))
+        if self._rule is None or self._rule[0] is not self.header:
+            rule = ImageScoreRule.from_calibration(self.header.calibration)
+            if rule.sigmas not in (self.params.score_sigmas, self.params.score_sigmas[:1]):  # [:1]: label-free
+                log.warning("memory %s: image threshold calibrated with the image score readings at %s px, "
+                            "configured %s: scoring with the stored rule until the memory is rebuilt", self.source,
+                            "/".join(f"{x:g}" for x in rule.sigmas),
+                            "/".join(f"{x:g}" for x in self.params.score_sigmas))
+            self._rule = (self.header, rule)
+        return self._rule[1]
 
     def _thresholds(self) -> tuple[float, float]:
         if self.header is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from workers.memory.image_score import ImageScoreRule
 from workers.memory.search import SearchSpec
 
 if TYPE_CHECKING:
@@ -21,7 +22,8 @@ class MemoryParams:
     frame_ratio: float = 0.1  # at most this fraction of a frame's patches enters the memory
     projection_dim: int = 64  # random projection for the k-center selection
     smoothing_sigma: float = 4.0  # Gaussian sigma in 1024-frame pixels
-    image_sigma: float = 24.0  # the image score is the max of the map smoothed to this sigma (1024-frame px)
+    image_sigma: float = 24.0  # the image score is the max of the map smoothed to this sigma (1024-frame px) ...
+    area_sigma: float = 64.0  # ... or to this one, for wide shallow defects (0 = off; workers.memory.image_score)
     calibration_quantile: float = 0.99
     calibration_frames: int = 64  # leave-one-out maps used for calibration (at most)
     online_margin: float = 0.5
@@ -53,8 +55,14 @@ class MemoryParams:
                    calibration_quantile=m.calibration_quantile, online_margin=m.online_margin,
                    warmup_frames=m.warmup_frames, label_free_refs=m.label_free_refs,
                    held_out_frames=m.held_out_frames, image_sigma=float(getattr(m, "image_sigma", cls.image_sigma)),
+                   area_sigma=float(getattr(m, "area_sigma", cls.area_sigma)),
                    held_out_margin=float(getattr(m, "held_out_margin", cls.held_out_margin)),
                    reload_interval_s=float(getattr(m, "reload_interval_s", cls.reload_interval_s)), **extra)
+
+    @property
+    def score_sigmas(self) -> tuple[float, ...]:
+        """The readings of the image score a new memory is calibrated with (:mod:`workers.memory.image_score`)."""
+        return ImageScoreRule.sigmas_for(self.image_sigma, self.area_sigma)
 
     @property
     def pixel_quantile(self) -> float:
