@@ -255,6 +255,10 @@ class MemorySettings:
     search_rerank: int = 8
     search_dim: int = 128
     search_basis: Literal["pca", "random"] = "pca"
+    # projection: precision of the scan over the projected rows (the candidates; their distances are exact).
+    # auto: bfloat16 on a GPU, and on a CPU when a one-off timing shows it at most 0.7 x float32 (native
+    # AVX512-BF16 / AMX), else float32. Measured: workers/memory/search.py, README "Line speed"
+    search_scan: Literal["auto", "float32", "bfloat16"] = "auto"
     search_nlist: int = 128
     search_nprobe: int = 8
     device: str = "cpu"  # "cuda" / "cuda:N": memory and search on the GPU (falls back to cpu with a warning)

@@ -128,7 +128,8 @@ OPTIONS = {  # bench name -> SearchSpec fields; "name:key=value:..." overrides f
     "exact": {"kind": "exact"},
     "bf16": {"kind": "bf16", "rerank": 0},
     "bf16+rerank": {"kind": "bf16", "rerank": 8},
-    "projection": {"kind": "projection", "basis": "pca", "dim": 128, "rerank": 8},
+    "projection": {"kind": "projection", "basis": "pca", "dim": 128, "rerank": 8},  # scan: auto
+    "projection-f32": {"kind": "projection", "basis": "pca", "dim": 128, "rerank": 8, "scan": "float32"},
     "projection-random": {"kind": "projection", "basis": "random", "dim": 128, "rerank": 8},
     "faiss": {"kind": "faiss", "nlist": 128, "nprobe": 8},
     "ivf": {"kind": "ivf", "nlist": 128, "nprobe": 8},
@@ -145,7 +146,7 @@ def parse_option(text: str):
     fields = dict(OPTIONS[name])
     for pair in pairs:
         key, _, value = pair.partition("=")
-        fields[key] = value if key in ("basis", "kind", "device") else int(value)
+        fields[key] = value if key in ("basis", "kind", "device", "scan") else int(value)
     return SearchSpec(**fields)
 
 
