@@ -91,6 +91,9 @@ def test_projection_scan_precision_is_resolved_once_and_reported():
     for scan, want in (("float32", "float32"), ("bfloat16", "bfloat16")):
         s = make_search(SearchSpec("projection", dim=16, scan=scan)).reset(memory)
         assert s.describe()["scan"] == want and s.memp.dtype == getattr(torch, want)
+        assert ("bfloat16 scan" in s.describe()["index"]) == (want == "bfloat16")
+    resolved = make_search(SearchSpec("projection", dim=16)).reset(memory).describe()["index"]
+    assert "auto" not in resolved
     assert "bfloat16 scan" in SearchSpec("projection", scan="bfloat16").label()
     with pytest.raises(ValueError, match="scan precision"):
         SearchSpec("projection", scan="fp8")

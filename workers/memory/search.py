@@ -31,7 +31,7 @@ import functools
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -352,7 +352,13 @@ class ProjectionSearch(MemorySearch):
         return rerank(query, self.mem, cand, k)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "scan": str(self.dtype).removeprefix("torch.") if self.dtype else None}
+        out = super().describe()
+        if self.dtype is not None:  # the precision auto resolved to, in place of "auto"
+            scan = str(self.dtype).removeprefix("torch.")
+            out.update(scan=scan, index=replace(self.spec, scan=scan).label())
+        else:
+            out["scan"] = None
+        return out
 
 
 class IvfSearch(MemorySearch):
