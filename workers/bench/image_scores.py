@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +29,10 @@ PERCENTILES = (99.9, 99.5, 99.0, 98.0)
 
 
 def candidate_scores(raw: np.ndarray, embedding, params) -> dict[str, float]:
-    from workers.memory.features import image_raw_score
+    from workers.memory.image_score import smoothed_maxima
 
-    out = {f"max@{s:g}": image_raw_score(raw, embedding, replace(params, image_sigma=s)) for s in SIGMAS}
+    maxima = smoothed_maxima(raw, embedding, SIGMAS, params.smoothing_sigma)
+    out = {f"max@{s:g}": v for s, v in zip(SIGMAS, maxima, strict=True)}
     flat = raw.ravel()
     out.update({f"p{q:g}": float(np.percentile(flat, q)) for q in PERCENTILES})
     return out

@@ -152,8 +152,8 @@ class Calibration:
     pixel_threshold: float
     frames: int
     method: str
-    image_maxima: tuple[float, ...] = ()  # the normal frames' image scores under ``score_rule``
-    score_rule: ImageScoreRule | None = None
+    image_maxima: tuple[float, ...]  # the normal frames' image scores under ``score_rule``
+    score_rule: ImageScoreRule
 
 
 def calibrate(raw_maps: Sequence[np.ndarray], params: MemoryParams, method: str,

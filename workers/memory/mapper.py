@@ -150,8 +150,7 @@ class MemoryMapper:
                             calibration={"quantile": self.params.calibration_quantile,
                                          "pixel_quantile": self.params.pixel_quantile, "frames": cal.frames,
                                          "image_sigma": self.params.image_sigma,
-                                         "image_score": (cal.score_rule or ImageScoreRule.fit(
-                                             (self.params.image_sigma,), [])).as_dict(),
+                                         "image_score": cal.score_rule.as_dict(),
                                          "method": cal.method, "image_maxima": list(cal.image_maxima)})
 
 
@@ -162,16 +161,20 @@ class MemoryMapper:
         return patch_features(embedding, self.params.neighbourhood, self.params.norm, self.params.layers), embedding
 
 
+    def _features_of(self, image_bgr: np.ndarray | None, embedding: ImageEmbedding):
+        """The frame's patch features and each patch's nearest-row distance as its last :meth:`map` left them
+        (the distance None when that map had nothing to compare with), else its features computed now and
+        None."""
+        if self._last is not None and self._last[0] == embedding.key:
+            return self._last[1], self._last[2]
+        (feats, _), _ = self._features(image_bgr, embedding)
+        return feats, None
+
     def nearest_rows(self, image_bgr: np.ndarray | None, embedding: ImageEmbedding):
         """The frame's patch features as the memory compares them (torch float32 [n, C]) and each patch's
         distance to its nearest memory row [n]. After :meth:`map` of the same frame both come from that call
         (with ``memory.k`` 1) instead of a second feature pass and search."""
-        last = self._last if self._last is not None and self._last[0] == embedding.key else None
-        if last is not None:
-            feats, nn = last[1], last[2]
-        else:
-            (feats, _), _ = self._features(image_bgr, embedding)
-            nn = None
+        feats, nn = self._features_of(image_bgr, embedding)
         if nn is None or self.params.k != 1:
             nn = self.rows.search.knn_distance(feats, 1)
         return feats, nn
@@ -335,11 +338,7 @@ class MemoryMapper:
         online_margin`` (normalised) adds its patches farther than the coverage radius (True); others are
         refused (False). Additions are appended to Redis atomically."""
         if self.header is None:
-            if self._last is not None and self._last[0] == embedding.key:
-                feats = self._last[1]
-            else:
-                (feats, _), _ = self._features(None, embedding)
-            return self._observe_warmup(embedding, anomaly_map, feats)
+            return self._observe_warmup(embedding, anomaly_map, self._features_of(None, embedding)[0])
         self._offer_held_out(anomaly_map)
         if anomaly_map.image_score >= self.params.online_margin:
             return False
