@@ -278,16 +278,23 @@ def test_line_source_survives_a_redis_restart(own_redis, demo_data):
         src = LineSource(client, keys, _options(own_redis.url, "lip", result_wait_s=0.0, block_ms=200))
         src.start()
         try:
-            await asyncio.sleep(0.3)
-            await client.xadd(keys.frames, {PAYLOAD_FIELD: payload(0)})
-            first, seen = await asyncio.wait_for(src.wait_newer(0), 10)
-            assert first.frame_id == "cam0:7:0"
+            # the source starts at the stream's end when its first read runs: add frames until it shows one (a
+            # single frame added before that read is, rightly, not shown; on a busy machine that read can be late)
+            first, seen = None, 0
+            for seq in range(100, 160):
+                await client.xadd(keys.frames, {PAYLOAD_FIELD: payload(seq)})
+                try:
+                    first, seen = await asyncio.wait_for(src.wait_newer(0), 0.5)
+                    break
+                except asyncio.TimeoutError:
+                    continue
+            assert first is not None and first.frame_id.startswith("cam0:7:1")
             own_redis.stop()
             await asyncio.sleep(1.5)
             assert src.running, "the source must keep retrying, not die"
             own_redis.start()
             got = None
-            for seq in range(1, 60):  # until the source has reconnected and reads again
+            for seq in range(200, 260):  # until the source has reconnected and reads again
                 await client.xadd(keys.frames, {PAYLOAD_FIELD: payload(seq)})
                 try:
                     got, seen = await asyncio.wait_for(src.wait_newer(seen), 0.5)
