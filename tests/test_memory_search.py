@@ -101,6 +101,22 @@ def test_projection_scan_precision_is_resolved_once_and_reported():
         Settings().with_overrides(**{"memory.search_scan": "fp8"})
 
 
+def test_projection_index_bytes_follow_the_scan_precision():
+    """The bytes a projection index reports are those of the tensors it holds: the projected rows and their
+    squared norms in the scan's precision, the float32 basis; a bfloat16 scan holds about half."""
+    import torch
+
+    memory = torch.nn.functional.normalize(torch.randn(500, 64), dim=1)
+    for scan in ("float32", "bfloat16"):
+        s = make_search(SearchSpec("projection", dim=16, scan=scan)).reset(memory)
+        held = sum(int(t.numel()) * t.element_size() for t in (s.memp, s.memp_sq, s.proj))
+        assert s.describe()["index_bytes"] == held
+    f32 = SearchSpec("projection", dim=16, scan="float32").index_bytes(10_000, 64)
+    b16 = SearchSpec("projection", dim=16, scan="bfloat16").index_bytes(10_000, 64)
+    assert 0.45 < b16 / f32 < 0.55
+    assert SearchSpec("projection", dim=16).index_bytes(10_000, 64) == f32  # auto, unresolved: the upper bound
+
+
 def torch_arange(n):
     import torch
 

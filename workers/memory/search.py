@@ -81,12 +81,16 @@ class SearchSpec:
                    nlist=m.search_nlist, nprobe=m.search_nprobe, device=m.device,
                    scan=getattr(m, "search_scan", cls.scan))
 
-    def index_bytes(self, n: int, dim: int) -> int:
-        """Bytes the index adds to the float32 memory rows of ``n`` x ``dim`` (estimate)."""
+    def index_bytes(self, n: int, dim: int, scan_bytes: int | None = None) -> int:
+        """Bytes the index adds to the float32 memory rows of ``n`` x ``dim`` (estimate). ``scan_bytes``: the
+        element size of a projection's scan (default from ``scan``; ``auto``, not yet resolved, counts as
+        float32: the upper bound)."""
         if self.kind == "bf16":
             return n * dim * 2
         if self.kind == "projection":
-            return (n + dim) * min(self.dim, dim) * 4
+            out = min(self.dim, dim)
+            item = scan_bytes if scan_bytes is not None else 2 if self.scan == "bfloat16" else 4
+            return n * (out + 1) * item + dim * out * 4  # projected rows and their squared norms, the basis
         if self.kind == "faiss":
             return n * (dim * 4 + 8)
         if self.kind == "ivf":  # rows in list order (a copy) + their indices + the centres
@@ -350,6 +354,12 @@ class ProjectionSearch(MemorySearch):
         r = max(k, self.spec.rerank)
         _, cand = exact_knn((query @ self.proj).to(self.dtype), self.memp, r, memory_sq=self.memp_sq)
         return rerank(query, self.mem, cand, k)
+
+    def _index_bytes(self) -> int:
+        if self.mem is None:
+            return 0
+        item = None if self.dtype is None else int(self.dtype.itemsize)
+        return self.spec.index_bytes(self.size, int(self.mem.shape[1]), item)
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()
