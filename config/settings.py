@@ -242,6 +242,10 @@ class MemorySettings:
     # ... or the maximum smoothed to this wider sigma, for wide shallow defects (rust, stains, worn areas);
     # each reading in units of the normal frames' own (workers/memory/image_score.py). 0 = off
     area_sigma: float = 64.0
+    # ... or the map's quantile, for a change over a large share of the frame, compact or not (total rust, a
+    # discoloured part): the level that 1 - wide_quantile of the frame reaches. A frame defective by this
+    # reading alone publishes that share as its mask. Memories from good frames only. 0 = off
+    wide_quantile: float = 0.9
     store: Literal["redis", "none"] = "redis"
     # nearest-neighbour search over the memory (workers/memory/search.py): exact (float32 matmul), bf16
     # (bfloat16 matmul, the best search_rerank candidates re-ranked in float32; 0 = none), projection (to
@@ -294,6 +298,8 @@ class MemorySettings:
         if self.area_sigma != 0 and not self.image_sigma < self.area_sigma <= 512.0:
             raise SettingsError("memory.area_sigma", f"{self.area_sigma}: allowed 0 (off) or more than "
                                 f"memory.image_sigma ({self.image_sigma:g}) and at most 512")
+        if self.wide_quantile != 0 and not 0.5 <= self.wide_quantile <= 0.99:
+            raise SettingsError("memory.wide_quantile", f"{self.wide_quantile}: allowed 0 (off) or 0.5 .. 0.99")
 
 
 @dataclass(frozen=True)

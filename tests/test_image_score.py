@@ -1,6 +1,7 @@
 """The memory map's image score (:mod:`workers.memory.image_score`) on constructed maps: a defect's region
-outweighs isolated hot pixels, excluded regions do not count, and the area reading catches a wide shallow
-defect the peak reading misses. Pure numpy, no model."""
+outweighs isolated hot pixels, excluded regions do not count, the area reading catches a wide shallow
+defect the peak reading misses, and the wide (quantile) reading a change spread over much of the frame that
+no smoothed maximum sees. Pure numpy, no model."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from workers.interfaces import ImageEmbedding
 from workers.memory.calibration import image_threshold
 from workers.memory.features import image_raw_score
-from workers.memory.image_score import ImageScoreRule, smoothed_maxima
+from workers.memory.image_score import ImageScoreRule, map_readings, smoothed_maxima
 from workers.memory.params import MemoryParams
 
 SIZE = 512
@@ -110,3 +111,72 @@ def test_area_sigma_setting_is_validated():
         with pytest.raises(SettingsError, match="memory.area_sigma"):
             MemorySettings(area_sigma=bad)
     assert MemoryParams(area_sigma=0.0).score_sigmas == (24.0,)
+
+
+def _scattered_change(seed: int, share: float, level: float) -> np.ndarray:
+    """Background with many small raised patches (8 px squares at ``level``) covering about ``share`` of the
+    frame: a whole surface changed (corrosion, a wrong finish), compact nowhere."""
+    m = _background(seed)
+    rng = np.random.default_rng(seed)
+    cells = [(y, x) for y in range(0, SIZE - 8, 12) for x in range(0, SIZE - 8, 12)]  # 8 px patch per 12 px
+    for i in rng.choice(len(cells), int(share * len(cells) * 144 / 64), replace=False):
+        y, x = cells[i]
+        m[y:y + 8, x:x + 8] = level
+    return m
+
+
+def test_a_change_spread_over_the_frame_is_caught_by_the_wide_reading_only():
+    """About a third of the frame mildly raised in small scattered patches: its smoothed maxima stay under a
+    good frame's hot spot, its 90th percentile is far above a good frame's. The rule with the wide reading
+    flags it and says which pixels made it (wide_level); the same rule without it does not flag it; a compact
+    defect is flagged by the smoothed maxima and has no wide level."""
+    normals = _normal_frames()
+    sigmas = ImageScoreRule.sigmas_for(PARAMS.image_sigma, PARAMS.area_sigma)
+    q = PARAMS.wide_quantile
+    assert q == 0.9
+    readings = [map_readings(m, EMB, sigmas, q, PARAMS.smoothing_sigma) for m in normals]
+    assert [r[:2] for r in readings] == [smoothed_maxima(m, EMB, sigmas, PARAMS.smoothing_sigma) for m in normals]
+    rule = ImageScoreRule.fit(sigmas, readings, q)
+    assert rule.quantile == q and len(rule.refs) == 3
+    thr = image_threshold([rule.combine(r) for r in readings], 0.01).value
+    two = ImageScoreRule.fit(sigmas, [r[:2] for r in readings])
+    two_thr = image_threshold([two.combine(r[:2]) for r in readings], 0.01).value
+
+    spread = _scattered_change(7, 0.3, 0.38)
+    r = rule.readings(spread, EMB, PARAMS.smoothing_sigma)
+    assert rule.combine(r) > thr and two.score(spread, EMB, PARAMS.smoothing_sigma) < two_thr
+    level = rule.wide_level(r, thr)
+    assert level == pytest.approx(thr * rule.refs[2])
+    assert 0.1 < float((spread >= level).mean()) < 0.5  # the raised patches, not the background
+    assert rule.raw_level(thr) == pytest.approx(thr * min(rule.refs[:2]))  # the seed level: smoothed maxima only
+
+    spot = _background(98)
+    cv2.circle(spot, (256, 256), 25, 1.2, -1)
+    r = rule.readings(spot, EMB, PARAMS.smoothing_sigma)
+    assert rule.combine(r) > thr and rule.wide_level(r, thr) == 0.0
+    normal_levels = [rule.wide_level(x, thr) for x in readings]
+    assert normal_levels == [0.0] * len(readings)
+
+
+def test_rule_with_the_wide_reading_round_trips_and_is_described():
+    rule = ImageScoreRule((24.0, 64.0), (0.5, 0.4, 0.2), 0.9)
+    assert ImageScoreRule.from_calibration({"image_score": rule.as_dict()}) == rule
+    assert rule.as_dict()["quantile"] == 0.9 and "quantile" not in ImageScoreRule((24.0,), (1.0,)).as_dict()
+    assert "p90 / 0.2" in rule.describe()
+    assert rule.combine((0.5, 0.4, 0.3)) == pytest.approx(1.5)
+    with pytest.raises(ValueError, match="3 readings"):
+        ImageScoreRule((24.0, 64.0), (0.5, 0.4), 0.9)
+    with pytest.raises(ValueError, match="quantile"):
+        ImageScoreRule((24.0,), (0.5, 0.4), 1.5)
+
+
+def test_wide_quantile_setting_is_validated_and_label_free_takes_one_reading():
+    from config.settings import MemorySettings, SettingsError
+
+    assert MemorySettings(wide_quantile=0.0).wide_quantile == 0.0
+    for bad in (0.3, 0.995, 1.0, -0.1):
+        with pytest.raises(SettingsError, match="memory.wide_quantile"):
+            MemorySettings(wide_quantile=bad)
+    assert MemoryParams.from_settings(MemorySettings(wide_quantile=0.8)).wide_quantile == 0.8
+    one = MemoryParams().one_reading()
+    assert one.score_sigmas == (24.0,) and one.wide_quantile == 0.0

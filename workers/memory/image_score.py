@@ -5,9 +5,10 @@ a wide patch of changed surface (rust, a stain, a worn area) whose every patch i
 smoothed to ``memory.image_sigma`` (24 px at 1024) finds the first kind; smoothing to ``memory.area_sigma``
 (64 px) finds the second, which a narrow smoothing reads as a handful of unremarkable peaks.
 
-The score is the larger of the two smoothed maxima, each divided by its *reference*: the 90th percentile of
-the same reading over the normal frames the memory was calibrated with (leave-one-out). In those units a
-normal frame sits near 1.0 on both readings whatever the product, so neither reading swamps the other, and
+The score is the largest of the readings (these two, and the wide one below), each divided by its
+*reference*: the 90th percentile of the same reading over the normal frames the memory was calibrated with
+(leave-one-out). In those units a normal frame sits near 1.0 on every reading whatever the product, so no
+reading swamps another, and
 the image threshold (:func:`workers.memory.calibration.image_threshold`) is fitted to the combined score of
 the same normal frames: the false-alarm budget is spent once, on the combination, not once per reading.
 
@@ -16,10 +17,21 @@ false-alarm rate 0.01) against the 24 px maximum alone, defects / good images fl
 hazelnut_toy 88.9 / 0 -> 88.9 / 0, commutator 66.7 / 3.3 -> 63.3 / 3.3, metal_plate 36.7 / 0 -> 70.0 / 0
 (the metal plate's defects are wide, shallow patches).
 
+A third reading covers a change over a large share of the frame that is compact nowhere, or too large and
+shallow even for 64 px (the whole plate rusted, a discoloured part): the map's ``memory.wide_quantile``
+(0.9: the level a tenth of the frame reaches), over its own normal reference like the others. When it alone
+makes the frame defective, :meth:`ImageScoreRule.wide_level` gives the level whose pixels made the verdict, and
+the detector publishes them when they form a coherent area (:func:`workers.pipeline.wide_region`); the seed
+level of the prompted regions reads the smoothed maxima only. Measured with ``python -m
+workers.bench.image_scores --dump`` (percentiles 90-99.9 added to the candidates) and then ``lineinspect eval``
+(``docs/method.md``, 3c): defects / good images flagged hazelnut_toy 88.9 / 0 -> 100 / 0, commutator 63.3 / 3.3
+-> 60.0 / 3.3, metal_plate 70.0 / 0 -> 96.7 / 0. Of the percentiles, 95 and above flagged 13-17 % of
+commutator's good images (its texture lifts them); 90 did not.
+
 A label-free memory (no good folder: ``predict`` without ``--normal``, ``eval --mutual``, a worker's warm-up)
 keeps the single 24 px reading. Its normal frames are unlabeled and may be mostly defective: a wide shallow
 defect does not stand out as a suspect region (:mod:`workers.memory.label_free`), so it would stay in the
-area reading's reference and lift it. Measured label-free with both readings (``lineinspect eval
+wide readings' references and lift them. Measured label-free with both readings (``lineinspect eval
 ../shared/data --modes mutual --cps-stages 0,3 --max-images 60 --pixel-size 512``): metal_plate stayed at
 20 % of defects flagged, and hazelnut_toy flagged one of its six good images; mean good flagged went 4.4 ->
 10.0 %.
@@ -45,12 +57,10 @@ REFERENCE_QUANTILE = 0.9  # of the normal frames' readings: each reading's unit
 LEGACY_IMAGE_SIGMA = 16.0  # the image sigma of memories whose header records neither rule nor sigma
 
 
-def smoothed_maxima(raw: np.ndarray, embedding: ImageEmbedding, sigmas: Sequence[float], smoothing_sigma: float,
-                    exclude: np.ndarray | None = None) -> tuple[float, ...]:
-    """Per sigma (pixels of a 1024 px frame, >= the map's own ``smoothing_sigma``): the maximum of the raw map
-    smoothed further to that sigma. ``exclude``: pixels left out (set to the map's median) first. The map is
-    reduced to at most 256 px on its longer side once (the blurs are wide anyway)."""
-    (ih, _), (oh, ow) = embedding.input_size, embedding.original_size
+def _reduced(raw: np.ndarray, embedding: ImageEmbedding, exclude: np.ndarray | None) -> tuple[np.ndarray, float]:
+    """The raw map with ``exclude`` set to its median, reduced to at most 256 px on its longer side, and that
+    reduction factor (the readings are wide anyway)."""
+    oh, ow = embedding.original_size
     m = raw
     if exclude is not None and exclude.any():
         m = raw.copy()
@@ -58,56 +68,92 @@ def smoothed_maxima(raw: np.ndarray, embedding: ImageEmbedding, sigmas: Sequence
     f = min(1.0, 256.0 / max(oh, ow))
     if f < 1.0:
         m = cv2.resize(m, (max(1, round(ow * f)), max(1, round(oh * f))), interpolation=cv2.INTER_AREA)
+    return m, f
+
+
+def _smoothed_maxima(m: np.ndarray, f: float, embedding: ImageEmbedding, sigmas: Sequence[float],
+                     smoothing_sigma: float) -> list[float]:
+    (ih, _), (oh, _) = embedding.input_size, embedding.original_size
     out = []
     for sigma in sigmas:
         extra = math.sqrt(max(sigma ** 2 - smoothing_sigma ** 2, 0.0)) * oh / ih * f
         s = cv2.GaussianBlur(m, (0, 0), sigmaX=extra, sigmaY=extra, borderType=cv2.BORDER_REFLECT) if extra > 0 else m
         out.append(float(s.max()))
+    return out
+
+
+def smoothed_maxima(raw: np.ndarray, embedding: ImageEmbedding, sigmas: Sequence[float], smoothing_sigma: float,
+                    exclude: np.ndarray | None = None) -> tuple[float, ...]:
+    """Per sigma (pixels of a 1024 px frame, >= the map's own ``smoothing_sigma``): the maximum of the raw map
+    smoothed further to that sigma. ``exclude``: pixels left out (set to the map's median) first. The map is
+    reduced to at most 256 px on its longer side once (the blurs are wide anyway)."""
+    m, f = _reduced(raw, embedding, exclude)
+    return tuple(_smoothed_maxima(m, f, embedding, sigmas, smoothing_sigma))
+
+
+def map_readings(raw: np.ndarray, embedding: ImageEmbedding, sigmas: Sequence[float], quantile: float,
+                 smoothing_sigma: float, exclude: np.ndarray | None = None) -> tuple[float, ...]:
+    """The image score's readings of a raw map: the smoothed maxima at ``sigmas`` (:func:`smoothed_maxima`)
+    and, when ``quantile`` > 0, the map's ``quantile`` (the level that ``1 - quantile`` of the frame reaches,
+    read off the same reduced map)."""
+    m, f = _reduced(raw, embedding, exclude)
+    out = _smoothed_maxima(m, f, embedding, sigmas, smoothing_sigma)
+    if quantile > 0:
+        out.append(float(np.quantile(m, quantile)))
     return tuple(out)
 
 
 @dataclass(frozen=True)
 class ImageScoreRule:
-    """Readings (smoothed maxima at ``sigmas``) and their references; score = max(reading / reference)."""
+    """Readings (smoothed maxima at ``sigmas``, then the map's ``quantile`` when > 0) and their references, one
+    per reading in that order; score = max(reading / reference)."""
 
     sigmas: tuple[float, ...]
     refs: tuple[float, ...]
+    quantile: float = 0.0  # the wide reading: the map's quantile (0 = not taken)
 
     def __post_init__(self) -> None:
-        if not self.sigmas or len(self.sigmas) != len(self.refs):
-            raise ValueError(f"image score rule: {len(self.sigmas)} sigmas, {len(self.refs)} references")
+        n = len(self.sigmas) + (1 if self.quantile > 0 else 0)
+        if not self.sigmas or len(self.refs) != n:
+            raise ValueError(f"image score rule: {n} readings, {len(self.refs)} references")
+        if not 0.0 <= self.quantile < 1.0:
+            raise ValueError(f"image score rule: quantile {self.quantile}: allowed 0 (none) or 0 < q < 1")
         if not all(r > 0 and math.isfinite(r) for r in self.refs):
             raise ValueError(f"image score rule: references must be positive, got {self.refs}")
 
     @staticmethod
     def sigmas_for(image_sigma: float, area_sigma: float) -> tuple[float, ...]:
-        """The readings a new memory takes: ``image_sigma``, and ``area_sigma`` when > 0 (off: 0)."""
+        """The smoothed maxima a new memory takes: ``image_sigma``, and ``area_sigma`` when > 0 (off: 0)."""
         return (float(image_sigma), float(area_sigma)) if area_sigma > 0 else (float(image_sigma),)
 
     @classmethod
-    def fit(cls, sigmas: Sequence[float], readings: Sequence[Sequence[float]]) -> ImageScoreRule:
+    def fit(cls, sigmas: Sequence[float], readings: Sequence[Sequence[float]], quantile: float = 0.0
+            ) -> ImageScoreRule:
         """The rule whose references are the :data:`REFERENCE_QUANTILE` of normal frames' ``readings`` (one row
-        per frame). A single reading keeps reference 1 (the plain maximum, in raw units)."""
+        per frame, as :func:`map_readings` gives them). A single reading keeps reference 1 (the plain maximum,
+        in raw units)."""
         sigmas = tuple(float(s) for s in sigmas)
-        if len(sigmas) == 1:
+        n = len(sigmas) + (1 if quantile > 0 else 0)
+        if n == 1:
             return cls(sigmas, (1.0,))
-        r = np.asarray(readings, np.float64).reshape(-1, len(sigmas))
+        r = np.asarray(readings, np.float64).reshape(-1, n)
         if not len(r):
             raise ValueError("image score rule: no normal frames to fit the references to")
         refs = np.quantile(r, REFERENCE_QUANTILE, axis=0)
-        return cls(sigmas, tuple(float(max(v, 1e-6)) for v in refs))
+        return cls(sigmas, tuple(float(max(v, 1e-6)) for v in refs), float(quantile))
 
     @classmethod
     def from_calibration(cls, calibration: Mapping[str, Any]) -> ImageScoreRule:
         """The rule a memory header's ``calibration`` records (see the module doc for older headers)."""
         rule = calibration.get("image_score")
         if rule:
-            return cls(tuple(float(s) for s in rule["sigmas"]), tuple(float(r) for r in rule["refs"]))
+            return cls(tuple(float(s) for s in rule["sigmas"]), tuple(float(r) for r in rule["refs"]),
+                       float(rule.get("quantile", 0.0)))
         return cls((float(calibration.get("image_sigma", LEGACY_IMAGE_SIGMA)),), (1.0,))
 
     def readings(self, raw: np.ndarray, embedding: ImageEmbedding, smoothing_sigma: float,
                  exclude: np.ndarray | None = None) -> tuple[float, ...]:
-        return smoothed_maxima(raw, embedding, self.sigmas, smoothing_sigma, exclude)
+        return map_readings(raw, embedding, self.sigmas, self.quantile, smoothing_sigma, exclude)
 
     def combine(self, readings: Sequence[float]) -> float:
         return max(float(v) / r for v, r in zip(readings, self.refs, strict=True))
@@ -117,16 +163,32 @@ class ImageScoreRule:
         return self.combine(self.readings(raw, embedding, smoothing_sigma, exclude))
 
     def raw_level(self, threshold: float) -> float:
-        """The lowest raw map level at which one region can make a frame's score reach ``threshold``: a
-        smoothed maximum never exceeds the map's own, so a region under ``threshold x reference`` of every
-        reading cannot (the seed level of :mod:`workers.ppg`)."""
-        return float(threshold) * min(self.refs)
+        """The lowest raw map level at which one region can make a frame's score reach ``threshold`` through a
+        smoothed maximum: a smoothed maximum never exceeds the map's own, so a region under ``threshold x
+        reference`` of every such reading cannot (the seed level of :mod:`workers.ppg`)."""
+        return float(threshold) * min(self.refs[: len(self.sigmas)])
 
-    def as_dict(self) -> dict[str, list[float]]:
-        return {"sigmas": list(self.sigmas), "refs": [round(r, 6) for r in self.refs]}
+    def wide_level(self, readings: Sequence[float], threshold: float) -> float:
+        """The raw level of the wide region when the wide reading alone makes the score exceed ``threshold``
+        (the quantile reading does, no smoothed maximum does): the level that more than ``1 - quantile`` of
+        the frame reaches then, i.e. the pixels that make the verdict. 0.0 otherwise."""
+        if self.quantile <= 0:
+            return 0.0
+        k = len(self.sigmas)
+        wide = float(readings[k]) / self.refs[k] > threshold
+        compact = any(float(v) / r > threshold for v, r in zip(readings[:k], self.refs[:k], strict=True))
+        return float(threshold) * self.refs[k] if wide and not compact else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"sigmas": list(self.sigmas), "refs": [round(r, 6) for r in self.refs]}
+        if self.quantile > 0:
+            out["quantile"] = self.quantile
+        return out
 
     def describe(self) -> str:
-        if len(self.sigmas) == 1:
+        if len(self.refs) == 1:
             return f"max of the map smoothed to {self.sigmas[0]:g} px"
-        parts = ", ".join(f"{s:g} px / {r:.4g}" for s, r in zip(self.sigmas, self.refs, strict=True))
-        return f"max over readings (smoothed max / normal p{100 * REFERENCE_QUANTILE:g}): {parts}"
+        parts = [f"{s:g} px / {r:.4g}" for s, r in zip(self.sigmas, self.refs[: len(self.sigmas)], strict=True)]
+        if self.quantile > 0:
+            parts.append(f"map p{100 * self.quantile:g} / {self.refs[-1]:.4g}")
+        return f"max over readings (each / its normal p{100 * REFERENCE_QUANTILE:g}): smoothed max at {', '.join(parts)}"

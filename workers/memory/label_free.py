@@ -40,7 +40,7 @@ import numpy as np
 from workers.interfaces import ImageEmbedding
 from workers.memory.coreset import build_memory, kcenter, random_projection
 from workers.memory.features import grid_target_size, raw_to_image
-from workers.memory.image_score import smoothed_maxima
+from workers.memory.image_score import map_readings
 from workers.memory.params import MemoryParams
 from workers.memory.search import knn_distance
 from workers.memory.search import torch_module as _torch
@@ -155,8 +155,8 @@ def build_label_free(frame_feats: Sequence[Any], shapes: Sequence[tuple[int, int
         regions = suspect_regions(suspicion[i].reshape(shapes[i]) > region_cut, params.suspect_region_cells)
         anomalous = _grid_mask_to_image(regions, embeddings[i], raw.shape)
         region_frames += bool(regions.any())
-        maxima.append(smoothed_maxima(raw, embeddings[i], params.score_sigmas, params.smoothing_sigma,
-                                      exclude=anomalous))
+        maxima.append(map_readings(raw, embeddings[i], params.score_sigmas, params.wide_quantile,
+                                   params.smoothing_sigma, exclude=anomalous))
         step = max(1, raw.shape[0] // 256), max(1, raw.shape[1] // 256)
         keep = ~anomalous[:: step[0], :: step[1]]
         pixels.append(raw[:: step[0], :: step[1]][keep])

@@ -256,9 +256,9 @@ class MemoryMapper:
             f, shape = patch_features(e, self.params.neighbourhood, self.params.norm, self.params.layers)
             feats.append(f)
             shapes.append(shape)
-        # one reading only: the area reading's normal reference cannot be read off unlabeled frames (a wide
-        # shallow defect escapes the suspect regions and lifts it; workers.memory.image_score)
-        params = replace(self.params, area_sigma=0.0)
+        # one reading only: the wide readings' normal references cannot be read off unlabeled frames (a wide
+        # shallow defect escapes the suspect regions and lifts them; workers.memory.image_score)
+        params = self.params.one_reading()
         res = build_label_free(feats, shapes, embs, params)
         cal = calibrate(res.loo_maps, params, "label-free leave-one-out", res.normal_maxima,
                         pixels=res.pixel_samples)
@@ -296,7 +296,8 @@ class MemoryMapper:
         raw = raw_to_image(nn.numpy().reshape(shape), emb, self.params.smoothing_sigma)
         img_thr, pix_thr = self._thresholds()
         rule = self._score_rule()
-        score = rule.score(raw, emb, self.params.smoothing_sigma)
+        readings = rule.readings(raw, emb, self.params.smoothing_sigma)
+        score = rule.combine(readings)
         t3 = time.perf_counter()
         if img_thr <= 0:  # warm-up with too few frames for provisional thresholds
             return AnomalyMap(pixel=np.zeros((h, w), np.float32), image_score=0.0, raw=raw,
@@ -304,7 +305,8 @@ class MemoryMapper:
                                        "memory_upsample": t3 - t2})
         return AnomalyMap(pixel=raw / np.float32(pix_thr), image_score=score / img_thr, raw=raw,
                           timings={"memory_features": t1 - t0, "memory_knn": t2 - t1, "memory_upsample": t3 - t2},
-                          seed_level=rule.raw_level(img_thr) / pix_thr)
+                          seed_level=rule.raw_level(img_thr) / pix_thr,
+                          wide_level=rule.wide_level(readings, img_thr) / pix_thr)
 
     def _score_rule(self) -> ImageScoreRule:
         """The image score rule the memory's threshold was calibrated with (:mod:`workers.memory.image_score`;
@@ -314,11 +316,12 @@ class MemoryMapper:
             return ImageScoreRule((self.params.image_sigma,), (1.0,))
         if self._rule is None or self._rule[0] is not self.header:
             rule = ImageScoreRule.from_calibration(self.header.calibration)
-            if rule.sigmas not in (self.params.score_sigmas, self.params.score_sigmas[:1]):  # [:1]: label-free
-                log.warning("memory %s: image threshold calibrated with the image score readings at %s px, "
-                            "configured %s: scoring with the stored rule until the memory is rebuilt", self.source,
-                            "/".join(f"{x:g}" for x in rule.sigmas),
-                            "/".join(f"{x:g}" for x in self.params.score_sigmas))
+            p = self.params
+            configured = (p.score_sigmas, p.wide_quantile)
+            if (rule.sigmas, rule.quantile) not in (configured, (p.score_sigmas[:1], 0.0)):  # [:1]: label-free
+                log.warning("memory %s: image threshold calibrated with the image score readings %s, configured "
+                            "%s: scoring with the stored rule until the memory is rebuilt", self.source,
+                            _readings_text(rule.sigmas, rule.quantile), _readings_text(*configured))
             self._rule = (self.header, rule)
         return self._rule[1]
 
@@ -410,3 +413,6 @@ def load_line_memory(settings: Settings, line: str, redis_client: Any, sam_backe
     log.info("line %s: no memory stored; warm-up from the stream (%d frames)", line, m.warmup_frames)
     return mapper
 
+
+def _readings_text(sigmas: tuple[float, ...], quantile: float) -> str:
+    return "/".join(f"{x:g}" for x in sigmas) + " px" + (f" + p{100 * quantile:g}" if quantile > 0 else "")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from workers.memory.image_score import ImageScoreRule
@@ -24,6 +24,7 @@ class MemoryParams:
     smoothing_sigma: float = 4.0  # Gaussian sigma in 1024-frame pixels
     image_sigma: float = 24.0  # the image score is the max of the map smoothed to this sigma (1024-frame px) ...
     area_sigma: float = 64.0  # ... or to this one, for wide shallow defects (0 = off; workers.memory.image_score)
+    wide_quantile: float = 0.9  # ... or the map's quantile, for a change over much of the frame (0 = off)
     calibration_quantile: float = 0.99
     calibration_frames: int = 64  # leave-one-out maps used for calibration (at most)
     online_margin: float = 0.5
@@ -56,6 +57,7 @@ class MemoryParams:
                    warmup_frames=m.warmup_frames, label_free_refs=m.label_free_refs,
                    held_out_frames=m.held_out_frames, image_sigma=float(getattr(m, "image_sigma", cls.image_sigma)),
                    area_sigma=float(getattr(m, "area_sigma", cls.area_sigma)),
+                   wide_quantile=float(getattr(m, "wide_quantile", cls.wide_quantile)),
                    held_out_margin=float(getattr(m, "held_out_margin", cls.held_out_margin)),
                    reload_interval_s=float(getattr(m, "reload_interval_s", cls.reload_interval_s)), **extra)
 
@@ -63,6 +65,10 @@ class MemoryParams:
     def score_sigmas(self) -> tuple[float, ...]:
         """The readings of the image score a new memory is calibrated with (:mod:`workers.memory.image_score`)."""
         return ImageScoreRule.sigmas_for(self.image_sigma, self.area_sigma)
+
+    def one_reading(self) -> MemoryParams:
+        """These options with the first reading only (label-free memories, :mod:`workers.memory.image_score`)."""
+        return replace(self, area_sigma=0.0, wide_quantile=0.0)
 
     @property
     def pixel_quantile(self) -> float:
