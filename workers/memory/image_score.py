@@ -71,24 +71,12 @@ def _reduced(raw: np.ndarray, embedding: ImageEmbedding, exclude: np.ndarray | N
     return m, f
 
 
-def _smoothed_maxima(m: np.ndarray, f: float, embedding: ImageEmbedding, sigmas: Sequence[float],
-                     smoothing_sigma: float) -> list[float]:
-    (ih, _), (oh, _) = embedding.input_size, embedding.original_size
-    out = []
-    for sigma in sigmas:
-        extra = math.sqrt(max(sigma ** 2 - smoothing_sigma ** 2, 0.0)) * oh / ih * f
-        s = cv2.GaussianBlur(m, (0, 0), sigmaX=extra, sigmaY=extra, borderType=cv2.BORDER_REFLECT) if extra > 0 else m
-        out.append(float(s.max()))
-    return out
-
-
 def smoothed_maxima(raw: np.ndarray, embedding: ImageEmbedding, sigmas: Sequence[float], smoothing_sigma: float,
                     exclude: np.ndarray | None = None) -> tuple[float, ...]:
     """Per sigma (pixels of a 1024 px frame, >= the map's own ``smoothing_sigma``): the maximum of the raw map
     smoothed further to that sigma. ``exclude``: pixels left out (set to the map's median) first. The map is
     reduced to at most 256 px on its longer side once (the blurs are wide anyway)."""
-    m, f = _reduced(raw, embedding, exclude)
-    return tuple(_smoothed_maxima(m, f, embedding, sigmas, smoothing_sigma))
+    return map_readings(raw, embedding, sigmas, 0.0, smoothing_sigma, exclude)
 
 
 def map_readings(raw: np.ndarray, embedding: ImageEmbedding, sigmas: Sequence[float], quantile: float,
@@ -97,10 +85,19 @@ def map_readings(raw: np.ndarray, embedding: ImageEmbedding, sigmas: Sequence[fl
     and, when ``quantile`` > 0, the map's ``quantile`` (the level that ``1 - quantile`` of the frame reaches,
     read off the same reduced map)."""
     m, f = _reduced(raw, embedding, exclude)
-    out = _smoothed_maxima(m, f, embedding, sigmas, smoothing_sigma)
+    (ih, _), (oh, _) = embedding.input_size, embedding.original_size
+    out = []
+    for sigma in sigmas:
+        extra = math.sqrt(max(sigma ** 2 - smoothing_sigma ** 2, 0.0)) * oh / ih * f
+        s = cv2.GaussianBlur(m, (0, 0), sigmaX=extra, sigmaY=extra, borderType=cv2.BORDER_REFLECT) if extra > 0 else m
+        out.append(float(s.max()))
     if quantile > 0:
         out.append(float(np.quantile(m, quantile)))
     return tuple(out)
+
+
+def _readings_count(sigmas: Sequence[float], quantile: float) -> int:
+    return len(sigmas) + (1 if quantile > 0 else 0)
 
 
 @dataclass(frozen=True)
@@ -113,7 +110,7 @@ class ImageScoreRule:
     quantile: float = 0.0  # the wide reading: the map's quantile (0 = not taken)
 
     def __post_init__(self) -> None:
-        n = len(self.sigmas) + (1 if self.quantile > 0 else 0)
+        n = _readings_count(self.sigmas, self.quantile)
         if not self.sigmas or len(self.refs) != n:
             raise ValueError(f"image score rule: {n} readings, {len(self.refs)} references")
         if not 0.0 <= self.quantile < 1.0:
@@ -133,7 +130,7 @@ class ImageScoreRule:
         per frame, as :func:`map_readings` gives them). A single reading keeps reference 1 (the plain maximum,
         in raw units)."""
         sigmas = tuple(float(s) for s in sigmas)
-        n = len(sigmas) + (1 if quantile > 0 else 0)
+        n = _readings_count(sigmas, quantile)
         if n == 1:
             return cls(sigmas, (1.0,))
         r = np.asarray(readings, np.float64).reshape(-1, n)
