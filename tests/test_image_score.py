@@ -146,16 +146,22 @@ def test_a_change_spread_over_the_frame_is_caught_by_the_wide_reading_only():
     r = rule.readings(spread, EMB, PARAMS.smoothing_sigma)
     assert rule.combine(r) > thr and two.score(spread, EMB, PARAMS.smoothing_sigma) < two_thr
     level = rule.wide_level(r, thr)
-    assert level == pytest.approx(thr * rule.refs[2])
+    assert level == pytest.approx(thr * rule.refs[2]) and rule.wide_alone(r, thr)
     assert 0.1 < float((spread >= level).mean()) < 0.5  # the raised patches, not the background
     assert rule.raw_level(thr) == pytest.approx(thr * min(rule.refs[:2]))  # the seed level: smoothed maxima only
 
     spot = _background(98)
     cv2.circle(spot, (256, 256), 25, 1.2, -1)
     r = rule.readings(spot, EMB, PARAMS.smoothing_sigma)
-    assert rule.combine(r) > thr and rule.wide_level(r, thr) == 0.0
-    normal_levels = [rule.wide_level(x, thr) for x in readings]
-    assert normal_levels == [0.0] * len(readings)
+    assert rule.combine(r) > thr and not rule.wide_alone(r, thr)  # (its p90 is a normal frame's, at the threshold)
+    assert not any(rule.wide_alone(x, thr) for x in readings)
+    # a third of the frame raised to the spot's level: the wide reading is over the threshold, so the wide level
+    # is set, but the smoothed maxima are over it too: the reading is not alone
+    both = _background(98)
+    both[:, :170] += 0.6
+    r = rule.readings(both, EMB, PARAMS.smoothing_sigma)
+    assert min(r[i] / rule.refs[i] for i in range(3)) > thr
+    assert rule.wide_level(r, thr) == pytest.approx(thr * rule.refs[2]) and not rule.wide_alone(r, thr)
 
 
 def test_rule_with_the_wide_reading_round_trips_and_is_described():

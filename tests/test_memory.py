@@ -118,7 +118,7 @@ def test_defect_above_threshold_good_below(mapper, frames):
     want = max(peak / rule["refs"][0], area / rule["refs"][1], wide / rule["refs"][2]) / mapper.image_threshold
     assert bad.image_score == pytest.approx(want, rel=1e-4)
     assert wide < area < peak < float(bad.raw.max())  # wider smoothing, lower maximum; a quantile under both
-    assert bad.wide_level == 0.0  # a compact blob: its smoothed maxima make the verdict, not the wide reading
+    assert not bad.wide_alone  # a compact blob: the smoothed maxima make the verdict, not the wide reading alone
     # the hottest pixel is on the blob, and the blob is above the pixel threshold
     y, x = np.unravel_index(int(np.argmax(bad.pixel)), bad.pixel.shape)
     assert abs(x - BLOB_CENTER[0]) < BLOB_RADIUS + 16 and abs(y - BLOB_CENTER[1]) < BLOB_RADIUS + 16

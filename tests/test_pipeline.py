@@ -164,20 +164,21 @@ def test_map_only_and_ok_frames(backend, demo_data):
 
 class WideMapper:
     """A frame-wide shallow change (a broad band at 0.8) with a speck at 1.3 elsewhere: the map's wide reading
-    alone makes the frame defective (``wide_level`` 0.7); the speck is under the seed level and smaller than
-    ``ppg.min_region_area``."""
+    makes the frame defective (``wide_level`` 0.7), alone unless ``wide_alone`` is False; the speck is under the
+    seed level and smaller than ``ppg.min_region_area``."""
 
     name = "wide"
 
-    def __init__(self, image_score: float, wide_level: float):
-        self.image_score, self.wide_level = image_score, wide_level
+    def __init__(self, image_score: float, wide_level: float, wide_alone: bool = True):
+        self.image_score, self.wide_level, self.wide_alone = image_score, wide_level, wide_alone
 
     def map(self, image_bgr, embedding):
         h, w = image_bgr.shape[:2]
         pixel = np.full((h, w), 0.3, np.float32)
         pixel[: h // 3] = 0.8
         cv2.circle(pixel, (w // 2, 4 * h // 5), 5, 1.3, -1)
-        return AnomalyMap(pixel=pixel, image_score=self.image_score, seed_level=1.5, wide_level=self.wide_level)
+        return AnomalyMap(pixel=pixel, image_score=self.image_score, seed_level=1.5, wide_level=self.wide_level,
+                          wide_alone=self.wide_alone)
 
 
 @pytest.mark.parametrize("stages", [0, 3])
@@ -199,6 +200,26 @@ def test_a_frame_defective_by_the_wide_reading_publishes_that_share_of_the_frame
     # an OK verdict publishes nothing, whatever the level says
     d = Detector(sam, WideMapper(0.9, 0.7), _config(stages)).inspect(img, "wide")
     assert d.verdict is Verdict.OK and not d.labels.any()
+
+
+@pytest.mark.parametrize("stages", [0, 3])
+def test_mask_extent_area_publishes_the_wide_share_also_beside_a_compact_reading(backend, demo_data, stages):
+    """``detector.mask.extent``: when a compact reading is over the threshold too (``wide_alone`` False), "auto"
+    publishes only the prompted regions (none reach the seed level here) and "area" adds the wide share."""
+    img, _ = _read(demo_data, "03")
+    h, w = img.shape[:2]
+    band = np.zeros((h, w), bool)
+    band[: h // 3] = True
+    mapper = WideMapper(1.2, 0.7, wide_alone=False)
+    d = Detector(backend, mapper, _config(stages)).inspect(img, "wide")
+    assert d.verdict is Verdict.DEFECT and not d.labels.any()
+    d = Detector(backend, mapper, replace(_config(stages), extent="area")).inspect(img, "wide")
+    np.testing.assert_array_equal(d.labels > 0, band)
+    # "area" does not publish for an OK verdict, nor without a wide level
+    assert not Detector(backend, WideMapper(0.9, 0.7, False), replace(_config(stages), extent="area")).inspect(
+        img, "wide").labels.any()
+    assert not Detector(backend, WideMapper(1.2, 0.0, False), replace(_config(stages), extent="area")).inspect(
+        img, "wide").labels.any()
 
 
 def test_a_wide_region_scattered_in_many_parts_is_not_published():

@@ -25,6 +25,7 @@ BAD = [
     ("redis.socket_timeout_s", 0), ("redis.socket_timeout_s", ".nan"), ("alerts.max_retries", -1),
     ("alerts.retry_initial_s", 0), ("alerts.debounce_count", 0), ("memory.warmup_frames", -1),
     ("detector.ppg.kernel_size", 0), ("detector.ppg.min_region_area", 2), ("detector.mask_boost", -1),
+    ("detector.mask.extent", "everything"),
     ("clip.image_size", 0), ("cameras", "[{id: c1, reconnect_max_s: 0.1}]"),
     ("cameras", "[{id: c1, max_reconnects: -2}]"), ("cameras", "[{id: c1, down_grace_s: 0}]"),
 ]

@@ -79,9 +79,11 @@ class AnomalyMap:
     # map sets it to image threshold / pixel threshold, so that only regions that could make a frame defective
     # are seeded, while the region's extent follows the pixel threshold. 0 = every region above 1.0
     seed_level: float = 0.0
-    # > 0 when a change over a large share of the frame alone makes it defective (the memory map's wide reading,
-    # workers.memory.image_score): the normalised level the pixels of that share reach; they are the defect
+    # > 0 when a change over a large share of the frame makes it defective (the memory map's wide reading,
+    # workers.memory.image_score): the normalised level the pixels of that share reach
     wide_level: float = 0.0
+    # that reading alone makes it defective (no compact reading does): those pixels are the defect
+    wide_alone: bool = False
 
 
 @runtime_checkable

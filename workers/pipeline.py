@@ -14,8 +14,10 @@
    with the map (``detector.mask``: bounded area, mostly where the map is high), else an earlier pass or the
    map region stands; the masks are unioned into ``sam_mask``. With ``detector.cps_stages = 0`` no decoder
    runs and ``sam_mask`` is the seeded map regions. A frame made defective by the memory map's wide reading
-   alone (a change over a large share of the frame, ``AnomalyMap.wide_level`` > 0) adds that share of the
-   frame (:func:`wide_region`): no prompt set outlines it, and a DEFECT verdict must show what made it.
+   alone (a change over a large share of the frame, ``AnomalyMap.wide_alone``) adds that share of the frame
+   (:func:`wide_region`): no prompt set outlines it, and a DEFECT verdict must show what made it. With
+   ``detector.mask.extent = area`` the share is added whenever that reading is over the threshold
+   (``AnomalyMap.wide_level`` > 0), also beside compact regions: a product whose defects are surfaces.
 5. ``fuse``: the fused score map, the labels and the verdict.
 6. ``memory_update`` (streaming worker with ``memory.fill`` containing ``online`` only): the frame is offered
    to the memory mapper's ``observe(embedding, anomaly_map)`` (online fill / warm-up; the memory module
@@ -84,6 +86,7 @@ class DetectorConfig:
     mask_boost: float = 1.0
     mask_check: MaskCheck | None = MaskCheck()  # when a decoder mask is published (None: any non-empty mask)
     online_fill: bool = False  # offer each frame to mapper.observe (set by build_detector for the worker)
+    extent: str = "auto"  # detector.mask.extent: when the wide reading's area is published (wide_region)
 
     def __post_init__(self) -> None:
         if self.cps_stages not in (0, 1, 2, 3):
@@ -96,7 +99,8 @@ class DetectorConfig:
         d = settings.detector
         check = MaskCheck(max_area_ratio=d.mask.max_area_ratio, min_support=d.mask.min_support,
                           support_level=d.mask.support_level)
-        return cls(ppg=d.ppg, cps_stages=d.cps_stages, mask_boost=d.mask_boost, mask_check=check)
+        return cls(ppg=d.ppg, cps_stages=d.cps_stages, mask_boost=d.mask_boost, mask_check=check,
+                   extent=d.mask.extent)
 
 
 @dataclass
@@ -173,7 +177,7 @@ class Detector:
         t0 = time.perf_counter()
         image_score = float(amap.image_score)
         verdict = Verdict.DEFECT if image_score > 1.0 else Verdict.OK
-        if verdict is Verdict.DEFECT and amap.wide_level > 0:  # defective by a change over much of the frame
+        if verdict is Verdict.DEFECT and amap.wide_level > 0 and (amap.wide_alone or self.config.extent == "area"):
             union |= wide_region(pixel, amap.wide_level, self.config.ppg.min_region_area)
         boost = float(self.config.mask_boost)
         score_map = pixel * (1.0 + boost * union.astype(np.float32)) if boost else pixel

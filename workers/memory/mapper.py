@@ -306,7 +306,8 @@ class MemoryMapper:
         return AnomalyMap(pixel=raw / np.float32(pix_thr), image_score=score / img_thr, raw=raw,
                           timings={"memory_features": t1 - t0, "memory_knn": t2 - t1, "memory_upsample": t3 - t2},
                           seed_level=rule.raw_level(img_thr) / pix_thr,
-                          wide_level=rule.wide_level(readings, img_thr) / pix_thr)
+                          wide_level=rule.wide_level(readings, img_thr) / pix_thr,
+                          wide_alone=rule.wide_alone(readings, img_thr))
 
     def _score_rule(self) -> ImageScoreRule:
         """The image score rule the memory's threshold was calibrated with (:mod:`workers.memory.image_score`;
