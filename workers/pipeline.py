@@ -63,7 +63,7 @@ from stream.contracts import Defect, Verdict
 from workers.cps import PASS_KEYS, MaskCheck, cascade
 from workers.interfaces import AnomalyMap, AnomalyMapper, Detection, ImageEmbedding, SamBackend
 from workers.mappers import build_mapper
-from workers.ppg import RegionPrompts, generate_prompts
+from workers.ppg import RegionPrompts, generate_prompts, min_area_pixels
 from workers.sam import EmbeddingCache, build_sam_backend, content_key
 
 if TYPE_CHECKING:
@@ -229,7 +229,7 @@ def wide_region(pixel: np.ndarray, level: float, min_area_frac: float) -> np.nda
     n, lab, stats, _ = cv2.connectedComponentsWithStats((pixel >= level).astype(np.uint8), connectivity=8)
     area = stats[:, cv2.CC_STAT_AREA].astype(np.int64)
     keep = np.zeros(n, dtype=bool)
-    keep[1:] = area[1:] >= max(1, int(np.ceil(min_area_frac * pixel.size)))
+    keep[1:] = area[1:] >= min_area_pixels(min_area_frac, pixel.size)
     if not keep.any() or area[keep].max() < WIDE_COHERENT_SHARE * area[keep].sum():
         return np.zeros(pixel.shape, dtype=bool)
     return keep[lab]
@@ -239,7 +239,7 @@ def label_defects(mask: np.ndarray, score_map: np.ndarray,
                   min_area_frac: float = 0.0) -> tuple[np.ndarray, tuple[Defect, ...]]:
     """Connected components of ``mask`` -> (label image, defects numbered 1..n by decreasing max score)."""
     n, lab, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    min_area = max(1, int(np.ceil(min_area_frac * mask.size)))
+    min_area = min_area_pixels(min_area_frac, mask.size)
     found = []
     for i in range(1, n):
         x, y, bw, bh, area = (int(v) for v in stats[i])

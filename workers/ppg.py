@@ -131,6 +131,11 @@ def cell_similarity(unit_features: np.ndarray, region_cells: np.ndarray) -> np.n
 # ------------------------------------------------------------------------------------------ PPG
 
 
+def min_area_pixels(fraction: float, size: int) -> int:
+    """``ppg.min_region_area`` (a fraction of the frame) in pixels of a frame of ``size`` pixels: at least 1."""
+    return max(1, int(np.ceil(fraction * size)))
+
+
 def extreme_regions(pixel_map: np.ndarray, settings: PpgSettings, seed_level: float = 0.0
                     ) -> tuple[np.ndarray, list[np.ndarray]]:
     """(S_a, kept region masks sorted by peak, highest first); a region whose peak is below ``seed_level``
@@ -139,7 +144,7 @@ def extreme_regions(pixel_map: np.ndarray, settings: PpgSettings, seed_level: fl
     n, labels, stats, _ = cv2.connectedComponentsWithStats(s_a.astype(np.uint8), connectivity=8)
     if n <= 1:
         return s_a, []
-    min_area = max(1, int(np.ceil(settings.min_region_area * s_a.size)))
+    min_area = min_area_pixels(settings.min_region_area, s_a.size)
     peaks = np.full(n, -np.inf)
     np.maximum.at(peaks, labels[s_a], pixel_map[s_a])
     order = [i for i in np.argsort(-peaks[1:], kind="stable") + 1
