@@ -215,7 +215,9 @@ def test_mask_extent_area_publishes_the_wide_share_also_beside_a_compact_reading
     assert d.verdict is Verdict.DEFECT and not d.labels.any()
     d = Detector(backend, mapper, replace(_config(stages), extent="area")).inspect(img, "wide")
     np.testing.assert_array_equal(d.labels > 0, band)
-    # "area" does not publish for an OK verdict, nor without a wide level
+    # the setting reaches the detector; "area" does not publish for an OK verdict, nor without a wide level
+    assert DetectorConfig.from_settings(Settings.load(overrides={"detector.mask.extent": "area"})).extent == "area"
+    assert DetectorConfig.from_settings(Settings.load()).extent == "auto"
     assert not Detector(backend, WideMapper(0.9, 0.7, False), replace(_config(stages), extent="area")).inspect(
         img, "wide").labels.any()
     assert not Detector(backend, WideMapper(1.2, 0.0, False), replace(_config(stages), extent="area")).inspect(
