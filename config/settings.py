@@ -325,9 +325,6 @@ class PpgSettings:
         in_range("ppg.max_regions", self.max_regions, lo=0, hi=1000)
 
 
-MASK_EXTENTS = ("auto", "area")
-
-
 @dataclass(frozen=True)
 class MaskSettings:
     """When a SAM decoder mask is published for a region (workers.cps.MaskCheck)."""
@@ -338,12 +335,10 @@ class MaskSettings:
     # the extent of a defect that the memory map's wide reading flags (workers.pipeline, wide_region):
     # "auto": its area is published when that reading alone made the verdict; "area": whenever it is over the
     # threshold (a product whose defects are surface areas: rust, stains, discolouration; docs/method.md 3c)
-    extent: str = "auto"
+    extent: Literal["auto", "area"] = "auto"
 
     def __post_init__(self) -> None:
         positive("detector.mask.max_area_ratio", self.max_area_ratio)
-        if self.extent not in MASK_EXTENTS:
-            raise SettingsError("detector.mask.extent", f"{self.extent!r}: allowed {', '.join(MASK_EXTENTS)}")
         if not 0.0 <= self.min_support <= 1.0:
             raise SettingsError("detector.mask.min_support", f"{self.min_support}: allowed 0..1")
         if self.support_level < 0:
