@@ -165,27 +165,21 @@ class ImageScoreRule:
         reference`` of every such reading cannot (the seed level of :mod:`workers.ppg`)."""
         return float(threshold) * min(self.refs[: len(self.sigmas)])
 
-    def _wide_and_compact(self, readings: Sequence[float]) -> tuple[float, float]:
-        """The wide reading and the largest smoothed maximum, each over its reference."""
-        k = len(self.sigmas)
-        return (float(readings[k]) / self.refs[k],
-                max(float(v) / r for v, r in zip(readings[:k], self.refs[:k], strict=True)))
-
     def wide_level(self, readings: Sequence[float], threshold: float) -> float:
         """The raw level of the wide region when the wide reading makes the score exceed ``threshold``: the level
         that more than ``1 - quantile`` of the frame reaches then, i.e. the pixels that make the verdict by
         that reading. 0.0 otherwise (or without a wide reading)."""
         if self.quantile <= 0:
             return 0.0
-        wide, _ = self._wide_and_compact(readings)
-        return float(threshold) * self.refs[len(self.sigmas)] if wide > threshold else 0.0
+        k = len(self.sigmas)
+        return float(threshold) * self.refs[k] if float(readings[k]) / self.refs[k] > threshold else 0.0
 
     def wide_alone(self, readings: Sequence[float], threshold: float) -> bool:
         """True when the wide reading alone makes the score exceed ``threshold`` (no smoothed maximum does)."""
-        if self.quantile <= 0:
+        if self.wide_level(readings, threshold) <= 0:
             return False
-        wide, compact = self._wide_and_compact(readings)
-        return wide > threshold >= compact
+        k = len(self.sigmas)
+        return all(float(v) / r <= threshold for v, r in zip(readings[:k], self.refs[:k], strict=True))
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"sigmas": list(self.sigmas), "refs": [round(r, 6) for r in self.refs]}
