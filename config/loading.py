@@ -45,6 +45,14 @@ def set_dotted(data: dict[str, Any], keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
+def parse_override(text: str) -> tuple[str, Any]:
+    """A ``--set dotted.key=value`` argument -> (key, value), the value read as YAML (``[a, b]`` is a list)."""
+    if "=" not in text:
+        raise ValueError(f"--set expects dotted.key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw else ""
+
+
 def to_dict(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}

@@ -14,8 +14,7 @@ import traceback
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
-import yaml
-
+from config.loading import parse_override
 from config.settings import Settings, SettingsError, check_ident
 from stream.redact import install_log_redaction, redact_text
 
@@ -40,10 +39,10 @@ COMMANDS: Mapping[str, str] = MappingProxyType({
 
 
 def _parse_set(value: str) -> tuple[str, object]:
-    if "=" not in value:
-        raise argparse.ArgumentTypeError(f"--set expects dotted.key=value, got {value!r}")
-    key, raw = value.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw else ""
+    try:
+        return parse_override(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _line_id(value: str) -> str:

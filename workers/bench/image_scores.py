@@ -1,16 +1,21 @@
 """Image scores compared at the operating point: which reading of the anomaly map makes a verdict.
 
     .venv/bin/python -m workers.bench.image_scores [--data ../shared/data] [--cache /tmp/li-emb]
-        [--max-test 60] [--false-alarm-rate 0.01]
+        [--max-test 60] [--false-alarm-rate 0.01] [--set KEY=VALUE ...]
 
 Per category (MVTec layout): the memory is built from ``train/good`` as ``memory add`` builds it (default
-settings), the leave-one-out maps of the good images are computed as the calibration computes them, and each
+settings, or those ``--set`` gives), the leave-one-out maps of the good images are computed as the calibration computes them, and each
 test image (a slice balanced over defect types) is mapped with the line's search. Every candidate image score
 is then read off the same maps: the maximum after smoothing to sigma 8 / 16 / 24 / 32 / 48 / 64 px (at 1024) and the
-90th-99.9th percentiles of the map. For each it prints image AUROC (the ranking) and, at the threshold the
+25th-99.9th percentiles of the map. For each it prints image AUROC (the ranking) and, at the threshold the
 calibration sets from the leave-one-out scores for ``--false-alarm-rate`` (:func:`image_threshold`), the
-share of defective and of good test images flagged (what the line does). Label-free mode is not covered
-(its calibration reads its own references; use ``lineinspect eval --modes mutual``). Prints figures, asserts
+share of defective and of good test images flagged (what the line does). Then the same for combinations read
+as :class:`workers.memory.image_score.ImageScoreRule` combines them (each reading over its normal 90th
+percentile, the largest counts): the product's rule (24 px, 64 px, p90) and variants whose compact readings
+are taken above the frame's own median (``rel@S`` = ``max@S - p50``) and whose wide reading is the map's spread
+(``p90-p25``). ``--set KEY=VALUE`` overrides a setting (e.g. ``--set 'memory.layers=[neck, stage1, stage2,
+stage3]'``). Label-free mode is not covered (its
+calibration reads its own references; use ``lineinspect eval --modes mutual``). Prints figures, asserts
 nothing.
 """
 
@@ -25,7 +30,14 @@ import numpy as np
 from workers.bench import REPO_ROOT
 
 SIGMAS = (8.0, 16.0, 24.0, 32.0, 48.0, 64.0)
-PERCENTILES = (99.9, 99.5, 99.0, 98.0, 95.0, 90.0)
+PERCENTILES = (99.9, 99.5, 99.0, 98.0, 95.0, 90.0, 50.0, 25.0)
+COMBINATIONS = {  # name: candidate keys, combined as ImageScoreRule combines its readings
+    "rule": ("max@24", "max@64", "p90"),
+    "rule, rel@24": ("rel@24", "max@64", "p90"),
+    "rule, rel@24+64": ("rel@24", "rel@64", "p90"),
+    "rel@24+64": ("rel@24", "rel@64"),
+    "rel@24+64, spread": ("rel@24", "rel@64", "p90-p25"),
+}
 
 
 def candidate_scores(raw: np.ndarray, embedding, params) -> dict[str, float]:
@@ -35,7 +47,23 @@ def candidate_scores(raw: np.ndarray, embedding, params) -> dict[str, float]:
     out = {f"max@{s:g}": v for s, v in zip(SIGMAS, maxima, strict=True)}
     flat = raw.ravel()
     out.update({f"p{q:g}": float(np.percentile(flat, q)) for q in PERCENTILES})
+    out.update({f"rel@{s:g}": out[f"max@{s:g}"] - out["p50"] for s in SIGMAS})
+    out["p90-p25"] = out["p90"] - out["p25"]
     return out
+
+
+def combined(loo: list[dict], tests: list[tuple[bool, dict]], keys: tuple[str, ...]
+             ) -> tuple[list[dict], list[tuple[bool, dict]]]:
+    """Leave-one-out and test scores of one combination: max over ``keys`` of each over its normal reference."""
+    from workers.memory.image_score import REFERENCE_QUANTILE
+
+    refs = np.quantile(np.asarray([[x[k] for k in keys] for x in loo], np.float64), REFERENCE_QUANTILE, axis=0)
+    refs = np.maximum(refs, 1e-6)
+
+    def score(x: dict) -> dict:
+        return {"+".join(keys): float(max(x[k] / r for k, r in zip(keys, refs, strict=True)))}
+
+    return [score(x) for x in loo], [(d, score(x)) for d, x in tests]
 
 
 def auroc(good: np.ndarray, bad: np.ndarray) -> float:
@@ -74,12 +102,16 @@ def report(name: str, loo: list[dict], tests: list[tuple[bool, dict]], rate: flo
 
     print(f"\n{name}: {len(loo)} good images calibrate, {len(tests)} test images "
           f"({sum(d for d, _ in tests)} defective); threshold for a false-alarm rate of {rate:g}")
-    print(f"  {'score':10s} {'AUROC':>6s} {'defects flagged':>16s} {'good flagged':>13s}")
-    for key in loo[0]:
-        thr = image_threshold([x[key] for x in loo], rate).value
-        bad = np.array([s[key] for d, s in tests if d])
-        good = np.array([s[key] for d, s in tests if not d])
-        print(f"  {key:10s} {100 * auroc(good, bad):6.1f} {100 * float(np.mean(bad > thr)):15.1f}% "
+    print(f"  {'score':22s} {'AUROC':>6s} {'defects flagged':>16s} {'good flagged':>13s}")
+    rows = [(key, loo, tests, key) for key in loo[0]]
+    for name, keys in COMBINATIONS.items():
+        c_loo, c_tests = combined(loo, tests, keys)
+        rows.append((name, c_loo, c_tests, "+".join(keys)))
+    for label, r_loo, r_tests, key in rows:
+        thr = image_threshold([x[key] for x in r_loo], rate).value
+        bad = np.array([s[key] for d, s in r_tests if d])
+        good = np.array([s[key] for d, s in r_tests if not d])
+        print(f"  {label:22s} {100 * auroc(good, bad):6.1f} {100 * float(np.mean(bad > thr)):15.1f}% "
               f"{100 * float(np.mean(good > thr)):12.1f}%")
 
 
@@ -91,13 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--categories", default="", help="comma-separated category folder names (default all)")
     ap.add_argument("--max-test", type=int, default=60, help="test images per category (balanced; 0 = all)")
     ap.add_argument("--false-alarm-rate", type=float, default=0.0, help="default: detector.false_alarm_rate")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one setting, as lineinspect --set does (repeatable)")
     args = ap.parse_args(argv)
 
+    from config.loading import parse_override
     from config.settings import Settings
     from workers.dataset import find_categories
     from workers.offline import build_backend
 
-    settings = Settings()
+    settings = Settings().with_overrides(**dict(parse_override(o) for o in args.overrides))
     rate = args.false_alarm_rate or settings.detector.false_alarm_rate
     backend = build_backend(settings, args.cache)
     wanted = {c for c in args.categories.split(",") if c}
