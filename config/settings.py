@@ -246,6 +246,12 @@ class MemorySettings:
     # discoloured part): the level that 1 - wide_quantile of the frame reaches. A frame defective by this
     # reading alone publishes that share as its mask. Memories from good frames only. 0 = off
     wide_quantile: float = 0.9
+    # the readings as contrasts within the frame: the smoothed maxima above the map's median, the quantile
+    # above its 25th percentile, so that a level shift of the whole frame (another texture lot) moves no
+    # reading. For textured products whose good parts differ in overall texture level; off by default
+    # (docs/method.md, "Contrast readings"). Stored with the memory's rule: a worker scores with the rule the
+    # memory was built with
+    score_contrast: bool = False
     store: Literal["redis", "none"] = "redis"
     # nearest-neighbour search over the memory (workers/memory/search.py): exact (float32 matmul), bf16
     # (bfloat16 matmul, the best search_rerank candidates re-ranked in float32; 0 = none), projection (to

@@ -186,3 +186,53 @@ def test_wide_quantile_setting_is_validated_and_label_free_takes_one_reading():
     assert MemoryParams.from_settings(MemorySettings(wide_quantile=0.8)).wide_quantile == 0.8
     one = MemoryParams().one_reading()
     assert one.score_sigmas == (24.0,) and one.wide_quantile == 0.0
+
+
+def test_contrast_readings_ignore_a_level_shift_of_the_whole_frame():
+    """Contrast readings (``memory.score_contrast``): a good frame whose whole map is raised (another
+    texture lot, lighting) reads exactly as before and is not flagged, where the absolute readings flag it; a
+    compact defect and a change spread over a third of the frame are still flagged. The seed and wide levels
+    sit on the frame's own levels."""
+    normals = _normal_frames()
+    sigmas, q, s = ImageScoreRule.sigmas_for(PARAMS.image_sigma, PARAMS.area_sigma), PARAMS.wide_quantile, 4.0
+    assert not PARAMS.score_contrast  # off by default
+    rule = ImageScoreRule.fit(sigmas, [map_readings(m, EMB, sigmas, q, s, contrast=True) for m in normals], q,
+                              contrast=True)
+    absolute = ImageScoreRule.fit(sigmas, [map_readings(m, EMB, sigmas, q, s) for m in normals], q)
+    thr = image_threshold([rule.score(m, EMB, s) for m in normals], 0.01).value
+    abs_thr = image_threshold([absolute.score(m, EMB, s) for m in normals], 0.01).value
+
+    shifted = normals[0] + np.float32(0.15)
+    np.testing.assert_allclose(rule.readings(shifted, EMB, s), rule.readings(normals[0], EMB, s), atol=1e-5)
+    assert rule.score(shifted, EMB, s) <= thr < rule.score(shifted, EMB, s) + 1.0
+    assert absolute.score(shifted, EMB, s) > abs_thr
+
+    spot = _background(98)
+    cv2.circle(spot, (256, 256), 25, 1.2, -1)
+    r = rule.readings(spot, EMB, s)
+    assert rule.combine(r) > thr and not rule.wide_alone(r, thr)
+    base, wide_base = rule.bases(spot, EMB)
+    assert base == pytest.approx(float(np.median(spot)), abs=0.01) and wide_base < base
+    level = rule.raw_level(thr, base)
+    assert level == pytest.approx(base + thr * min(rule.refs[:2]))
+    assert rule.score(np.minimum(spot, level), EMB, s) <= thr + 1e-6  # nothing under the seed level can flag it
+
+    spread = _scattered_change(7, 0.3, 0.38)
+    r = rule.readings(spread, EMB, s)
+    assert rule.combine(r) > thr and rule.wide_alone(r, thr)
+    wide = rule.wide_level(r, thr, rule.bases(spread, EMB)[1])
+    assert 0.1 < float((spread >= wide).mean()) < 0.5  # the raised patches, not the background
+
+
+def test_contrast_rule_round_trips_and_old_rules_stay_absolute():
+    from config.settings import MemorySettings
+
+    rule = ImageScoreRule((24.0, 64.0), (0.5, 0.4, 0.2), 0.9, contrast=True)
+    assert rule.as_dict()["contrast"] is True
+    assert ImageScoreRule.from_calibration({"image_score": rule.as_dict()}) == rule
+    old = {"image_score": {"sigmas": [24.0, 64.0], "refs": [0.5, 0.4, 0.2], "quantile": 0.9}}
+    assert not ImageScoreRule.from_calibration(old).contrast
+    assert "above the frame's median" in rule.describe() and "above" not in ImageScoreRule((24.0,), (1.0,)).describe()
+    assert ImageScoreRule((24.0,), (0.5,)).bases(_background(3), EMB) == (0.0, 0.0)
+    assert MemoryParams.from_settings(MemorySettings(score_contrast=True)).score_contrast
+    assert not MemoryParams.from_settings(MemorySettings()).score_contrast

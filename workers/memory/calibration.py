@@ -167,7 +167,7 @@ def calibrate(raw_maps: Sequence[np.ndarray], params: MemoryParams, method: str,
     if pixels is None:
         pixels = np.concatenate([m[:: max(1, m.shape[0] // 256), :: max(1, m.shape[1] // 256)].ravel()
                                  for m in raw_maps])
-    rule = ImageScoreRule.fit(params.score_sigmas, readings, params.wide_quantile)
+    rule = ImageScoreRule.fit(params.score_sigmas, readings, params.wide_quantile, params.score_contrast)
     maxima = [rule.combine(r) for r in readings]
     thr = image_threshold(maxima, params.false_alarm_rate)
     pixel_thr = float(np.quantile(pixels, params.pixel_quantile))
@@ -198,6 +198,6 @@ def leave_one_out_maps(frame_feats: Sequence[Any], embeddings: Sequence[ImageEmb
         grid = _grid_scores(frame_feats[i], m, None, params.k, valid_grid(embeddings[i]))
         maps.append(raw_to_image(grid, embeddings[i], params.smoothing_sigma))
         scores.append(map_readings(maps[-1], embeddings[i], params.score_sigmas, params.wide_quantile,
-                                   params.smoothing_sigma))
+                                   params.smoothing_sigma, contrast=params.score_contrast))
     return maps, scores
 

@@ -156,7 +156,7 @@ def build_label_free(frame_feats: Sequence[Any], shapes: Sequence[tuple[int, int
         anomalous = _grid_mask_to_image(regions, embeddings[i], raw.shape)
         region_frames += bool(regions.any())
         maxima.append(map_readings(raw, embeddings[i], params.score_sigmas, params.wide_quantile,
-                                   params.smoothing_sigma, exclude=anomalous))
+                                   params.smoothing_sigma, exclude=anomalous, contrast=params.score_contrast))
         step = max(1, raw.shape[0] // 256), max(1, raw.shape[1] // 256)
         keep = ~anomalous[:: step[0], :: step[1]]
         pixels.append(raw[:: step[0], :: step[1]][keep])

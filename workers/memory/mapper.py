@@ -303,10 +303,11 @@ class MemoryMapper:
             return AnomalyMap(pixel=np.zeros((h, w), np.float32), image_score=0.0, raw=raw,
                               timings={"memory_features": t1 - t0, "memory_knn": t2 - t1,
                                        "memory_upsample": t3 - t2})
+        base, wide_base = rule.bases(raw, emb)
         return AnomalyMap(pixel=raw / np.float32(pix_thr), image_score=score / img_thr, raw=raw,
                           timings={"memory_features": t1 - t0, "memory_knn": t2 - t1, "memory_upsample": t3 - t2},
-                          seed_level=rule.raw_level(img_thr) / pix_thr,
-                          wide_level=rule.wide_level(readings, img_thr) / pix_thr,
+                          seed_level=rule.raw_level(img_thr, base) / pix_thr,
+                          wide_level=rule.wide_level(readings, img_thr, wide_base) / pix_thr,
                           wide_alone=rule.wide_alone(readings, img_thr))
 
     def _score_rule(self) -> ImageScoreRule:
@@ -323,6 +324,10 @@ class MemoryMapper:
                 log.warning("memory %s: image threshold calibrated with the image score readings %s, configured "
                             "%s: scoring with the stored rule until the memory is rebuilt", self.source,
                             _readings_text(rule.sigmas, rule.quantile), _readings_text(*configured))
+            elif rule.contrast != p.score_contrast:
+                log.warning("memory %s: image threshold calibrated with %s readings, configured %s: scoring with "
+                            "the stored rule until the memory is rebuilt", self.source,
+                            *("contrast" if c else "absolute" for c in (rule.contrast, p.score_contrast)))
             self._rule = (self.header, rule)
         return self._rule[1]
 

@@ -25,6 +25,7 @@ class MemoryParams:
     image_sigma: float = 24.0  # the image score is the max of the map smoothed to this sigma (1024-frame px) ...
     area_sigma: float = 64.0  # ... or to this one, for wide shallow defects (0 = off; workers.memory.image_score)
     wide_quantile: float = 0.9  # ... or the map's quantile, for a change over much of the frame (0 = off)
+    score_contrast: bool = False  # readings above the frame's own median / 25th percentile (image_score)
     calibration_quantile: float = 0.99
     calibration_frames: int = 64  # leave-one-out maps used for calibration (at most)
     online_margin: float = 0.5
@@ -58,6 +59,7 @@ class MemoryParams:
                    held_out_frames=m.held_out_frames, image_sigma=float(getattr(m, "image_sigma", cls.image_sigma)),
                    area_sigma=float(getattr(m, "area_sigma", cls.area_sigma)),
                    wide_quantile=float(getattr(m, "wide_quantile", cls.wide_quantile)),
+                   score_contrast=bool(getattr(m, "score_contrast", cls.score_contrast)),
                    held_out_margin=float(getattr(m, "held_out_margin", cls.held_out_margin)),
                    reload_interval_s=float(getattr(m, "reload_interval_s", cls.reload_interval_s)), **extra)
 
