@@ -87,11 +87,10 @@ def smoothed_maxima(raw: np.ndarray, embedding: ImageEmbedding, sigmas: Sequence
     return map_readings(raw, embedding, sigmas, 0.0, smoothing_sigma, exclude)
 
 
-def contrast_bases(raw: np.ndarray, embedding: ImageEmbedding, exclude: np.ndarray | None = None
-                   ) -> tuple[float, float]:
+def contrast_bases(raw: np.ndarray, embedding: ImageEmbedding) -> tuple[float, float]:
     """The levels contrast readings are taken above: the map's :data:`CONTRAST_BASE` and
     :data:`CONTRAST_WIDE_BASE` quantiles, read off the same reduced map as the readings."""
-    m, _ = _reduced(raw, embedding, exclude)
+    m, _ = _reduced(raw, embedding, None)
     return _bases(m)
 
 
