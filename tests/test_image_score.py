@@ -235,4 +235,4 @@ def test_contrast_rule_round_trips_and_old_rules_stay_absolute():
     assert "above the frame's median" in rule.describe() and "above" not in ImageScoreRule((24.0,), (1.0,)).describe()
     assert ImageScoreRule((24.0,), (0.5,)).bases(_background(3), EMB) == (0.0, 0.0)
     assert MemoryParams.from_settings(MemorySettings(score_contrast=True)).score_contrast
-    assert not MemoryParams.from_settings(MemorySettings()).score_contrast
+    assert MemoryParams.from_settings(MemorySettings(score_contrast=False)).score_contrast is False

