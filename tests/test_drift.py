@@ -195,6 +195,25 @@ def test_median_rise_without_flags_starts_drift_once_and_recovery_ends_it():
     assert not m.active and changes(run(m, good_stream("hazelnut", 300, seed=3), start=400)) == []
 
 
+def test_a_drift_started_on_a_short_history_lasts_while_the_rise_does():
+    """A line that has just started (few calm frames: starting forgets the window of the change itself and
+    leaves fewer than min_frames for a reference) keeps the reference the drift started against: a median rise
+    that lasts, nothing flagged, is one drift, not a drift and at once its end. The process test's scenario
+    (tests/test_drift_processes.py: 19 good frames, then 8 at gain 2.6, window 8)."""
+    s = DriftSettings(window_frames=8, min_frames=6)
+    m = DriftMonitor("L1", s, RATE)
+    before = run(m, good_stream("hazelnut", 19))
+    during = run(m, [min(r, 0.99) for r in good_stream("hazelnut", 16, seed=1, rise=GAIN_2_6_RISE)], start=19)
+    assert changes(before) == [] and all(u.figures.flagged == 0 for u in during)
+    (started,) = changes(during)
+    assert started[1] is DriftChange.STARTED and during[started[0]].episode.reason is DriftReason.MEDIAN_RISE
+    held = during[started[0]].figures.reference_median_ratio
+    assert held is not None and all(u.active for u in during[started[0]:])
+    assert all(u.figures.reference_median_ratio == held for u in during[started[0]:])
+    (ended,) = changes(run(m, good_stream("hazelnut", 16, seed=2), start=35))
+    assert ended[1] is DriftChange.ENDED and not m.active
+
+
 def test_burst_of_real_defects_on_a_line_with_a_reference_is_no_drift():
     m = DriftMonitor("L1", DriftSettings(), RATE)
     ratios = good_stream("hazelnut", 200)

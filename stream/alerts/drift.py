@@ -141,6 +141,9 @@ class DriftMonitor:
         self._calm: deque[float] = deque(maxlen=(REFERENCE_WINDOWS + 1) * settings.window_frames)
         self._episode: DriftEpisode | None = None
         self._ended: DriftEpisode | None = None  # the last finished drift
+        # the reference median the drift started against, held while it lasts (the calm frames of the lag are
+        # forgotten at the start, which can leave too few for a reference: the end rule must not read that as calm)
+        self._held_reference: float | None = None
 
     @property
     def active(self) -> bool:
@@ -173,13 +176,14 @@ class DriftMonitor:
             reason = self.start_reason(f)
             if reason is not None:
                 self._episode = DriftEpisode(ts, 1, int(self._window[-1].flagged), reason)
+                self._held_reference = f.reference_median_ratio
                 self._forget_lag()  # frames of the change itself never become the reference
                 return DriftChange.STARTED
             if f.p_value > s.max_p_value:  # the line matches its calibration: the frame may become the reference
                 self._calm.append(self._window[-1].ratio)
             return None
         if self.calm(f):
-            self._ended, self._episode = self._episode, None
+            self._ended, self._episode, self._held_reference = self._episode, None, None
             return DriftChange.ENDED
         return None
 
@@ -218,5 +222,5 @@ class DriftMonitor:
             frames=n, flagged=flagged, expected_share=self.expected_share,
             p_value=binomial_tail(flagged, n, self.expected_share),
             median_ratio=statistics.median(x.ratio for x in self._window) if n else 0.0,
-            reference_median_ratio=self._reference(),
+            reference_median_ratio=self._held_reference if self._episode is not None else self._reference(),
             window_s=(self._window[-1].ts - self._window[0].ts) if n else 0.0)
