@@ -439,7 +439,8 @@ class DriftSettings:
     # drift also starts when the window's median image score / threshold is this much above the line's reference
     # median (of earlier frames that matched the calibration), however few frames are flagged; it ends when the
     # median is back within half of it. Measured: good frames' window medians rose at most 0.14 (hazelnut),
-    # 0.12 (commutator), 0.06 (metal plate); gain 2.6 on hazelnut +0.25, gain 1.6 +0.10 (docs/operations.md)
+    # 0.12 (commutator), 0.06 (metal plate); gain 2.6 on hazelnut +0.25, gain 1.6 +0.10 (docs/operations.md; with
+    # the stage-1 tap and contrast readings gain 2.6 gave +0.18, tests/test_drift_processes.py)
     start_median_rise: float = 0.15
 
     def __post_init__(self) -> None:
