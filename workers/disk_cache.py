@@ -9,7 +9,8 @@ their size and modification time, and the taps, so a changed model never serves 
 Entries are float16, and a miss returns the encoder output rounded the same way: a run gives the same maps
 whether the cache was cold or warm (returning the float32 output on a miss moved commutator's F1-max by 0.8
 between a first and a second ``eval``). Decoding is passed through untouched. Writes go to a temporary name
-first and are renamed into place, so two processes sharing a cache folder never read half a file. Not used by the streaming worker.
+first and are renamed into place, so two processes sharing a cache folder never read half a file. Not used by
+the streaming worker.
 """
 
 from __future__ import annotations

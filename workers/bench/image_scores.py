@@ -4,8 +4,8 @@
         [--max-test 60] [--false-alarm-rate 0.01] [--set KEY=VALUE ...]
 
 Per category (MVTec layout): the memory is built from ``train/good`` as ``memory add`` builds it (default
-settings, or those ``--set`` gives), the leave-one-out maps of the good images are computed as the calibration computes them, and each
-test image (a slice balanced over defect types) is mapped with the line's search. Every candidate image score
+settings, or those ``--set`` gives), the leave-one-out maps of the good images are computed as the calibration
+computes them, and each test image (a slice balanced over defect types) is mapped with the line's search. Every candidate image score
 is then read off the same maps: the maximum after smoothing to sigma 8 / 16 / 24 / 32 / 48 / 64 px (at 1024) and the
 25th-99.9th percentiles of the map. For each it prints image AUROC (the ranking) and, at the threshold the
 calibration sets from the leave-one-out scores for ``--false-alarm-rate`` (:func:`image_threshold`), the

@@ -36,11 +36,12 @@ wide readings' references and lift them. Measured label-free with both readings 
 20 % of defects flagged, and hazelnut_toy flagged one of its six good images; mean good flagged went 4.4 ->
 10.0 %.
 
-Contrast readings (``memory.score_contrast``, off by default): each reading above the frame's own level (the
+Contrast readings (``memory.score_contrast``, on by default): each reading above the frame's own level (the
 smoothed maxima above the map's median, the wide quantile above its 25th percentile,
 :func:`contrast_bases`), so that a level shift of the whole map moves none. They rank a textured product whose
-items differ in overall texture better (commutator image AUROC 91.4 -> 95.4) but lose hazelnut_toy's colour
-spots against the nut's bright body; figures in docs/method.md.
+items differ in overall texture better (commutator image AUROC 91.4 -> 95.4); on the earlier default layers
+they lost hazelnut_toy's colour spots against the nut's bright body, with the stage-1 tap they do not;
+figures in docs/method.md.
 
 The rule is stored in the memory header (``calibration.image_score``); a worker scores with the stored rule
 until the memory is rebuilt, so a changed setting never mis-scores a stored threshold. A header without it
@@ -106,6 +107,14 @@ def map_readings(raw: np.ndarray, embedding: ImageEmbedding, sigmas: Sequence[fl
     and, when ``quantile`` > 0, the map's ``quantile`` (the level that ``1 - quantile`` of the frame reaches,
     read off the same reduced map). ``contrast``: each taken above the frame's own level
     (:func:`contrast_bases`; never below 0)."""
+    return _readings_and_bases(raw, embedding, sigmas, quantile, smoothing_sigma, exclude, contrast)[0]
+
+
+def _readings_and_bases(raw: np.ndarray, embedding: ImageEmbedding, sigmas: Sequence[float], quantile: float,
+                        smoothing_sigma: float, exclude: np.ndarray | None, contrast: bool
+                        ) -> tuple[tuple[float, ...], tuple[float, float]]:
+    """:func:`map_readings` and the levels they were taken above ((0, 0) unless ``contrast``), from one
+    reduction of the map."""
     m, f = _reduced(raw, embedding, exclude)
     base, wide_base = _bases(m) if contrast else (0.0, 0.0)
     (ih, _), (oh, _) = embedding.input_size, embedding.original_size
@@ -116,7 +125,7 @@ def map_readings(raw: np.ndarray, embedding: ImageEmbedding, sigmas: Sequence[fl
         out.append(max(float(s.max()) - base, 0.0))
     if quantile > 0:
         out.append(max(float(np.quantile(m, quantile)) - wide_base, 0.0))
-    return tuple(out)
+    return tuple(out), (base, wide_base)
 
 
 def _readings_count(sigmas: Sequence[float], quantile: float) -> int:
@@ -175,6 +184,12 @@ class ImageScoreRule:
     def readings(self, raw: np.ndarray, embedding: ImageEmbedding, smoothing_sigma: float,
                  exclude: np.ndarray | None = None) -> tuple[float, ...]:
         return map_readings(raw, embedding, self.sigmas, self.quantile, smoothing_sigma, exclude, self.contrast)
+
+    def readings_and_bases(self, raw: np.ndarray, embedding: ImageEmbedding, smoothing_sigma: float
+                           ) -> tuple[tuple[float, ...], tuple[float, float]]:
+        """:meth:`readings` of the whole frame and :meth:`bases`, from one reduction of the map (the mapper's
+        per-frame path)."""
+        return _readings_and_bases(raw, embedding, self.sigmas, self.quantile, smoothing_sigma, None, self.contrast)
 
     def bases(self, raw: np.ndarray, embedding: ImageEmbedding) -> tuple[float, float]:
         """The frame's levels the readings are taken above (:func:`contrast_bases`); (0, 0) for absolute ones."""

@@ -296,14 +296,13 @@ class MemoryMapper:
         raw = raw_to_image(nn.numpy().reshape(shape), emb, self.params.smoothing_sigma)
         img_thr, pix_thr = self._thresholds()
         rule = self._score_rule()
-        readings = rule.readings(raw, emb, self.params.smoothing_sigma)
+        readings, (base, wide_base) = rule.readings_and_bases(raw, emb, self.params.smoothing_sigma)
         score = rule.combine(readings)
         t3 = time.perf_counter()
         if img_thr <= 0:  # warm-up with too few frames for provisional thresholds
             return AnomalyMap(pixel=np.zeros((h, w), np.float32), image_score=0.0, raw=raw,
                               timings={"memory_features": t1 - t0, "memory_knn": t2 - t1,
                                        "memory_upsample": t3 - t2})
-        base, wide_base = rule.bases(raw, emb)
         return AnomalyMap(pixel=raw / np.float32(pix_thr), image_score=score / img_thr, raw=raw,
                           timings={"memory_features": t1 - t0, "memory_knn": t2 - t1, "memory_upsample": t3 - t2},
                           seed_level=rule.raw_level(img_thr, base) / pix_thr,
