@@ -14,7 +14,9 @@ as :class:`workers.memory.image_score.ImageScoreRule` combines them (each readin
 percentile, the largest counts): the product's rule (24 px, 64 px, p90) and variants whose compact readings
 are taken above the frame's own median (``rel@S`` = ``max@S - p50``) and whose wide reading is the map's spread
 (``p90-p25``). ``--set KEY=VALUE`` overrides a setting (e.g. ``--set 'memory.layers=[neck, stage1, stage2,
-stage3]'``). Label-free mode is not covered (its
+stage3]'``). Under the table, where the threshold of the product's combination sits (the rule that set it;
+good leave-one-out, good test and missed defects' scores in its units). ``--from-dump FILE`` reports from an
+earlier ``--dump`` without computing anything. Label-free mode is not covered (its
 calibration reads its own references; use ``lineinspect eval --modes mutual``). Prints figures, asserts
 nothing.
 """
@@ -97,7 +99,31 @@ def category_scores(cat, backend, settings, max_test: int) -> tuple[list[dict], 
     return loo, tests
 
 
-def report(name: str, loo: list[dict], tests: list[tuple[bool, dict]], rate: float) -> None:
+def product_rule(contrast: bool) -> str:
+    """The combination the product's :class:`ImageScoreRule` reads (``memory.score_contrast`` on or off)."""
+    return "rel@24+64, spread" if contrast else "rule"
+
+
+def threshold_detail(label: str, r_loo: list[dict], r_tests: list[tuple[bool, dict]], key: str, rate: float) -> None:
+    """Where the calibrated threshold of one score sits: the rule that set it, and the leave-one-out and test
+    scores around it in units of the threshold."""
+    from workers.memory.calibration import image_threshold
+
+    thr = image_threshold([x[key] for x in r_loo], rate)
+    loo = np.array([x[key] for x in r_loo]) / thr.value
+    good = np.array([s[key] for d, s in r_tests if not d]) / thr.value
+    bad = np.sort(np.array([s[key] for d, s in r_tests if d]) / thr.value)
+
+    def q(v: np.ndarray) -> str:
+        return "/".join(f"{x:.2f}" for x in np.quantile(v, (0.5, 0.9, 1.0))) if len(v) else "-"
+
+    missed = bad[bad <= 1.0]
+    print(f"  threshold of '{label}': {thr.rule}; in its units, median/90th/max: good leave-one-out {q(loo)}, "
+          f"good test {q(good)}; defects missed {len(missed)} of {len(bad)}, the highest of them at "
+          f"{(missed[-3:] if len(missed) else bad[:0]).round(3).tolist()}")
+
+
+def report(name: str, loo: list[dict], tests: list[tuple[bool, dict]], rate: float, contrast: bool) -> None:
     from workers.memory.calibration import image_threshold
 
     print(f"\n{name}: {len(loo)} good images calibrate, {len(tests)} test images "
@@ -113,6 +139,9 @@ def report(name: str, loo: list[dict], tests: list[tuple[bool, dict]], rate: flo
         good = np.array([s[key] for d, s in r_tests if not d])
         print(f"  {label:22s} {100 * auroc(good, bad):6.1f} {100 * float(np.mean(bad > thr)):15.1f}% "
               f"{100 * float(np.mean(good > thr)):12.1f}%")
+    for label, r_loo, r_tests, key in rows:
+        if label == product_rule(contrast):
+            threshold_detail(label, r_loo, r_tests, key, rate)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=str(REPO_ROOT.parent / "shared" / "data"))
     ap.add_argument("--cache", default="", help="folder for cached embeddings (empty: no cache)")
     ap.add_argument("--dump", default="", help="write every candidate score (good leave-one-out and test) to this JSON file")
+    ap.add_argument("--from-dump", default="", help="report from a --dump file instead of computing the scores")
     ap.add_argument("--categories", default="", help="comma-separated category folder names (default all)")
     ap.add_argument("--max-test", type=int, default=60, help="test images per category (balanced; 0 = all)")
     ap.add_argument("--false-alarm-rate", type=float, default=0.0, help="default: detector.false_alarm_rate")
@@ -134,14 +164,21 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = Settings().with_overrides(**dict(parse_override(o) for o in args.overrides))
     rate = args.false_alarm_rate or settings.detector.false_alarm_rate
-    backend = build_backend(settings, args.cache)
     wanted = {c for c in args.categories.split(",") if c}
+    contrast = settings.memory.score_contrast
+    if args.from_dump:
+        for name, d in json.loads(Path(args.from_dump).read_text()).items():
+            if not wanted or name in wanted:
+                tests = [(x.pop("defect"), x) for x in d["test"]]
+                report(name, d["good_loo"], tests, rate, contrast)
+        return 0
+    backend = build_backend(settings, args.cache)
     dump = {}
     for cat in find_categories(Path(args.data)):
         if wanted and cat.name not in wanted:
             continue
         loo, tests = category_scores(cat, backend, settings, args.max_test)
-        report(cat.name, loo, tests, rate)
+        report(cat.name, loo, tests, rate, contrast)
         dump[cat.name] = {"good_loo": loo, "test": [{"defect": d, **s} for d, s in tests]}
     if args.dump:
         Path(args.dump).write_text(json.dumps(dump, indent=1))
