@@ -104,12 +104,9 @@ def product_rule(contrast: bool) -> str:
     return "rel@24+64, spread" if contrast else "rule"
 
 
-def threshold_detail(label: str, r_loo: list[dict], r_tests: list[tuple[bool, dict]], key: str, rate: float) -> None:
-    """Where the calibrated threshold of one score sits: the rule that set it, and the leave-one-out and test
-    scores around it in units of the threshold."""
-    from workers.memory.calibration import image_threshold
-
-    thr = image_threshold([x[key] for x in r_loo], rate)
+def threshold_detail(label: str, thr, r_loo: list[dict], r_tests: list[tuple[bool, dict]], key: str) -> None:
+    """Where the calibrated threshold ``thr`` (:class:`ImageThreshold`) of one score sits: the rule that set it,
+    and the leave-one-out and test scores around it in units of the threshold."""
     loo = np.array([x[key] for x in r_loo]) / thr.value
     good = np.array([s[key] for d, s in r_tests if not d]) / thr.value
     bad = np.sort(np.array([s[key] for d, s in r_tests if d]) / thr.value)
@@ -120,7 +117,7 @@ def threshold_detail(label: str, r_loo: list[dict], r_tests: list[tuple[bool, di
     missed = bad[bad <= 1.0]
     print(f"  threshold of '{label}': {thr.rule}; in its units, median/90th/max: good leave-one-out {q(loo)}, "
           f"good test {q(good)}; defects missed {len(missed)} of {len(bad)}, the highest of them at "
-          f"{(missed[-3:] if len(missed) else bad[:0]).round(3).tolist()}")
+          f"{missed[-3:].round(3).tolist()}")
 
 
 def report(name: str, loo: list[dict], tests: list[tuple[bool, dict]], rate: float, contrast: bool) -> None:
@@ -133,15 +130,18 @@ def report(name: str, loo: list[dict], tests: list[tuple[bool, dict]], rate: flo
     for name, keys in COMBINATIONS.items():
         c_loo, c_tests = combined(loo, tests, keys)
         rows.append((name, c_loo, c_tests, "+".join(keys)))
+    detail = None
     for label, r_loo, r_tests, key in rows:
-        thr = image_threshold([x[key] for x in r_loo], rate).value
+        calibrated = image_threshold([x[key] for x in r_loo], rate)
+        thr = calibrated.value
         bad = np.array([s[key] for d, s in r_tests if d])
         good = np.array([s[key] for d, s in r_tests if not d])
         print(f"  {label:22s} {100 * auroc(good, bad):6.1f} {100 * float(np.mean(bad > thr)):15.1f}% "
               f"{100 * float(np.mean(good > thr)):12.1f}%")
-    for label, r_loo, r_tests, key in rows:
         if label == product_rule(contrast):
-            threshold_detail(label, r_loo, r_tests, key, rate)
+            detail = (label, calibrated, r_loo, r_tests, key)
+    if detail is not None:
+        threshold_detail(*detail)
 
 
 def main(argv: list[str] | None = None) -> int:
