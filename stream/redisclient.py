@@ -43,6 +43,13 @@ REDIS_RETRY_INITIAL_S = 0.05
 REDIS_RETRY_MAX_S = 0.1
 
 
+# retries inside one cluster command (CLUSTERDOWN, an unserved slot, a lost node): redis-py's default (10, with
+# a 0.25 s pause and up to 1 s of backoff each) holds one command for several seconds, and the camera with it.
+# Two bounded retries ride over a topology refresh; a longer outage reaches the caller within about a second,
+# as on a single Redis, and ingest counts the frames it drops meanwhile (redis_error) instead of stalling.
+CLUSTER_RETRIES = 2
+
+
 def redis_backoff() -> Backoff:
     """The backoff between attempts to reach an unreachable Redis (ingest, workers)."""
     return Backoff(REDIS_RETRY_INITIAL_S, REDIS_RETRY_MAX_S)
@@ -57,12 +64,17 @@ def connect(url: str, *, cluster: bool = False, asyncio: bool = False, **kwargs:
         else:
             import redis as module
         return module.Redis.from_url(url, **kwargs)
+    from redis.backoff import ConstantBackoff
+
     if asyncio:
         from redis.asyncio.cluster import RedisCluster
+        from redis.asyncio.retry import Retry
     else:
         from redis.cluster import RedisCluster
+        from redis.retry import Retry
     scheme, _, rest = url.partition("://")
     host, _, _db = rest.partition("/")  # a cluster has database 0 only
+    kwargs.setdefault("retry", Retry(ConstantBackoff(REDIS_RETRY_MAX_S), CLUSTER_RETRIES))
     return RedisCluster.from_url(f"{scheme}://{host}", **kwargs)
 
 

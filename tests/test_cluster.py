@@ -332,6 +332,50 @@ def test_preview_reads_lines_on_two_masters(redis_cluster, demo_data):
         sync.close()
 
 
+def test_unserved_slot_fails_a_command_fast_instead_of_holding_it(redis_cluster):
+    """A command on a slot no master serves raises within about a second (CLUSTER_RETRIES bounded retries), on
+    the sync client (ingest) and the asyncio one (workers), so ingest counts the frames it drops meanwhile
+    instead of holding the camera for the whole outage. redis-py's default retries (10, each with a 0.25 s
+    pause and backoff) held one XADD for several seconds, long enough to outlast a short outage and leave
+    nothing counted (the CI failure of the test below: dropped_redis 0)."""
+    import asyncio
+
+    import redis
+
+    rs = RedisSettings(url=redis_cluster.url, key_prefix=PREFIX, key_layout="line_tag")
+    key = f"{PREFIX}:probe"
+    slot = key_slot(key)
+    owner = redis.Redis(port=redis_cluster.port_of_slot(slot), socket_timeout=2)
+
+    def timed(call) -> float:
+        t0 = time.monotonic()
+        with pytest.raises((redis.exceptions.ClusterDownError, redis.exceptions.SlotNotCoveredError)):
+            call()
+        return time.monotonic() - t0
+
+    async def attempt() -> tuple[float, float]:
+        client, aclient = make_client(rs), make_client(rs, asyncio=True)
+        try:
+            client.ping()
+            await aclient.ping()
+            owner.execute_command("CLUSTER", "DELSLOTS", slot)
+            sync_s = timed(lambda: client.xadd(key, {"f": b"1"}))
+            t0 = time.monotonic()
+            with pytest.raises((redis.exceptions.ClusterDownError, redis.exceptions.SlotNotCoveredError)):
+                await aclient.xadd(key, {"f": b"1"})
+            return sync_s, time.monotonic() - t0
+        finally:
+            client.close()
+            await aclient.aclose()
+
+    try:
+        sync_s, async_s = asyncio.run(attempt())
+        assert sync_s < 2.5 and async_s < 2.5, (sync_s, async_s)
+    finally:
+        owner.execute_command("CLUSTER", "ADDSLOTS", slot)
+        owner.close()
+
+
 def test_unserved_slot_clusterdown_is_survived(redis_cluster, tmp_path):
     """CLUSTERDOWN (the line's slot not served: CLUSTER DELSLOTS on its master, then ADDSLOTS back) is Redis
     being down for ingest and worker: frames counted as redis_error, no crash, results resume."""
