@@ -55,10 +55,11 @@ def layer_grid(embedding: ImageEmbedding, layer: str) -> np.ndarray:
 
 
 def patch_features(embedding: ImageEmbedding, neighbourhood: int = 3, norm: str = "l2",
-                   layers: Sequence[str] = ("neck",)):
-    """torch float32 [gh*gw, C] patch features of the valid grid, locally averaged; and (gh, gw).
+                   layers: Sequence[str] = ("neck",), device: str = "cpu"):
+    """torch float32 [gh*gw, C] patch features of the valid grid, locally averaged, on the CPU; and (gh, gw).
     Several ``layers``: each resampled to the neck's grid and L2-normalised (``norm=l2``), concatenated, then
-    normalised again (so that every layer weighs the same in the distance).
+    normalised again (so that every layer weighs the same in the distance). ``device`` (a resolved torch
+    device, e.g. the memory search's): where they are computed; the result comes back to the CPU either way.
 
     Each layer is made patch-major and contiguous before its norms are taken: torch's norm over a transposed
     view (stride C) is an order of magnitude slower (``map.memory_features`` of ``workers.bench.gpu_check``:
@@ -71,7 +72,7 @@ def patch_features(embedding: ImageEmbedding, neighbourhood: int = 3, norm: str 
     parts = []
     for layer in layers:
         x = torch.from_numpy(np.ascontiguousarray(layer_grid(embedding, layer), dtype=np.float32))[None]
-        x = _resample(torch, x, grid)[:, :, :gh, :gw]
+        x = _resample(torch, x.to(device), grid)[:, :, :gh, :gw]
         if neighbourhood > 1:
             x = torch.nn.functional.avg_pool2d(x, neighbourhood, stride=1, padding=neighbourhood // 2,
                                                count_include_pad=False)
@@ -80,7 +81,7 @@ def patch_features(embedding: ImageEmbedding, neighbourhood: int = 3, norm: str 
     f = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
     if norm == "l2" and len(parts) > 1:
         f = torch.nn.functional.normalize(f, dim=1)
-    return f, (gh, gw)
+    return f.cpu(), (gh, gw)
 
 
 def _resample(torch, x, grid: tuple[int, int]):

@@ -158,7 +158,12 @@ class MemoryMapper:
     def _features(self, image_bgr: np.ndarray | None, embedding: ImageEmbedding):
         if self.features_fn is not None:
             embedding = self.features_fn(image_bgr, embedding)
-        return patch_features(embedding, self.params.neighbourhood, self.params.norm, self.params.layers), embedding
+        return self._patch_features(embedding), embedding
+
+    def _patch_features(self, embedding: ImageEmbedding):
+        """The frame's patch features, computed where the memory is searched (``memory.device``)."""
+        return patch_features(embedding, self.params.neighbourhood, self.params.norm, self.params.layers,
+                              device=self.rows.search.device)
 
 
     def _features_of(self, image_bgr: np.ndarray | None, embedding: ImageEmbedding):
@@ -253,7 +258,7 @@ class MemoryMapper:
             raise ValueError("label-free memory needs at least three frames")
         feats, shapes = [], []
         for e in embs:
-            f, shape = patch_features(e, self.params.neighbourhood, self.params.norm, self.params.layers)
+            f, shape = self._patch_features(e)
             feats.append(f)
             shapes.append(shape)
         # one reading only: the wide readings' normal references cannot be read off unlabeled frames (a wide
