@@ -274,7 +274,7 @@ class MemorySettings:
     search_scan: Literal["auto", "float32", "bfloat16"] = "auto"
     search_nlist: int = 128
     search_nprobe: int = 8
-    device: str = "cpu"  # "cuda" / "cuda:N": memory and search on the GPU (falls back to cpu with a warning)
+    device: str = "cpu"  # "cuda" / "cuda:N": patch features, memory, search on the GPU (else cpu, warned)
 
     def __post_init__(self) -> None:
         positive("memory.max_patches", self.max_patches)
