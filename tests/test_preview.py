@@ -310,6 +310,61 @@ def test_line_source_survives_a_redis_restart(own_redis, demo_data):
     asyncio.run(scenario())
 
 
+def test_line_source_survives_an_unserved_slot_on_a_cluster(redis_cluster, demo_data):
+    """On a Redis Cluster, the line's slot without a master (CLUSTER DELSLOTS, then ADDSLOTS) is Redis being
+    down for the preview too: the source keeps retrying (it ended on CLUSTERDOWN before, which is not a
+    connection error) and shows the frames that come after."""
+    import redis
+
+    from stream.keys import key_slot
+    from stream.redisclient import make_client
+
+    line, cam = "lineC", "cam0"
+    keys = line_keys("lip", line, "line_tag")
+    slot = key_slot(keys.frames)
+    owner = redis.Redis(port=redis_cluster.port_of_slot(slot), socket_timeout=2)
+    img = cv2.imread(str(demo_data / "train" / "good" / "02.jpg"))
+    rs = RedisSettings(url=redis_cluster.url, key_prefix="lip", key_layout="line_tag", socket_timeout_s=1.0)
+
+    def payload(seq: int) -> bytes:
+        return encode_frame(image_to_frame(img, line_id=line, camera_id=cam, seq=seq, session="7",
+                                           capture_ts=2000.0 + seq, encoding=Encoding.JPEG))
+
+    async def shown_after(client, src, seen: int, seqs):
+        for seq in seqs:  # the source reads from the stream's end: add frames until it shows one
+            await client.xadd(keys.frames, {PAYLOAD_FIELD: payload(seq)})
+            try:
+                return await asyncio.wait_for(src.wait_newer(seen), 0.5)
+            except asyncio.TimeoutError:
+                continue
+        return None, seen
+
+    async def scenario():
+        client = make_client(rs, asyncio=True)
+        src = LineSource(client, keys, PreviewOptions(redis=rs, host="127.0.0.1", port=0, token=TOKEN,
+                                                      result_wait_s=0.0, block_ms=200))
+        src.start()
+        try:
+            first, seen = await shown_after(client, src, 0, range(100, 160))
+            assert first is not None
+            owner.execute_command("CLUSTER", "DELSLOTS", slot)
+            await asyncio.sleep(2.0)
+            assert src.running, "the source must keep retrying, not end"
+            owner.execute_command("CLUSTER", "ADDSLOTS", slot)
+            got, seen = await shown_after(client, src, seen, range(200, 280))
+            assert got is not None and got.pts > first.pts
+        finally:
+            await src.stop()
+            await client.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        if slot not in [s for r in owner.execute_command("CLUSTER", "SLOTS") for s in range(r[0], r[1] + 1)]:
+            owner.execute_command("CLUSTER", "ADDSLOTS", slot)
+        owner.close()
+
+
 # ------------------------------------------------------------------------------------------ end to end
 
 

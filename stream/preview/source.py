@@ -90,14 +90,14 @@ class LineSource:
 
     # -------------------------------------------------------------------------------- reading
     async def _run(self) -> None:
-        import redis
+        from stream.redisclient import unavailable_errors
 
         backoff = Backoff(RECONNECT_INITIAL_S, RECONNECT_MAX_S)
         try:
             while not self._closed:
                 try:
                     await self._read_loop()
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                except unavailable_errors() as exc:  # a lost connection, and on a cluster CLUSTERDOWN & co
                     # viewers keep their connection (the video pauses); reading resumes at the streams' end
                     delay = backoff.next_delay()
                     log.warning("preview: line %s: Redis unreachable (%s), retrying in %.1fs", self.keys.line,
