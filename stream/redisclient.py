@@ -75,6 +75,10 @@ def connect(url: str, *, cluster: bool = False, asyncio: bool = False, **kwargs:
     scheme, _, rest = url.partition("://")
     host, _, _db = rest.partition("/")  # a cluster has database 0 only
     kwargs.setdefault("retry", Retry(ConstantBackoff(REDIS_RETRY_MAX_S), CLUSTER_RETRIES))
+    # a line's keys live in one slot: a client must start, and go on, while another line's slot has no master
+    # (redis-py's default refuses to build its slot table then, with an error that is not even a RedisError);
+    # a command on an unserved slot raises SlotNotCoveredError / CLUSTERDOWN, which callers treat as Redis down
+    kwargs.setdefault("require_full_coverage", False)
     return RedisCluster.from_url(f"{scheme}://{host}", **kwargs)
 
 

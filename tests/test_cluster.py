@@ -377,6 +377,51 @@ def test_unserved_slot_fails_a_command_fast_instead_of_holding_it(redis_cluster)
         owner.close()
 
 
+def test_a_client_starts_and_serves_its_line_while_another_lines_slot_is_unserved(redis_cluster):
+    """A process that starts (or rebuilds its client) while another line's master is away still serves its own
+    line: sync (ingest, alerts, CLI) and asyncio (workers) clients build their slot table with a slot missing
+    (require_full_coverage off), and a command on the missing slot is an unavailable error, not a crash.
+    redis-py's default refused to build the table ("All slots are not covered", a RedisClusterException,
+    not even a RedisError)."""
+    import asyncio
+
+    import redis
+
+    from stream.redisclient import unavailable_errors
+
+    rs = RedisSettings(url=redis_cluster.url, key_prefix=PREFIX, key_layout="line_tag")
+    # the other line on the node the clients start from: its own view lacks the slot at once (other nodes learn
+    # it by gossip), so the slot table a client builds from it misses that slot
+    start_port = int(redis_cluster.url.rsplit(":", 1)[1].split("/")[0])
+    theirs, ours = (line_keys(PREFIX, line, "line_tag").frames
+                    for line in lines_on_two_masters(redis_cluster, 2, first_on=start_port))
+    slot = key_slot(theirs)
+    assert redis_cluster.port_of_slot(slot) == start_port
+    owner = redis.Redis(port=redis_cluster.port_of_slot(slot), socket_timeout=2)
+    owner.execute_command("CLUSTER", "DELSLOTS", slot)
+    try:
+        client = make_client(rs)
+        try:
+            assert client.xadd(ours, {"f": b"1"})
+            with pytest.raises(unavailable_errors()):
+                client.xadd(theirs, {"f": b"1"})
+        finally:
+            client.close()
+
+        async def async_side():
+            aclient = make_client(rs, asyncio=True)
+            try:
+                assert await aclient.xadd(ours, {"f": b"2"})
+                assert await aclient.xlen(ours) == 2
+            finally:
+                await aclient.aclose()
+
+        asyncio.run(async_side())
+    finally:
+        owner.execute_command("CLUSTER", "ADDSLOTS", slot)
+        owner.close()
+
+
 def test_unserved_slot_clusterdown_is_survived(redis_cluster, tmp_path):
     """CLUSTERDOWN (the line's slot not served: CLUSTER DELSLOTS on its master, then ADDSLOTS back) is Redis
     being down for ingest and worker: frames counted as redis_error, no crash, results resume."""
