@@ -89,14 +89,23 @@ class Procs:
         self.procs: list[subprocess.Popen] = []
         self.killed: set[int] = set()  # pids this harness SIGKILLed on purpose
 
+    def _command(self, args: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
+        """The ``lineinspect`` command line with this harness's settings file, and its environment."""
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        return [sys.executable, "-m", "stream.cli", "--config", str(self.config_path), *args], env
+
     def spawn(self, *args: str) -> subprocess.Popen:
         log = open(self.workdir / f"{len(self.procs):03d}-{args[0]}.log", "wb")  # noqa: SIM115 (kept open)
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen([sys.executable, "-m", "stream.cli", "--config", str(self.config_path), *args],
-                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        cmd, env = self._command(args)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         proc.log_path = log.name
         self.procs.append(proc)
         return proc
+
+    def run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        """A one-shot command (``memory add``, ``config``...) to its end; stdout and stderr apart."""
+        cmd, env = self._command(args)
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
     def worker(self, worker_id: str, detector: str = "noop") -> subprocess.Popen:
         return self.spawn("worker", "--line", "L1", "--id", worker_id, "--detector", detector)

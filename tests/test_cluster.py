@@ -5,7 +5,6 @@ processes per line, one result per frame; a master restarted mid-stream, its los
 from __future__ import annotations
 
 import collections
-import os
 import re
 import threading
 import time
@@ -477,12 +476,8 @@ def test_memory_cli_builds_shows_and_clears_a_line_on_the_cluster(redis_cluster,
     through the cluster client, `clear` removes every key of it."""
     import json
     import shutil
-    import subprocess
-    import sys
 
     import redis
-
-    from stream.chaos_procs import ROOT
 
     (line,) = lines_on_two_masters(redis_cluster, 1)
     good = tmp_path / "good"
@@ -492,9 +487,7 @@ def test_memory_cli_builds_shows_and_clears_a_line_on_the_cluster(redis_cluster,
     procs = Procs(tmp_path, _config(redis_cluster, [], tmp_path))
 
     def cli(*args):
-        run = subprocess.run([sys.executable, "-m", "stream.cli", "--config", str(procs.config_path), "memory",
-                              *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+        run = procs.run("memory", *args)
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
         return run.stdout
 
