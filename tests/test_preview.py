@@ -261,6 +261,19 @@ def test_render_frame_scales_big_frames_and_their_overlay_together(demo_data):
     assert render_frame(f, res, None, 0).shape == (1080, 1918, 3)  # no scaling, still even
 
 
+async def _shown_after(client, src, frames_key: str, payload, seen: int, seqs):
+    """Add frames ``payload(seq)`` until the source shows one newer than counter ``seen``: it reads from the
+    stream's end, so a frame added before its next read is, rightly, not shown (on a busy machine that read can
+    be late). The shown frame and its counter, or ``(None, seen)``."""
+    for seq in seqs:
+        await client.xadd(frames_key, {PAYLOAD_FIELD: payload(seq)})
+        try:
+            return await asyncio.wait_for(src.wait_newer(seen), 0.5)
+        except asyncio.TimeoutError:
+            continue
+    return None, seen
+
+
 def test_line_source_survives_a_redis_restart(own_redis, demo_data):
     """Redis goes away while a viewer watches: the source retries, then shows the frames that come after."""
     import redis.asyncio as aioredis
@@ -278,29 +291,13 @@ def test_line_source_survives_a_redis_restart(own_redis, demo_data):
         src = LineSource(client, keys, _options(own_redis.url, "lip", result_wait_s=0.0, block_ms=200))
         src.start()
         try:
-            # the source starts at the stream's end when its first read runs: add frames until it shows one (a
-            # single frame added before that read is, rightly, not shown; on a busy machine that read can be late)
-            first, seen = None, 0
-            for seq in range(100, 160):
-                await client.xadd(keys.frames, {PAYLOAD_FIELD: payload(seq)})
-                try:
-                    first, seen = await asyncio.wait_for(src.wait_newer(0), 0.5)
-                    break
-                except asyncio.TimeoutError:
-                    continue
+            first, seen = await _shown_after(client, src, keys.frames, payload, 0, range(100, 160))
             assert first is not None and first.frame_id.startswith("cam0:7:1")
             own_redis.stop()
             await asyncio.sleep(1.5)
             assert src.running, "the source must keep retrying, not die"
             own_redis.start()
-            got = None
-            for seq in range(200, 260):  # until the source has reconnected and reads again
-                await client.xadd(keys.frames, {PAYLOAD_FIELD: payload(seq)})
-                try:
-                    got, seen = await asyncio.wait_for(src.wait_newer(seen), 0.5)
-                    break
-                except asyncio.TimeoutError:
-                    continue
+            got, seen = await _shown_after(client, src, keys.frames, payload, seen, range(200, 260))  # reconnected
             assert got is not None and got.frame_id.startswith("cam0:7:")
             assert got.pts > first.pts
         finally:
@@ -330,28 +327,19 @@ def test_line_source_survives_an_unserved_slot_on_a_cluster(redis_cluster, demo_
         return encode_frame(image_to_frame(img, line_id=line, camera_id=cam, seq=seq, session="7",
                                            capture_ts=2000.0 + seq, encoding=Encoding.JPEG))
 
-    async def shown_after(client, src, seen: int, seqs):
-        for seq in seqs:  # the source reads from the stream's end: add frames until it shows one
-            await client.xadd(keys.frames, {PAYLOAD_FIELD: payload(seq)})
-            try:
-                return await asyncio.wait_for(src.wait_newer(seen), 0.5)
-            except asyncio.TimeoutError:
-                continue
-        return None, seen
-
     async def scenario():
         client = make_client(rs, asyncio=True)
         src = LineSource(client, keys, PreviewOptions(redis=rs, host="127.0.0.1", port=0, token=TOKEN,
                                                       result_wait_s=0.0, block_ms=200))
         src.start()
         try:
-            first, seen = await shown_after(client, src, 0, range(100, 160))
+            first, seen = await _shown_after(client, src, keys.frames, payload, 0, range(100, 160))
             assert first is not None
             owner.execute_command("CLUSTER", "DELSLOTS", slot)
             await asyncio.sleep(2.0)
             assert src.running, "the source must keep retrying, not end"
             owner.execute_command("CLUSTER", "ADDSLOTS", slot)
-            got, seen = await shown_after(client, src, seen, range(200, 280))
+            got, seen = await _shown_after(client, src, keys.frames, payload, seen, range(200, 280))
             assert got is not None and got.pts > first.pts
         finally:
             await src.stop()
