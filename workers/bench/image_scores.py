@@ -39,11 +39,14 @@ COMBINATIONS = {  # name: candidate keys, combined as ImageScoreRule combines it
     "rule, rel@24+64": ("rel@24", "rel@64", "p90"),
     "rel@24+64": ("rel@24", "rel@64"),
     "rel@24+64, spread": ("rel@24", "rel@64", "p90-p25"),
+    "rel@24+64, spread, region": ("rel@24", "rel@64", "p90-p25", "region"),
+    "rule, region": ("max@24", "max@64", "p90", "region"),
 }
 
 
-def candidate_scores(raw: np.ndarray, embedding, params) -> dict[str, float]:
-    from workers.memory.image_score import smoothed_maxima
+def candidate_scores(raw: np.ndarray, embedding, params, region_level: float = 0.0) -> dict[str, float]:
+    """Every candidate reading of one raw map (``region``: the region reading above ``region_level``, when > 0)."""
+    from workers.memory.image_score import map_readings, smoothed_maxima
 
     maxima = smoothed_maxima(raw, embedding, SIGMAS, params.smoothing_sigma)
     out = {f"max@{s:g}": v for s, v in zip(SIGMAS, maxima, strict=True)}
@@ -51,16 +54,21 @@ def candidate_scores(raw: np.ndarray, embedding, params) -> dict[str, float]:
     out.update({f"p{q:g}": float(np.percentile(flat, q)) for q in PERCENTILES})
     out.update({f"rel@{s:g}": out[f"max@{s:g}"] - out["p50"] for s in SIGMAS})
     out["p90-p25"] = out["p90"] - out["p25"]
+    if region_level > 0:
+        out["region"] = map_readings(raw, embedding, (), 0.0, params.smoothing_sigma, region_level=region_level)[0]
     return out
 
 
 def combined(loo: list[dict], tests: list[tuple[bool, dict]], keys: tuple[str, ...]
              ) -> tuple[list[dict], list[tuple[bool, dict]]]:
     """Leave-one-out and test scores of one combination: max over ``keys`` of each over its normal reference."""
-    from workers.memory.image_score import REFERENCE_QUANTILE
+    from workers.memory.image_score import REFERENCE_QUANTILE, REGION_REFERENCE_QUANTILE, region_floor
 
     refs = np.quantile(np.asarray([[x[k] for k in keys] for x in loo], np.float64), REFERENCE_QUANTILE, axis=0)
     refs = np.maximum(refs, 1e-6)
+    if "region" in keys:  # the product's reference of the region reading
+        refs[keys.index("region")] = max(float(np.quantile([x["region"] for x in loo], REGION_REFERENCE_QUANTILE)),
+                                         region_floor(loo[0]["region_level"]))
 
     def score(x: dict) -> dict:
         return {"+".join(keys): float(max(x[k] / r for k, r in zip(keys, refs, strict=True)))}
@@ -78,7 +86,7 @@ def category_scores(cat, backend, settings, max_test: int) -> tuple[list[dict], 
     """(leave-one-out candidate scores of the good images, [(is defect, candidate scores)] of the test slice)."""
     from workers.dataset import limit_images, test_images
     from workers.imageio import read_image
-    from workers.memory.calibration import leave_one_out_maps
+    from workers.memory.calibration import leave_one_out_maps, normal_pixels
     from workers.memory.coreset import build_memory
     from workers.memory.features import patch_features
     from workers.memory.folder import load_images
@@ -88,20 +96,23 @@ def category_scores(cat, backend, settings, max_test: int) -> tuple[list[dict], 
     params = MemoryParams.from_settings(settings.memory, settings.detector.false_alarm_rate)
     embs = [backend.embed(im, f"train:{i}") for i, (_, im) in enumerate(load_images(cat.root / "train" / "good"))]
     feats = [patch_features(e, params.neighbourhood, params.norm, params.layers)[0] for e in embs]
-    maps, _ = leave_one_out_maps(feats, embs, build_memory(feats, params), params)
-    loo = [candidate_scores(m, embs[i], params) for i, m in enumerate(maps)]
+    maps, _, _ = leave_one_out_maps(feats, embs, build_memory(feats, params), params)
+    q = params.region_quantile or 0.998  # the region reading is read whatever the setting
+    level = float(np.quantile(normal_pixels(maps), q))
+    loo = [{**candidate_scores(m, embs[i], params, level), "region_level": level} for i, m in enumerate(maps)]
     mapper = MemoryMapper.from_embeddings("bench", embs, params)
     tests = []
     for it in limit_images(test_images(cat), max_test):
         image = read_image(it.path)
         emb = backend.embed(image, it.rel)
-        tests.append((it.is_defect, candidate_scores(mapper.map(image, emb).raw, emb, params)))
+        tests.append((it.is_defect, candidate_scores(mapper.map(image, emb).raw, emb, params, level)))
     return loo, tests
 
 
-def product_rule(contrast: bool) -> str:
-    """The combination the product's :class:`ImageScoreRule` reads (``memory.score_contrast`` on or off)."""
-    return "rel@24+64, spread" if contrast else "rule"
+def product_rule(contrast: bool, region: bool) -> str:
+    """The combination the product's :class:`ImageScoreRule` reads (``memory.score_contrast`` and
+    ``memory.region_quantile`` on or off)."""
+    return ("rel@24+64, spread" if contrast else "rule") + (", region" if region else "")
 
 
 def threshold_detail(label: str, thr, r_loo: list[dict], r_tests: list[tuple[bool, dict]], key: str) -> None:
@@ -120,14 +131,16 @@ def threshold_detail(label: str, thr, r_loo: list[dict], r_tests: list[tuple[boo
           f"{missed[-3:].round(3).tolist()}")
 
 
-def report(name: str, loo: list[dict], tests: list[tuple[bool, dict]], rate: float, contrast: bool) -> None:
+def report(name: str, loo: list[dict], tests: list[tuple[bool, dict]], rate: float, product: str) -> None:
     from workers.memory.calibration import image_threshold
 
     print(f"\n{name}: {len(loo)} good images calibrate, {len(tests)} test images "
           f"({sum(d for d, _ in tests)} defective); threshold for a false-alarm rate of {rate:g}")
-    print(f"  {'score':22s} {'AUROC':>6s} {'defects flagged':>16s} {'good flagged':>13s}")
-    rows = [(key, loo, tests, key) for key in loo[0]]
+    print(f"  {'score':27s} {'AUROC':>6s} {'defects flagged':>16s} {'good flagged':>13s}")
+    rows = [(key, loo, tests, key) for key in loo[0] if key != "region_level"]
     for name, keys in COMBINATIONS.items():
+        if not all(k in loo[0] for k in keys):  # a dump from before the region reading
+            continue
         c_loo, c_tests = combined(loo, tests, keys)
         rows.append((name, c_loo, c_tests, "+".join(keys)))
     detail = None
@@ -136,9 +149,9 @@ def report(name: str, loo: list[dict], tests: list[tuple[bool, dict]], rate: flo
         thr = calibrated.value
         bad = np.array([s[key] for d, s in r_tests if d])
         good = np.array([s[key] for d, s in r_tests if not d])
-        print(f"  {label:22s} {100 * auroc(good, bad):6.1f} {100 * float(np.mean(bad > thr)):15.1f}% "
+        print(f"  {label:27s} {100 * auroc(good, bad):6.1f} {100 * float(np.mean(bad > thr)):15.1f}% "
               f"{100 * float(np.mean(good > thr)):12.1f}%")
-        if label == product_rule(contrast):
+        if label == product:
             detail = (label, calibrated, r_loo, r_tests, key)
     if detail is not None:
         threshold_detail(*detail)
@@ -165,12 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings().with_overrides(**dict(parse_override(o) for o in args.overrides))
     rate = args.false_alarm_rate or settings.detector.false_alarm_rate
     wanted = {c for c in args.categories.split(",") if c}
-    contrast = settings.memory.score_contrast
+    product = product_rule(settings.memory.score_contrast, settings.memory.region_quantile > 0)
     if args.from_dump:
         for name, d in json.loads(Path(args.from_dump).read_text()).items():
             if not wanted or name in wanted:
                 tests = [(x.pop("defect"), x) for x in d["test"]]
-                report(name, d["good_loo"], tests, rate, contrast)
+                report(name, d["good_loo"], tests, rate, product)
         return 0
     backend = build_backend(settings, args.cache)
     dump = {}
@@ -178,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         if wanted and cat.name not in wanted:
             continue
         loo, tests = category_scores(cat, backend, settings, args.max_test)
-        report(cat.name, loo, tests, rate, contrast)
+        report(cat.name, loo, tests, rate, product)
         dump[cat.name] = {"good_loo": loo, "test": [{"defect": d, **s} for d, s in tests]}
     if args.dump:
         Path(args.dump).write_text(json.dumps(dump, indent=1))

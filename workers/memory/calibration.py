@@ -156,18 +156,25 @@ class Calibration:
     score_rule: ImageScoreRule
 
 
+def normal_pixels(raw_maps: Sequence[np.ndarray]) -> np.ndarray:
+    """A sample of normal frames' map pixels (each map on a grid of about 256 x 256) for the pixel levels."""
+    return np.concatenate([m[:: max(1, m.shape[0] // 256), :: max(1, m.shape[1] // 256)].ravel() for m in raw_maps])
+
+
 def calibrate(raw_maps: Sequence[np.ndarray], params: MemoryParams, method: str,
-              readings: Sequence[Sequence[float]], pixels: np.ndarray | None = None) -> Calibration:
+              readings: Sequence[Sequence[float]], pixels: np.ndarray | None = None,
+              region_level: float = 0.0) -> Calibration:
     """Thresholds from normal frames that were not in the memory they were scored against: their image score
-    readings (``readings``: per frame, :func:`map_readings` at ``params.score_sigmas`` and ``wide_quantile``; the rule's references
-    are fitted to them, :class:`ImageScoreRule`) and raw maps (``pixels`` replaces the maps' pixels when given:
-    label-free calibration)."""
+    readings (``readings``: per frame, :func:`map_readings` at ``params.score_sigmas``, ``wide_quantile`` and,
+    when > 0, ``region_level``, as :func:`leave_one_out_maps` gives them; the rule's references are fitted to
+    them, :class:`ImageScoreRule`) and raw maps (``pixels`` replaces the maps' pixels when given: label-free
+    calibration)."""
     if len(readings) == 0:
         raise ValueError("calibration needs at least one normal frame")
     if pixels is None:
-        pixels = np.concatenate([m[:: max(1, m.shape[0] // 256), :: max(1, m.shape[1] // 256)].ravel()
-                                 for m in raw_maps])
-    rule = ImageScoreRule.fit(params.score_sigmas, readings, params.wide_quantile, params.score_contrast)
+        pixels = normal_pixels(raw_maps)
+    rule = ImageScoreRule.fit(params.score_sigmas, readings, params.wide_quantile, params.score_contrast,
+                              region_level)
     maxima = [rule.combine(r) for r in readings]
     thr = image_threshold(maxima, params.false_alarm_rate)
     pixel_thr = float(np.quantile(pixels, params.pixel_quantile))
@@ -180,16 +187,18 @@ def _grid_scores(feats, mem, mem_sq, k: int, shape: tuple[int, int]) -> np.ndarr
 
 
 def leave_one_out_maps(frame_feats: Sequence[Any], embeddings: Sequence[ImageEmbedding], built: BuiltMemory,
-                       params: MemoryParams) -> tuple[list[np.ndarray], list[tuple[float, ...]]]:
-    """Raw maps of (up to ``calibration_frames``) build frames, each against the memory without its rows, and
-    their image score readings (:func:`map_readings` at ``params.score_sigmas`` and ``params.wide_quantile``)."""
+                       params: MemoryParams) -> tuple[list[np.ndarray], list[tuple[float, ...]], float]:
+    """Raw maps of (up to ``calibration_frames``) build frames, each against the memory without its rows, their
+    image score readings (:func:`map_readings` at ``params.score_sigmas`` and ``params.wide_quantile``, and the
+    region reading above the raw level that ``params.region_quantile`` of their pixels stay under), and that
+    level (0.0 when ``region_quantile`` is 0)."""
     torch = _torch()
     mem = torch.from_numpy(built.feats.astype(np.float32))
     pick = np.arange(len(frame_feats))
     n = len(pick)
     if n > params.calibration_frames:
         pick = np.sort(np.random.default_rng(params.seed).choice(pick, params.calibration_frames, replace=False))
-    maps, scores = [], []
+    maps, embs = [], []
     for i in pick:
         others = torch.from_numpy(built.owner != i)
         if not bool(others.any()):
@@ -197,7 +206,9 @@ def leave_one_out_maps(frame_feats: Sequence[Any], embeddings: Sequence[ImageEmb
         m = mem[others]
         grid = _grid_scores(frame_feats[i], m, None, params.k, valid_grid(embeddings[i]))
         maps.append(raw_to_image(grid, embeddings[i], params.smoothing_sigma))
-        scores.append(map_readings(maps[-1], embeddings[i], params.score_sigmas, params.wide_quantile,
-                                   params.smoothing_sigma, contrast=params.score_contrast))
-    return maps, scores
-
+        embs.append(embeddings[i])
+    level = float(np.quantile(normal_pixels(maps), params.region_quantile)) if maps and params.region_quantile > 0 \
+        else 0.0
+    scores = [map_readings(m, e, params.score_sigmas, params.wide_quantile, params.smoothing_sigma,
+                           contrast=params.score_contrast, region_level=level) for m, e in zip(maps, embs, strict=True)]
+    return maps, scores, level

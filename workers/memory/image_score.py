@@ -43,6 +43,16 @@ items differ in overall texture better (commutator image AUROC 91.4 -> 95.4); on
 they lost hazelnut_toy's colour spots against the nut's bright body, with the stage-1 tap they do not;
 figures in docs/method.md.
 
+A fourth reading covers long thin defects (``memory.region_quantile``, 0.998; 0 = off): a scratch or a chipped
+edge a few pixels wide is clear on the map, but smoothing to 24 or 64 px spreads it below a good part's hot
+spot. The region reading takes the map's connected regions above a raw level (the ``region_quantile`` of the
+calibration frames' pixels, :func:`region_reading`) and reads the largest region's excess over that level,
+summed over its area (square root, areas in pixels of a 1024 px frame): a region's evidence whatever its shape.
+Its reference is the normal frames' 95th percentile (:data:`REGION_REFERENCE_QUANTILE`: most read 0 or little),
+at least :func:`region_floor`. When it alone makes the verdict, the mapper's seed level is at most that region's
+peak (:meth:`ImageScoreRule.region_seed`), so the region is prompted and published. Memories from good frames only
+(label-free ones keep one reading). Measured in docs/method.md ("Fourth reading").
+
 The rule is stored in the memory header (``calibration.image_score``); a worker scores with the stored rule
 until the memory is rebuilt, so a changed setting never mis-scores a stored threshold. A header without it
 (built before) holds a single reading at ``calibration.image_sigma`` with reference 1: the plain maximum.
@@ -61,6 +71,14 @@ import numpy as np
 from workers.interfaces import ImageEmbedding
 
 REFERENCE_QUANTILE = 0.9  # of the normal frames' readings: each reading's unit
+# the region reading's reference: most normal frames read 0 or little on it and a few read much, so its 90th
+# percentile sits in that bulk and its tail would lift the combined score's fitted threshold, and with it the seed
+# level of every region (docs/method.md, "Fourth reading"); its 95th percentile instead ...
+REGION_REFERENCE_QUANTILE = 0.95
+# ... and at least that of one 16 px cell (at 1024) this share over its level: normal frames whose maps rarely
+# cross the level must not make any crossing a defect
+REGION_FLOOR_CELL_PX = 16.0
+REGION_FLOOR_EXCESS = 0.025
 CONTRAST_BASE = 0.5  # contrast readings: the smoothed maxima above this quantile of the frame's map ...
 CONTRAST_WIDE_BASE = 0.25  # ... and the wide quantile above this one
 LEGACY_IMAGE_SIGMA = 16.0  # the image sigma of memories whose header records neither rule nor sigma
@@ -101,17 +119,18 @@ def _bases(m: np.ndarray) -> tuple[float, float]:
 
 
 def map_readings(raw: np.ndarray, embedding: ImageEmbedding, sigmas: Sequence[float], quantile: float,
-                 smoothing_sigma: float, exclude: np.ndarray | None = None, contrast: bool = False
-                 ) -> tuple[float, ...]:
-    """The image score's readings of a raw map: the smoothed maxima at ``sigmas`` (:func:`smoothed_maxima`)
-    and, when ``quantile`` > 0, the map's ``quantile`` (the level that ``1 - quantile`` of the frame reaches,
-    read off the same reduced map). ``contrast``: each taken above the frame's own level
-    (:func:`contrast_bases`; never below 0)."""
-    return _readings_and_bases(raw, embedding, sigmas, quantile, smoothing_sigma, exclude, contrast)[0]
+                 smoothing_sigma: float, exclude: np.ndarray | None = None, contrast: bool = False,
+                 region_level: float = 0.0) -> tuple[float, ...]:
+    """The image score's readings of a raw map: the smoothed maxima at ``sigmas`` (:func:`smoothed_maxima`),
+    when ``quantile`` > 0 the map's ``quantile`` (the level that ``1 - quantile`` of the frame reaches), and when
+    ``region_level`` > 0 the region reading above that raw level (:func:`region_reading`), all read off the same
+    reduced map. ``contrast``: the first two kinds taken above the frame's own level (:func:`contrast_bases`;
+    never below 0); the region reading stays above its absolute level."""
+    return _readings_and_bases(raw, embedding, sigmas, quantile, smoothing_sigma, exclude, contrast, region_level)[0]
 
 
 def _readings_and_bases(raw: np.ndarray, embedding: ImageEmbedding, sigmas: Sequence[float], quantile: float,
-                        smoothing_sigma: float, exclude: np.ndarray | None, contrast: bool
+                        smoothing_sigma: float, exclude: np.ndarray | None, contrast: bool, region_level: float = 0.0
                         ) -> tuple[tuple[float, ...], tuple[float, float]]:
     """:func:`map_readings` and the levels they were taken above ((0, 0) unless ``contrast``), from one
     reduction of the map."""
@@ -125,11 +144,38 @@ def _readings_and_bases(raw: np.ndarray, embedding: ImageEmbedding, sigmas: Sequ
         out.append(max(float(s.max()) - base, 0.0))
     if quantile > 0:
         out.append(max(float(np.quantile(m, quantile)) - wide_base, 0.0))
+    if region_level > 0:
+        out.append(region_reading(m, f * oh / ih, region_level))
     return tuple(out), (base, wide_base)
 
 
-def _readings_count(sigmas: Sequence[float], quantile: float) -> int:
-    return len(sigmas) + (1 if quantile > 0 else 0)
+def region_floor(level: float) -> float:
+    """The least reference of the region reading above raw ``level`` (see :data:`REGION_FLOOR_EXCESS`)."""
+    return math.sqrt(REGION_FLOOR_CELL_PX ** 2 * REGION_FLOOR_EXCESS * level)
+
+
+def _readings_count(sigmas: Sequence[float], quantile: float, region_level: float = 0.0) -> int:
+    return len(sigmas) + (1 if quantile > 0 else 0) + (1 if region_level > 0 else 0)
+
+
+def _largest_region(m: np.ndarray, level: float) -> tuple[float, float]:
+    """Over the 8-connected regions of ``m`` above ``level``: the largest excess summed over a region (in
+    ``m``'s pixels x map units) and that region's peak. (0, 0) when nothing is above ``level``."""
+    over = m > level
+    if not over.any():
+        return 0.0, 0.0
+    n, labels = cv2.connectedComponents(over.astype(np.uint8), connectivity=8)
+    sums = np.bincount(labels.ravel(), weights=np.where(over, m - level, 0.0).ravel(), minlength=n)[1:]
+    best = int(np.argmax(sums))
+    return float(sums[best]), float(m[labels == best + 1].max())
+
+
+def region_reading(m: np.ndarray, px_per_1024: float, level: float) -> float:
+    """The region reading of a (reduced) map: the square root of the largest excess over ``level`` summed over
+    one connected region, with areas in pixels of a 1024 px frame (``px_per_1024``: the map's pixels per such
+    pixel). A region's evidence whatever its shape: a long thin scratch counts like a blob of the same area."""
+    excess, _ = _largest_region(m, level)
+    return math.sqrt(excess) / px_per_1024
 
 
 @dataclass(frozen=True)
@@ -141,13 +187,16 @@ class ImageScoreRule:
     refs: tuple[float, ...]
     quantile: float = 0.0  # the wide reading: the map's quantile (0 = not taken)
     contrast: bool = False  # readings above the frame's own levels (contrast_bases)
+    region_level: float = 0.0  # the region reading's raw level (0 = not taken; region_reading)
 
     def __post_init__(self) -> None:
-        n = _readings_count(self.sigmas, self.quantile)
+        n = _readings_count(self.sigmas, self.quantile, self.region_level)
         if not self.sigmas or len(self.refs) != n:
             raise ValueError(f"image score rule: {n} readings, {len(self.refs)} references")
         if not 0.0 <= self.quantile < 1.0:
             raise ValueError(f"image score rule: quantile {self.quantile}: allowed 0 (none) or 0 < q < 1")
+        if not (self.region_level >= 0 and math.isfinite(self.region_level)):
+            raise ValueError(f"image score rule: region level {self.region_level}: allowed 0 (none) or > 0")
         if not all(r > 0 and math.isfinite(r) for r in self.refs):
             raise ValueError(f"image score rule: references must be positive, got {self.refs}")
 
@@ -158,19 +207,22 @@ class ImageScoreRule:
 
     @classmethod
     def fit(cls, sigmas: Sequence[float], readings: Sequence[Sequence[float]], quantile: float = 0.0,
-            contrast: bool = False) -> ImageScoreRule:
+            contrast: bool = False, region_level: float = 0.0) -> ImageScoreRule:
         """The rule whose references are the :data:`REFERENCE_QUANTILE` of normal frames' ``readings`` (one row
-        per frame, as :func:`map_readings` gives them). A single reading keeps reference 1 (the plain maximum,
-        in raw units)."""
+        per frame, as :func:`map_readings` gives them); the region reading's is their
+        :data:`REGION_REFERENCE_QUANTILE`, at least :func:`region_floor`. A
+        single reading keeps reference 1 (the plain maximum, in raw units)."""
         sigmas = tuple(float(s) for s in sigmas)
-        n = _readings_count(sigmas, quantile)
+        n = _readings_count(sigmas, quantile, region_level)
         if n == 1:
             return cls(sigmas, (1.0,), contrast=contrast)
         r = np.asarray(readings, np.float64).reshape(-1, n)
         if not len(r):
             raise ValueError("image score rule: no normal frames to fit the references to")
-        refs = np.quantile(r, REFERENCE_QUANTILE, axis=0)
-        return cls(sigmas, tuple(float(max(v, 1e-6)) for v in refs), float(quantile), contrast)
+        refs = np.maximum(np.quantile(r, REFERENCE_QUANTILE, axis=0), 1e-6)
+        if region_level > 0:
+            refs[-1] = max(float(np.quantile(r[:, -1], REGION_REFERENCE_QUANTILE)), region_floor(region_level))
+        return cls(sigmas, tuple(float(v) for v in refs), float(quantile), contrast, float(region_level))
 
     @classmethod
     def from_calibration(cls, calibration: Mapping[str, Any]) -> ImageScoreRule:
@@ -178,18 +230,21 @@ class ImageScoreRule:
         rule = calibration.get("image_score")
         if rule:
             return cls(tuple(float(s) for s in rule["sigmas"]), tuple(float(r) for r in rule["refs"]),
-                       float(rule.get("quantile", 0.0)), bool(rule.get("contrast", False)))
+                       float(rule.get("quantile", 0.0)), bool(rule.get("contrast", False)),
+                       float(rule.get("region_level", 0.0)))
         return cls((float(calibration.get("image_sigma", LEGACY_IMAGE_SIGMA)),), (1.0,))
 
     def readings(self, raw: np.ndarray, embedding: ImageEmbedding, smoothing_sigma: float,
                  exclude: np.ndarray | None = None) -> tuple[float, ...]:
-        return map_readings(raw, embedding, self.sigmas, self.quantile, smoothing_sigma, exclude, self.contrast)
+        return map_readings(raw, embedding, self.sigmas, self.quantile, smoothing_sigma, exclude, self.contrast,
+                            self.region_level)
 
     def readings_and_bases(self, raw: np.ndarray, embedding: ImageEmbedding, smoothing_sigma: float
                            ) -> tuple[tuple[float, ...], tuple[float, float]]:
         """:meth:`readings` of the whole frame and :meth:`bases`, from one reduction of the map (the mapper's
         per-frame path)."""
-        return _readings_and_bases(raw, embedding, self.sigmas, self.quantile, smoothing_sigma, None, self.contrast)
+        return _readings_and_bases(raw, embedding, self.sigmas, self.quantile, smoothing_sigma, None, self.contrast,
+                                   self.region_level)
 
     def bases(self, raw: np.ndarray, embedding: ImageEmbedding) -> tuple[float, float]:
         """The frame's levels the readings are taken above (:func:`contrast_bases`); (0, 0) for absolute ones."""
@@ -221,11 +276,27 @@ class ImageScoreRule:
         return float(wide_base) + float(threshold) * self.refs[k] if over else 0.0
 
     def wide_alone(self, readings: Sequence[float], threshold: float) -> bool:
-        """True when the wide reading alone makes the score exceed ``threshold`` (no smoothed maximum does)."""
+        """True when the wide reading makes the score exceed ``threshold`` and no smoothed maximum does (the
+        region reading may: its region is seeded, :meth:`region_seed`, and the wide pixels are published too)."""
         if self.wide_level(readings, threshold) <= 0:
             return False
         k = len(self.sigmas)
         return all(float(v) / r <= threshold for v, r in zip(readings[:k], self.refs[:k], strict=True))
+
+    def region_seed(self, raw: np.ndarray, embedding: ImageEmbedding, readings: Sequence[float],
+                    threshold: float) -> float:
+        """The raw peak of the region the region reading read when that reading makes the score exceed
+        ``threshold`` and no smoothed maximum does: a seed level low enough for that region to be prompted and
+        published (a long thin region may peak under :meth:`raw_level`). 0.0 otherwise (or without the
+        reading): where a smoothed maximum makes the verdict, :meth:`raw_level` already seeds its region, and a
+        lower seed would prompt the frame's lesser regions too."""
+        if self.region_level <= 0 or float(readings[-1]) / self.refs[-1] <= threshold:
+            return 0.0
+        k = len(self.sigmas)
+        if any(float(v) / r > threshold for v, r in zip(readings[:k], self.refs[:k], strict=True)):
+            return 0.0
+        m, _ = _reduced(raw, embedding, None)
+        return _largest_region(m, self.region_level)[1]
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"sigmas": list(self.sigmas), "refs": [round(r, 6) for r in self.refs]}
@@ -233,6 +304,8 @@ class ImageScoreRule:
             out["quantile"] = self.quantile
         if self.contrast:
             out["contrast"] = True
+        if self.region_level > 0:
+            out["region_level"] = round(self.region_level, 6)
         return out
 
     def describe(self) -> str:
@@ -242,6 +315,8 @@ class ImageScoreRule:
         parts = [f"{s:g} px / {r:.4g}" for s, r in zip(self.sigmas, self.refs[: len(self.sigmas)], strict=True)]
         if self.quantile > 0:
             wide_above = f" above p{100 * CONTRAST_WIDE_BASE:g}" if self.contrast else ""
-            parts.append(f"map p{100 * self.quantile:g}{wide_above} / {self.refs[-1]:.4g}")
+            parts.append(f"map p{100 * self.quantile:g}{wide_above} / {self.refs[len(self.sigmas)]:.4g}")
+        if self.region_level > 0:
+            parts.append(f"largest region's excess over {self.region_level:.4g} / {self.refs[-1]:.4g}")
         return (f"max over readings (each / its normal p{100 * REFERENCE_QUANTILE:g}): smoothed max{above} at "
                 f"{', '.join(parts)}")

@@ -201,10 +201,11 @@ class MemoryMapper:
                                 np.concatenate([base.radius, built.radius]),
                                 np.concatenate([np.full(base.n, -1, np.int32), built.owner]),
                                 max(base.header.radius, built.coverage))
-        maps, readings = leave_one_out_maps(feats, embs, built, self.params) if len(feats) > 1 else ([], [])
+        maps, readings, region_level = (leave_one_out_maps(feats, embs, built, self.params) if len(feats) > 1
+                                        else ([], [], 0.0))
         if not maps:
             raise ValueError("calibration needs at least two normal frames (leave-one-out)")
-        cal = calibrate(maps, self.params, method, readings)
+        cal = calibrate(maps, self.params, method, readings, region_level=region_level)
         f16, rad, _, coverage = bound_memory(built.feats, built.radius, built.owner, built.coverage, self.params)
         header = self._new_header(f16.shape[1], coverage, cal)
         self.rows.set(header, f16, rad, frames=len(feats) + (base.frames if base else 0),
@@ -308,9 +309,13 @@ class MemoryMapper:
             return AnomalyMap(pixel=np.zeros((h, w), np.float32), image_score=0.0, raw=raw,
                               timings={"memory_features": t1 - t0, "memory_knn": t2 - t1,
                                        "memory_upsample": t3 - t2})
+        seed = rule.raw_level(img_thr, base)
+        region_peak = rule.region_seed(raw, emb, readings, img_thr)  # a long thin defect's region: seeded too
+        if region_peak > 0:
+            seed = min(seed, region_peak)
         return AnomalyMap(pixel=raw / np.float32(pix_thr), image_score=score / img_thr, raw=raw,
                           timings={"memory_features": t1 - t0, "memory_knn": t2 - t1, "memory_upsample": t3 - t2},
-                          seed_level=rule.raw_level(img_thr, base) / pix_thr,
+                          seed_level=seed / pix_thr,
                           wide_level=rule.wide_level(readings, img_thr, wide_base) / pix_thr,
                           wide_alone=rule.wide_alone(readings, img_thr))
 
@@ -323,11 +328,13 @@ class MemoryMapper:
         if self._rule is None or self._rule[0] is not self.header:
             rule = ImageScoreRule.from_calibration(self.header.calibration)
             p = self.params
-            configured = (p.score_sigmas, p.wide_quantile)
-            if (rule.sigmas, rule.quantile) not in (configured, (p.score_sigmas[:1], 0.0)):  # [:1]: label-free
+            configured = (p.score_sigmas, p.wide_quantile, p.region_quantile > 0)
+            if (rule.sigmas, rule.quantile, rule.region_level > 0) not in (
+                    configured, (p.score_sigmas[:1], 0.0, False)):  # [:1]: label-free
                 log.warning("memory %s: image threshold calibrated with the image score readings %s, configured "
                             "%s: scoring with the stored rule until the memory is rebuilt", self.source,
-                            _readings_text(rule.sigmas, rule.quantile), _readings_text(*configured))
+                            _readings_text(rule.sigmas, rule.quantile, rule.region_level > 0),
+                            _readings_text(*configured))
             elif rule.contrast != p.score_contrast:
                 log.warning("memory %s: image threshold calibrated with %s readings, configured %s: scoring with "
                             "the stored rule until the memory is rebuilt", self.source,
@@ -424,5 +431,6 @@ def load_line_memory(settings: Settings, line: str, redis_client: Any, sam_backe
     return mapper
 
 
-def _readings_text(sigmas: tuple[float, ...], quantile: float) -> str:
-    return "/".join(f"{x:g}" for x in sigmas) + " px" + (f" + p{100 * quantile:g}" if quantile > 0 else "")
+def _readings_text(sigmas: tuple[float, ...], quantile: float, region: bool = False) -> str:
+    return ("/".join(f"{x:g}" for x in sigmas) + " px" + (f" + p{100 * quantile:g}" if quantile > 0 else "")
+            + (" + region" if region else ""))

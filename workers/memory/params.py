@@ -26,6 +26,7 @@ class MemoryParams:
     area_sigma: float = 64.0  # ... or to this one, for wide shallow defects (0 = off; workers.memory.image_score)
     wide_quantile: float = 0.9  # ... or the map's quantile, for a change over much of the frame (0 = off)
     score_contrast: bool = False  # readings above the frame's own median / 25th percentile (image_score)
+    region_quantile: float = 0.0  # the region reading above the level this share of normal pixels stay under (0 = off)
     calibration_quantile: float = 0.99
     calibration_frames: int = 64  # leave-one-out maps used for calibration (at most)
     online_margin: float = 0.5
@@ -60,6 +61,7 @@ class MemoryParams:
                    area_sigma=float(getattr(m, "area_sigma", cls.area_sigma)),
                    wide_quantile=float(getattr(m, "wide_quantile", cls.wide_quantile)),
                    score_contrast=bool(getattr(m, "score_contrast", cls.score_contrast)),
+                   region_quantile=float(getattr(m, "region_quantile", cls.region_quantile)),
                    held_out_margin=float(getattr(m, "held_out_margin", cls.held_out_margin)),
                    reload_interval_s=float(getattr(m, "reload_interval_s", cls.reload_interval_s)), **extra)
 
@@ -70,7 +72,7 @@ class MemoryParams:
 
     def one_reading(self) -> MemoryParams:
         """These options with the first reading only (label-free memories, :mod:`workers.memory.image_score`)."""
-        return replace(self, area_sigma=0.0, wide_quantile=0.0)
+        return replace(self, area_sigma=0.0, wide_quantile=0.0, region_quantile=0.0)
 
     @property
     def pixel_quantile(self) -> float:
