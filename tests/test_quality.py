@@ -71,7 +71,12 @@ def test_both_memory_modes_keep_their_quality(shared_data, sam, name):
     auroc, defects, good = score(normal, sam, tests)
     print(f"{name} train/good: pixel AUROC {100 * auroc:.1f}, defects flagged {defects:.2f}, good {good:.2f}")
     assert auroc > 0.90
-    assert good == 0.0
+    assert defects >= 0.75
+    # at most one of the four good images: with a 10-frame folder the threshold rests on 10 scores, and on
+    # metal_plate random 10-frame folders flag 0-22 % of its good test images (with the region reading or
+    # without it; docs/method.md, "Fourth reading"); this slice's good test_00002 sits at 0.84-1.16 x the
+    # threshold depending on the folder. Every defect is far over it (>= 3.9 x with the region reading)
+    assert good <= 0.25
 
     label_free = MemoryMapper.mutual(sam, [im for _, im, _ in tests], None, params=PARAMS)
     auroc_lf, defects_lf, good_lf = score(label_free, sam, tests)

@@ -143,6 +143,8 @@ def report(name: str, loo: list[dict], tests: list[tuple[bool, dict]], rate: flo
             continue
         c_loo, c_tests = combined(loo, tests, keys)
         rows.append((name, c_loo, c_tests, "+".join(keys)))
+    if "region" not in loo[0]:  # a dump from before the region reading: the product's rule without it
+        product = product.removesuffix(", region")
     detail = None
     for label, r_loo, r_tests, key in rows:
         calibrated = image_threshold([x[key] for x in r_loo], rate)
