@@ -7,13 +7,16 @@ Per category (MVTec layout): the memory is built from ``train/good`` as ``memory
 settings, or those ``--set`` gives), the leave-one-out maps of the good images are computed as the calibration
 computes them, and each test image (a slice balanced over defect types) is mapped with the line's search. Every candidate image score
 is then read off the same maps: the maximum after smoothing to sigma 8 / 16 / 24 / 32 / 48 / 64 px (at 1024) and the
-25th-99.9th percentiles of the map. For each it prints image AUROC (the ranking) and, at the threshold the
+25th-99.9th percentiles of the map, and the region reading (``region``: the largest region's summed excess over
+the level that 99.8 % of the leave-one-out pixels stay under, or ``memory.region_quantile``'s). For each it prints
+image AUROC (the ranking) and, at the threshold the
 calibration sets from the leave-one-out scores for ``--false-alarm-rate`` (:func:`image_threshold`), the
 share of defective and of good test images flagged (what the line does). Then the same for combinations read
 as :class:`workers.memory.image_score.ImageScoreRule` combines them (each reading over its normal 90th
-percentile, the largest counts): the product's rule (24 px, 64 px, p90) and variants whose compact readings
-are taken above the frame's own median (``rel@S`` = ``max@S - p50``) and whose wide reading is the map's spread
-(``p90-p25``). ``--set KEY=VALUE`` overrides a setting (e.g. ``--set 'memory.layers=[neck, stage1, stage2,
+percentile, the region reading over its 95th with the product's floor; the largest counts): the rule of absolute
+readings (24 px, 64 px, p90) and variants whose compact readings are taken above the frame's own median
+(``rel@S`` = ``max@S - p50``) and whose wide reading is the map's spread (``p90-p25``), each with and without the
+region reading; the product's is ``rel@24+64, spread, region`` with the default settings. ``--set KEY=VALUE`` overrides a setting (e.g. ``--set 'memory.layers=[neck, stage1, stage2,
 stage3]'``). Under the table, where the threshold of the product's combination sits (the rule that set it;
 good leave-one-out, good test and missed defects' scores in its units). ``--from-dump FILE`` reports from an
 earlier ``--dump`` without computing anything. Label-free mode is not covered (its
