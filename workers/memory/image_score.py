@@ -317,6 +317,7 @@ class ImageScoreRule:
             wide_above = f" above p{100 * CONTRAST_WIDE_BASE:g}" if self.contrast else ""
             parts.append(f"map p{100 * self.quantile:g}{wide_above} / {self.refs[len(self.sigmas)]:.4g}")
         if self.region_level > 0:
-            parts.append(f"largest region's excess over {self.region_level:.4g} / {self.refs[-1]:.4g}")
+            parts.append(f"largest region's excess over {self.region_level:.4g} / {self.refs[-1]:.4g} (its normal "
+                         f"p{100 * REGION_REFERENCE_QUANTILE:g} or the floor)")
         return (f"max over readings (each / its normal p{100 * REFERENCE_QUANTILE:g}): smoothed max{above} at "
                 f"{', '.join(parts)}")
