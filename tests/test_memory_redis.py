@@ -13,7 +13,7 @@ import pytest
 
 from config.settings import MemorySettings, Settings
 from workers.interfaces import AnomalyMap, ImageEmbedding
-from workers.memory.cli import main
+from workers.memory.cli import describe, main
 from workers.memory.features import sam_source
 from workers.memory.mapper import MemoryMapper, load_line_memory
 from workers.memory.params import MemoryParams
@@ -153,6 +153,11 @@ def test_cli_add_show_clear(redis_client, key_prefix, demo_data, tmp_path, capsy
     assert shown["patches"] > 0 and shown["image_threshold"] > 0 and shown["pixel_threshold"] > 0
     assert shown["frames"] == 3 and shown["calibration"]["method"].startswith("leave-one-out")
     assert shown["search"] == s.memory.search and shown["index"] and shown["index_bytes"] >= 0  # memory.search
+    # three frames under the threshold: memory show advises more; with the line's held-out frames it does not
+    assert "rests on 3 good frames" in shown["image_threshold_basis"]["advice"]
+    stored = RedisMemoryStore(redis_client, key_prefix, "l7").load()
+    assert "advice" not in describe(stored, "l7", held_out=[0.5] * 17)["image_threshold_basis"]
+    assert "advice" in describe(stored, "l7", held_out=[0.5] * 16)["image_threshold_basis"]
     assert main(s, argparse.Namespace(action="clear", line="l7", dir=None)) == 0
     capsys.readouterr()
     main(s, argparse.Namespace(action="show", line="l7", dir=None))

@@ -27,11 +27,14 @@ if TYPE_CHECKING:
     from config.settings import Settings
 
 
+FEW_FRAMES = 20  # fewer normal frames under the image threshold: memory show / add advise adding more
+
+
 def describe(stored: StoredMemory | None, line: str, held_out: Sequence[float] = (),
              false_alarm_rate: float = 0.01, search: SearchSpec | None = None) -> dict[str, Any]:
     """What ``memory show`` prints: the memory, its calibration, the image threshold in force now (from the
-    calibration frames and the held-out OK frames) with how many frames it rests on, and the index the
-    workers build over it (``memory.search``)."""
+    calibration frames and the held-out OK frames) with how many frames it rests on (and advice when they are
+    fewer than :data:`FEW_FRAMES`), and the index the workers build over it (``memory.search``)."""
     spec = search or SearchSpec()
     index = {"search": spec.kind, "index": spec.label(), "device": spec.device}
     if stored is None:
@@ -40,16 +43,20 @@ def describe(stored: StoredMemory | None, line: str, held_out: Sequence[float] =
     built_on = list(h.calibration.get("image_maxima", ()))
     now = image_threshold([*built_on, *held_out] or [h.image_threshold], false_alarm_rate)
     index["index_bytes"] = spec.index_bytes(stored.n, h.dim)
+    basis = {"false_alarm_rate_target": false_alarm_rate, "expected_false_alarm_rate": now.expected_false_alarm_rate,
+             "rule": now.rule, "frames": now.frames, "calibration_frames": len(built_on),
+             "held_out_frames": len(held_out), "at_build": h.image_threshold}
+    if now.frames < FEW_FRAMES:
+        basis["advice"] = (f"the image threshold rests on {now.frames} good frames: with about 10, random folders "
+                           "flagged 0-22 % of good parts on the shared sets (docs/method.md, 'Fourth reading'); "
+                           f"add known-good images (memory add appends) or let the line run: {FEW_FRAMES} or more "
+                           "steady it")
     return {"line": line, "source": h.source, "patches": stored.n, "dim": h.dim, "generation": h.generation,
             "policy": h.policy, "max_patches": h.max_patches, "neighbourhood": h.neighbourhood, "norm": h.norm,
             "frames": stored.frames, "patches_seen": stored.seen, "coverage_radius": round(h.radius, 5),
             "image_threshold": now.value, "pixel_threshold": h.pixel_threshold,
             "image_score": ImageScoreRule.from_calibration(h.calibration).describe(),
-            "image_threshold_basis": {"false_alarm_rate_target": false_alarm_rate,
-                                      "expected_false_alarm_rate": now.expected_false_alarm_rate,
-                                      "rule": now.rule, "frames": now.frames,
-                                      "calibration_frames": len(built_on), "held_out_frames": len(held_out),
-                                      "at_build": h.image_threshold},
+            "image_threshold_basis": basis,
             "calibration": h.calibration, "bytes": int(stored.feats.nbytes + stored.radius.nbytes),
             "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(h.updated)), **index}
 
