@@ -65,13 +65,12 @@ def candidate_scores(raw: np.ndarray, embedding, params, region_level: float = 0
 def combined(loo: list[dict], tests: list[tuple[bool, dict]], keys: tuple[str, ...]
              ) -> tuple[list[dict], list[tuple[bool, dict]]]:
     """Leave-one-out and test scores of one combination: max over ``keys`` of each over its normal reference."""
-    from workers.memory.image_score import REFERENCE_QUANTILE, REGION_REFERENCE_QUANTILE, region_floor
+    from workers.memory.image_score import REFERENCE_QUANTILE, region_reference
 
     refs = np.quantile(np.asarray([[x[k] for k in keys] for x in loo], np.float64), REFERENCE_QUANTILE, axis=0)
     refs = np.maximum(refs, 1e-6)
     if "region" in keys:  # the product's reference of the region reading
-        refs[keys.index("region")] = max(float(np.quantile([x["region"] for x in loo], REGION_REFERENCE_QUANTILE)),
-                                         region_floor(loo[0]["region_level"]))
+        refs[keys.index("region")] = region_reference([x["region"] for x in loo], loo[0]["region_level"])
 
     def score(x: dict) -> dict:
         return {"+".join(keys): float(max(x[k] / r for k, r in zip(keys, refs, strict=True)))}
@@ -87,6 +86,7 @@ def auroc(good: np.ndarray, bad: np.ndarray) -> float:
 
 def category_scores(cat, backend, settings, max_test: int) -> tuple[list[dict], list[tuple[bool, dict]]]:
     """(leave-one-out candidate scores of the good images, [(is defect, candidate scores)] of the test slice)."""
+    from config.settings import MemorySettings
     from workers.dataset import limit_images, test_images
     from workers.imageio import read_image
     from workers.memory.calibration import leave_one_out_maps, normal_pixels
@@ -99,9 +99,9 @@ def category_scores(cat, backend, settings, max_test: int) -> tuple[list[dict], 
     params = MemoryParams.from_settings(settings.memory, settings.detector.false_alarm_rate)
     embs = [backend.embed(im, f"train:{i}") for i, (_, im) in enumerate(load_images(cat.root / "train" / "good"))]
     feats = [patch_features(e, params.neighbourhood, params.norm, params.layers)[0] for e in embs]
-    maps, _, _ = leave_one_out_maps(feats, embs, build_memory(feats, params), params)
-    q = params.region_quantile or 0.998  # the region reading is read whatever the setting
-    level = float(np.quantile(normal_pixels(maps), q))
+    maps, _, level = leave_one_out_maps(feats, embs, build_memory(feats, params), params)
+    if not level:  # the region reading is read whatever the setting: at the default level when it is off
+        level = float(np.quantile(normal_pixels(maps), MemorySettings.region_quantile))
     loo = [{**candidate_scores(m, embs[i], params, level), "region_level": level} for i, m in enumerate(maps)]
     mapper = MemoryMapper.from_embeddings("bench", embs, params)
     tests = []

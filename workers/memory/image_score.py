@@ -155,6 +155,12 @@ def region_floor(level: float) -> float:
     return math.sqrt(REGION_FLOOR_CELL_PX ** 2 * REGION_FLOOR_EXCESS * level)
 
 
+def region_reference(values: Sequence[float], level: float) -> float:
+    """The region reading's reference from normal frames' ``values`` above raw ``level``: their
+    :data:`REGION_REFERENCE_QUANTILE`, at least :func:`region_floor`."""
+    return max(float(np.quantile(np.asarray(values, np.float64), REGION_REFERENCE_QUANTILE)), region_floor(level))
+
+
 def _readings_count(sigmas: Sequence[float], quantile: float, region_level: float = 0.0) -> int:
     return len(sigmas) + (1 if quantile > 0 else 0) + (1 if region_level > 0 else 0)
 
@@ -211,8 +217,7 @@ class ImageScoreRule:
             contrast: bool = False, region_level: float = 0.0) -> ImageScoreRule:
         """The rule whose references are the :data:`REFERENCE_QUANTILE` of normal frames' ``readings`` (one row
         per frame, as :func:`map_readings` gives them); the region reading's is their
-        :data:`REGION_REFERENCE_QUANTILE`, at least :func:`region_floor`. A
-        single reading keeps reference 1 (the plain maximum, in raw units)."""
+        :func:`region_reference`. A single reading keeps reference 1 (the plain maximum, in raw units)."""
         sigmas = tuple(float(s) for s in sigmas)
         n = _readings_count(sigmas, quantile, region_level)
         if n == 1:
@@ -222,7 +227,7 @@ class ImageScoreRule:
             raise ValueError("image score rule: no normal frames to fit the references to")
         refs = np.maximum(np.quantile(r, REFERENCE_QUANTILE, axis=0), 1e-6)
         if region_level > 0:
-            refs[-1] = max(float(np.quantile(r[:, -1], REGION_REFERENCE_QUANTILE)), region_floor(region_level))
+            refs[-1] = region_reference(r[:, -1], region_level)
         return cls(sigmas, tuple(float(v) for v in refs), float(quantile), contrast, float(region_level))
 
     @classmethod
@@ -279,10 +284,7 @@ class ImageScoreRule:
     def wide_alone(self, readings: Sequence[float], threshold: float) -> bool:
         """True when the wide reading makes the score exceed ``threshold`` and no smoothed maximum does (the
         region reading may: its region is seeded, :meth:`region_seed`, and the wide pixels are published too)."""
-        if self.wide_level(readings, threshold) <= 0:
-            return False
-        k = len(self.sigmas)
-        return all(float(v) / r <= threshold for v, r in zip(readings[:k], self.refs[:k], strict=True))
+        return self.wide_level(readings, threshold) > 0 and not self._smoothed_max_over(readings, threshold)
 
     def region_seed(self, raw: np.ndarray, embedding: ImageEmbedding, readings: Sequence[float],
                     threshold: float) -> float:
@@ -291,13 +293,16 @@ class ImageScoreRule:
         published (a long thin region may peak under :meth:`raw_level`). 0.0 otherwise (or without the
         reading): where a smoothed maximum makes the verdict, :meth:`raw_level` already seeds its region, and a
         lower seed would prompt the frame's lesser regions too."""
-        if self.region_level <= 0 or float(readings[-1]) / self.refs[-1] <= threshold:
-            return 0.0
-        k = len(self.sigmas)
-        if any(float(v) / r > threshold for v, r in zip(readings[:k], self.refs[:k], strict=True)):
+        if (self.region_level <= 0 or float(readings[-1]) / self.refs[-1] <= threshold
+                or self._smoothed_max_over(readings, threshold)):
             return 0.0
         m, _ = _reduced(raw, embedding, None)
         return _largest_region(m, self.region_level)[1]
+
+    def _smoothed_max_over(self, readings: Sequence[float], threshold: float) -> bool:
+        """Whether one of the smoothed maxima (the first readings) makes the score exceed ``threshold``."""
+        k = len(self.sigmas)
+        return any(float(v) / r > threshold for v, r in zip(readings[:k], self.refs[:k], strict=True))
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"sigmas": list(self.sigmas), "refs": [round(r, 6) for r in self.refs]}
