@@ -370,20 +370,27 @@ WAIT_FRAMES_JS = """new Promise((resolve) => {
 
 SHOT_GEOMETRY_JS = """(() => {
   const v = document.getElementById('video');
+  const vw = v.videoWidth, vh = v.videoHeight;  // read once: a WebRTC video's size can change mid-script
   v.style.maxWidth = 'none';
-  v.style.width = v.videoWidth + 'px'; v.style.height = v.videoHeight + 'px';
+  v.style.width = vw + 'px'; v.style.height = vh + 'px';
   const r = v.getBoundingClientRect();
-  return {x: r.left + window.scrollX, y: r.top + window.scrollY, w: r.width, h: r.height,
-          vw: v.videoWidth, vh: v.videoHeight};
+  return {x: r.left + window.scrollX, y: r.top + window.scrollY, w: r.width, h: r.height, vw: vw, vh: vh};
 })()"""
+VIDEO_SIZE_JS = "(() => { const v = document.getElementById('video'); return [v.videoWidth, v.videoHeight]; })()"
 
 
-async def _screenshot(cdp: Cdp) -> tuple[dict, np.ndarray]:
-    """The <video> element at its intrinsic size (1 screenshot pixel = 1 frame pixel)."""
-    geom = await cdp.js(SHOT_GEOMETRY_JS)
-    await asyncio.sleep(0.5)
-    cap = await cdp.call("Page.captureScreenshot", {"format": "png", "clip": {
-        "x": geom["x"], "y": geom["y"], "width": geom["w"], "height": geom["h"], "scale": 1}})
+async def _screenshot(cdp: Cdp, tries: int = 20) -> tuple[dict, np.ndarray]:
+    """The <video> element at its intrinsic size (1 screenshot pixel = 1 frame pixel). One demo frame of 28
+    is 522 px high, the others 512: a capture while the stream switches size is taken again."""
+    for _ in range(tries):
+        geom = await cdp.js(SHOT_GEOMETRY_JS)
+        await asyncio.sleep(0.5)
+        before = await cdp.js(VIDEO_SIZE_JS)
+        cap = await cdp.call("Page.captureScreenshot", {"format": "png", "clip": {
+            "x": geom["x"], "y": geom["y"], "width": geom["w"], "height": geom["h"], "scale": 1}})
+        after = await cdp.js(VIDEO_SIZE_JS)
+        if before == after == [geom["vw"], geom["vh"]]:
+            break
     return geom, cv2.imdecode(np.frombuffer(base64.b64decode(cap["data"]), np.uint8), cv2.IMREAD_COLOR)
 
 
