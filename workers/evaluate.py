@@ -135,7 +135,8 @@ class _StageAccumulator:
     def result(self, shared_s: float) -> StageResult:
         scores = np.asarray(self.image_scores, np.float64)
         labels = np.asarray(self.image_labels, bool)
-        flagged = scores > 1.0  # the verdict rule: above the calibrated (or configured) image threshold
+        flagged = scores > 1.0  # the verdict rule: above the calibrated (or configured) image threshold (as in
+        # the published-mask pool's count of flagged images without a mask)
         return StageResult(
             stage=self.stage, image=binary_metrics(scores, labels), pixel=self.pool.compute(),
             images=len(self.image_scores), shared_s=shared_s, stage_s=float(np.mean(self.stage_s)),
@@ -183,7 +184,7 @@ def evaluate_category(cat: Category, items: Sequence[EvalImage], session, stages
             acc = accs[s]
             score = score_map_at(det, shape)
             acc.pool.add(score, gt)
-            acc.masks.add(mask_at(det, shape), gt)
+            acc.masks.add(mask_at(det, shape), gt, flagged=float(det.image_score) > 1.0)
             acc.image_scores.append(float(det.image_score))
             acc.image_labels.append(it.is_defect)
             acc.image_names.append(it.rel)

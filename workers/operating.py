@@ -7,7 +7,9 @@ for an OK verdict) against the ground truth:
   resolution as the threshold-free pixel metrics);
 - *regions found*: the share of ground-truth regions (8-connected) of which at least
   :data:`REGION_HIT_FRACTION` of the pixels are covered by the published mask;
-- *false regions per good image*: published connected regions on defect-free images, per such image.
+- *false regions per good image*: published connected regions on defect-free images, per such image;
+- *flagged without a mask*: the share of flagged images (DEFECT verdicts) that publish no mask pixel, i.e.
+  verdicts an operator gets with nothing outlined.
 
 Verdict shares (defective and good images flagged at the calibrated image threshold) are counted beside it in
 :mod:`workers.evaluate`.
@@ -35,6 +37,7 @@ class OperatingPoint:
     false_regions_per_good: float  # published regions per defect-free image
     gt_regions: int
     good_images: int
+    flagged_without_mask: float = float("nan")  # share of flagged images whose published mask is empty
 
     @classmethod
     def empty(cls) -> OperatingPoint:
@@ -60,12 +63,18 @@ class MaskPool:
         self.found_regions = 0
         self.good_images = 0
         self.false_regions_good = 0
+        self.flagged = 0
+        self.flagged_empty = 0
 
-    def add(self, published: np.ndarray, gt: np.ndarray | None) -> None:
-        """``published``: HxW (> 0 = flagged); ``gt``: HxW (> 0 = defect) or None for a good image."""
+    def add(self, published: np.ndarray, gt: np.ndarray | None, flagged: bool | None = None) -> None:
+        """``published``: HxW (> 0 = flagged); ``gt``: HxW (> 0 = defect) or None for a good image;
+        ``flagged``: the image's verdict (None: not counted in *flagged without a mask*)."""
         pub = (np.asarray(published) > 0).astype(np.uint8)
         if pub.ndim != 2:
             raise ValueError(f"published mask must be 2-D, got {pub.shape}")
+        if flagged:
+            self.flagged += 1
+            self.flagged_empty += int(not pub.any())
         h, w = _target(pub.shape, self.size)
         if pub.shape != (h, w):
             pub = cv2.resize(pub, (w, h), interpolation=cv2.INTER_NEAREST)
@@ -98,4 +107,5 @@ class MaskPool:
             precision=precision, recall=recall, f1=f1, iou=iou,
             regions_found=self.found_regions / self.gt_regions if self.gt_regions else nan,
             false_regions_per_good=self.false_regions_good / self.good_images if self.good_images else nan,
-            gt_regions=self.gt_regions, good_images=self.good_images)
+            gt_regions=self.gt_regions, good_images=self.good_images,
+            flagged_without_mask=self.flagged_empty / self.flagged if self.flagged else nan)

@@ -105,6 +105,7 @@ OPERATING_COLUMNS = (
     ("regions found", lambda r: r.operating.regions_found),
     ("defects flagged", lambda r: r.flagged_defect),
     ("good flagged", lambda r: r.flagged_good),
+    ("flagged, no mask", lambda r: r.operating.flagged_without_mask),
 )
 METRIC_COLUMNS = THRESHOLD_FREE_COLUMNS + OPERATING_COLUMNS
 
@@ -257,7 +258,8 @@ def to_markdown(report: EvalReport) -> str:
               "truth at the same resolution; *regions found*: ground-truth regions at least 10 % covered; "
               "*defects / good flagged*: verdicts at the calibrated image threshold"
               + (f" (false-alarm target {100 * report.false_alarm_target:.1f} % of good images)"
-                 if report.false_alarm_target > 0 else "") + ".", ""]
+                 if report.false_alarm_target > 0 else "") + "; *flagged, no mask*: flagged images whose "
+              "published mask is empty (a DEFECT verdict with nothing outlined).", ""]
     lines += _md_table(OPERATING_HEAD, _rows(report, OPERATING_COLUMNS, _operating_cells))
     lines.append("")
     lines.append("| category | memory | images (defect) | normal memory from | skipped |")
