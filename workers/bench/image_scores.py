@@ -89,7 +89,7 @@ def category_scores(cat, backend, settings, max_test: int) -> tuple[list[dict], 
     from config.settings import MemorySettings
     from workers.dataset import limit_images, test_images
     from workers.imageio import read_image
-    from workers.memory.calibration import leave_one_out_maps, normal_pixels
+    from workers.memory.calibration import leave_one_out_maps, region_level
     from workers.memory.coreset import build_memory
     from workers.memory.features import patch_features
     from workers.memory.folder import load_images
@@ -101,7 +101,7 @@ def category_scores(cat, backend, settings, max_test: int) -> tuple[list[dict], 
     feats = [patch_features(e, params.neighbourhood, params.norm, params.layers)[0] for e in embs]
     maps, _, level = leave_one_out_maps(feats, embs, build_memory(feats, params), params)
     if not level:  # the region reading is read whatever the setting: at the default level when it is off
-        level = float(np.quantile(normal_pixels(maps), MemorySettings.region_quantile))
+        level = region_level(maps, MemorySettings.region_quantile)
     loo = [{**candidate_scores(m, embs[i], params, level), "region_level": level} for i, m in enumerate(maps)]
     mapper = MemoryMapper.from_embeddings("bench", embs, params)
     tests = []

@@ -156,9 +156,20 @@ class Calibration:
     score_rule: ImageScoreRule
 
 
+def pixel_grid(a: np.ndarray) -> np.ndarray:
+    """Every n-th row and column of a map (or of a mask of it): a grid of about 256 x 256, the pixel sample
+    the pixel levels are read from (good-folder and label-free calibration alike)."""
+    return a[:: max(1, a.shape[0] // 256), :: max(1, a.shape[1] // 256)]
+
+
 def normal_pixels(raw_maps: Sequence[np.ndarray]) -> np.ndarray:
-    """A sample of normal frames' map pixels (each map on a grid of about 256 x 256) for the pixel levels."""
-    return np.concatenate([m[:: max(1, m.shape[0] // 256), :: max(1, m.shape[1] // 256)].ravel() for m in raw_maps])
+    """A sample of normal frames' map pixels (:func:`pixel_grid` of each map) for the pixel levels."""
+    return np.concatenate([pixel_grid(m).ravel() for m in raw_maps])
+
+
+def region_level(raw_maps: Sequence[np.ndarray], quantile: float) -> float:
+    """The raw level that ``quantile`` of normal frames' pixels stay under: the region reading's level."""
+    return float(np.quantile(normal_pixels(raw_maps), quantile))
 
 
 def calibrate(raw_maps: Sequence[np.ndarray], params: MemoryParams, method: str,
@@ -207,8 +218,7 @@ def leave_one_out_maps(frame_feats: Sequence[Any], embeddings: Sequence[ImageEmb
         grid = _grid_scores(frame_feats[i], m, None, params.k, valid_grid(embeddings[i]))
         maps.append(raw_to_image(grid, embeddings[i], params.smoothing_sigma))
         embs.append(embeddings[i])
-    level = float(np.quantile(normal_pixels(maps), params.region_quantile)) if maps and params.region_quantile > 0 \
-        else 0.0
+    level = region_level(maps, params.region_quantile) if maps and params.region_quantile > 0 else 0.0
     scores = [map_readings(m, e, params.score_sigmas, params.wide_quantile, params.smoothing_sigma,
                            contrast=params.score_contrast, region_level=level) for m, e in zip(maps, embs, strict=True)]
     return maps, scores, level

@@ -38,6 +38,7 @@ import cv2
 import numpy as np
 
 from workers.interfaces import ImageEmbedding
+from workers.memory.calibration import pixel_grid
 from workers.memory.coreset import build_memory, kcenter, random_projection
 from workers.memory.features import grid_target_size, raw_to_image
 from workers.memory.image_score import map_readings
@@ -157,9 +158,7 @@ def build_label_free(frame_feats: Sequence[Any], shapes: Sequence[tuple[int, int
         region_frames += bool(regions.any())
         maxima.append(map_readings(raw, embeddings[i], params.score_sigmas, params.wide_quantile,
                                    params.smoothing_sigma, exclude=anomalous, contrast=params.score_contrast))
-        step = max(1, raw.shape[0] // 256), max(1, raw.shape[1] // 256)
-        keep = ~anomalous[:: step[0], :: step[1]]
-        pixels.append(raw[:: step[0], :: step[1]][keep])
+        pixels.append(pixel_grid(raw)[~pixel_grid(anomalous)])
     return LabelFreeResult(
         feats=built.feats, radius=built.radius, owner=built.owner, coverage=built.coverage, loo_maps=tuple(loo_maps),
         normal_maxima=tuple(maxima), pixel_samples=np.concatenate(pixels) if pixels else np.zeros(0, np.float32),
