@@ -224,6 +224,48 @@ def test_mask_extent_area_publishes_the_wide_share_also_beside_a_compact_reading
         img, "wide").labels.any()
 
 
+class RidgeMapper:
+    """A thin crack (a 6 x 240 px ridge at 0.95) among texture bumps (at 0.8): the image score makes the frame
+    defective, but no pixel reaches the pixel threshold (1.0); the seed level is 0.7."""
+
+    name = "ridge"
+
+    def __init__(self, image_score: float):
+        self.image_score = image_score
+
+    def map(self, image_bgr, embedding):
+        h, w = image_bgr.shape[:2]
+        pixel = np.full((h, w), 0.3, np.float32)
+        for x in range(40, w - 40, 90):
+            cv2.circle(pixel, (x, h - 60), 12, 0.8, -1)
+        pixel[100:106, 120:360] = 0.95
+        return AnomalyMap(pixel=pixel, image_score=self.image_score, seed_level=0.7)
+
+
+@pytest.mark.parametrize("stages", [0, 3])
+def test_a_defect_verdict_whose_region_stays_under_the_pixel_threshold_is_outlined_near_its_peak(
+        backend, demo_data, stages):
+    """A DEFECT frame none of whose regions crosses the pixel threshold publishes its hottest region, where the
+    map reaches OUTLINE_PEAK_SHARE of its peak (the ridge), not the texture bumps; an OK frame publishes nothing."""
+    from workers.pipeline import OUTLINE_PEAK_SHARE, outline_level
+
+    img, _ = _read(demo_data, "03")
+    ridge = np.zeros(img.shape[:2], bool)
+    ridge[100:106, 120:360] = True
+    sam = Counting(backend)
+    d = Detector(sam, RidgeMapper(1.5), _config(stages)).inspect(img, "ridge")
+    assert d.verdict is Verdict.DEFECT and len(d.defects) == 1
+    if stages == 0:
+        np.testing.assert_array_equal(d.labels > 0, ridge)  # the map region at 0.9 x 0.95: the ridge exactly
+    else:
+        assert sam.decodes > 0 and (d.labels > 0)[ridge].mean() > 0.5  # prompted on the ridge
+        assert not (d.labels > 0)[img.shape[0] - 72:].any()  # nothing on the bumps
+    assert outline_level(RidgeMapper(1.5).map(img, None).pixel, 0.7) == pytest.approx(OUTLINE_PEAK_SHARE * 0.95)
+    assert outline_level(np.zeros((4, 4), np.float32), 0.7) == 0.0
+    d = Detector(sam, RidgeMapper(0.9), _config(stages)).inspect(img, "ridge")
+    assert d.verdict is Verdict.OK and not d.labels.any()
+
+
 def test_a_wide_region_scattered_in_many_parts_is_not_published():
     """Pixels over the wide level scattered in many similar parts (texture, not one changed area) outline
     nothing: the DEFECT verdict stands without a mask. One coherent part beside a few small ones is published."""
