@@ -166,8 +166,8 @@ class Detector:
             # the region that made the verdict stays under the pixel threshold: outline it at its own level
             level = outline_level(pixel, amap.seed_level)
             if 0 < level < self.config.ppg.threshold:
-                union, trace = self._outline(pixel, embedding, replace(self.config.ppg, threshold=level,
-                                                                       max_regions=1), amap.seed_level, timings)
+                union, trace = self._outline(pixel, embedding, replace(self.config.ppg, threshold=level),
+                                             amap.seed_level, timings, max_regions=1)
 
         t0 = time.perf_counter()
         if verdict is Verdict.DEFECT and amap.wide_level > 0 and (amap.wide_alone or self.config.extent == "area"):
@@ -190,13 +190,16 @@ class Detector:
                          labels=labels, defects=defects, timings=timings, models=self.models)
 
     def _outline(self, pixel: np.ndarray, embedding: ImageEmbedding, ppg: PpgSettings, seed_level: float,
-                 timings: dict[str, float]) -> tuple[np.ndarray, _Trace]:
+                 timings: dict[str, float], max_regions: int | None = None) -> tuple[np.ndarray, _Trace]:
         """Steps 3-4: the union of the seeded regions' masks (the map regions with ``cps_stages`` 0, else the
-        cascade's) and its trace (prompts, passes); the decoder's timings are added to ``timings``."""
+        cascade's) and its trace (prompts, passes); the decoder's timings are added to ``timings``.
+        ``max_regions``: at most this many regions (default: ``ppg.max_regions`` prompted, every seeded map
+        region without the decoder)."""
         if self.config.cps_stages == 0:
-            return map_regions(pixel, ppg, seed_level), _Trace()
+            return map_regions(pixel, ppg, seed_level, max_regions or MAP_REGIONS), _Trace()
         t0 = time.perf_counter()
-        regions = generate_prompts(pixel, embedding, ppg, seed_level)
+        regions = generate_prompts(pixel, embedding, ppg if max_regions is None else replace(ppg, max_regions=max_regions),
+                                   seed_level)
         timings["ppg"] += time.perf_counter() - t0
         union = np.zeros(pixel.shape, dtype=bool)
         stages_used, passes = [], []
@@ -234,12 +237,17 @@ def outline_level(pixel: np.ndarray, seed_level: float) -> float:
     return max(OUTLINE_PEAK_SHARE * peak, float(seed_level)) if peak > 0 else 0.0
 
 
-def map_regions(pixel: np.ndarray, ppg: PpgSettings, seed_level: float) -> np.ndarray:
-    """The map's own mask (no decoder): its regions above ``ppg.threshold`` whose peak reaches ``seed_level``."""
+MAP_REGIONS = 100  # the map's own mask (no decoder) keeps up to this many seeded regions
+
+
+def map_regions(pixel: np.ndarray, ppg: PpgSettings, seed_level: float, max_regions: int = MAP_REGIONS
+                ) -> np.ndarray:
+    """The map's own mask (no decoder): its (up to ``max_regions``, highest peak first) regions above
+    ``ppg.threshold`` whose peak reaches ``seed_level``."""
     from workers.ppg import extreme_regions
 
     mask = np.zeros(pixel.shape, dtype=bool)
-    for region in extreme_regions(pixel, replace(ppg, max_regions=100), seed_level)[1]:
+    for region in extreme_regions(pixel, replace(ppg, max_regions=max_regions), seed_level)[1]:
         mask |= region
     return mask
 
